@@ -1,0 +1,218 @@
+"""The one seam that touches transformers internals: running an encoder one layer at a time.
+
+Every architecture is reduced to three operations:
+
+* ``embed(input_ids, padding_mask, token_type_ids)`` -> hidden states entering layer 1, ``(B, T, H)``;
+* ``layer_kwargs(hidden, padding_mask)`` -> whatever each layer needs besides the hidden states
+  (the attention mask in the format the model's own forward builds, relative position biases).
+  It depends only on the batch's shape and padding: online inference rebuilds it after dropping rows;
+* ``layer(i, hidden, kwargs)`` -> hidden states after layer ``i`` (0-based).
+
+The parity tests in ``tests/test_backbones.py`` check, for each architecture, that this path
+reproduces ``output_hidden_states=True`` of the plain model: a transformers upgrade that changes
+internals fails there, loudly, and nowhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from layerexit.errors import LayerExitError
+
+LayerKwargs = dict[str, Any]
+
+
+def _first(output: Any) -> Tensor:
+    """Layers return a tensor in some architectures and a tuple in others."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+class Backbone(nn.Module):
+    """A Hugging Face encoder, run layer by layer.
+
+    Subclasses say how to embed, how to build the per-layer arguments and how to run layer i.
+    The wrapped model is kept whole (``self.model``) so its weights save and load under their
+    usual names.
+    """
+
+    model_types: tuple[str, ...] = ()
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def uses_token_type_ids(self) -> bool:
+        return int(getattr(self.config, "type_vocab_size", 0) or 0) > 0
+
+    def embed(self, input_ids: Tensor, padding_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def layer_kwargs(self, hidden: Tensor, padding_mask: Tensor) -> LayerKwargs:
+        """The attention mask in the format the model's own forward builds for its layers."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=padding_mask)
+        return {"attention_mask": mask}
+
+    def layer(self, index: int, hidden: Tensor, kwargs: LayerKwargs) -> Tensor:
+        raise NotImplementedError
+
+    def forward_all(
+        self, input_ids: Tensor, padding_mask: Tensor, token_type_ids: Tensor | None = None
+    ) -> list[Tensor]:
+        """Hidden states after every layer, ``L`` tensors of shape (B, T, H)."""
+        hidden = self.embed(input_ids, padding_mask, token_type_ids)  # (B, T, H)
+        kwargs = self.layer_kwargs(hidden, padding_mask)
+        states = []
+        for i in range(self.num_layers):
+            hidden = self.layer(i, hidden, kwargs)
+            states.append(hidden)
+        return states
+
+
+class BertLikeBackbone(Backbone):
+    """BERT, RoBERTa, ELECTRA, XLM-R, CamemBERT and other ``encoder.layer`` models."""
+
+    model_types = ("bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie", "roberta-prelayernorm")
+
+    def embed(self, input_ids: Tensor, padding_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        kwargs: dict[str, Tensor] = {"input_ids": input_ids}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self.model.embeddings(**kwargs)
+        project = getattr(self.model, "embeddings_project", None)  # ELECTRA small
+        return project(hidden) if project is not None else hidden
+
+    def layer(self, index: int, hidden: Tensor, kwargs: LayerKwargs) -> Tensor:
+        return _first(self.model.encoder.layer[index](hidden, kwargs["attention_mask"]))
+
+
+class AlbertBackbone(Backbone):
+    """ALBERT: layer i is the i-th application of a shared layer group."""
+
+    model_types = ("albert",)
+
+    def embed(self, input_ids: Tensor, padding_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        hidden = self.model.embeddings(input_ids, token_type_ids=token_type_ids)
+        return self.model.encoder.embedding_hidden_mapping_in(hidden)
+
+    def layer(self, index: int, hidden: Tensor, kwargs: LayerKwargs) -> Tensor:
+        groups = self.config.num_hidden_groups
+        group = int(index / (self.num_layers / groups))
+        return _first(self.model.encoder.albert_layer_groups[group](hidden, kwargs["attention_mask"]))
+
+
+class DistilBertBackbone(Backbone):
+    model_types = ("distilbert",)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.n_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.dim)
+
+    @property
+    def uses_token_type_ids(self) -> bool:
+        return False
+
+    def embed(self, input_ids: Tensor, padding_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        return self.model.embeddings(input_ids)
+
+    def layer(self, index: int, hidden: Tensor, kwargs: LayerKwargs) -> Tensor:
+        return _first(self.model.transformer.layer[index](hidden, kwargs["attention_mask"]))
+
+
+class MPNetBackbone(Backbone):
+    """MPNet: every layer also takes the relative position bias of the sequence length."""
+
+    model_types = ("mpnet",)
+
+    @property
+    def uses_token_type_ids(self) -> bool:
+        return False
+
+    def embed(self, input_ids: Tensor, padding_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        return self.model.embeddings(input_ids=input_ids)
+
+    def layer_kwargs(self, hidden: Tensor, padding_mask: Tensor) -> LayerKwargs:
+        kwargs = super().layer_kwargs(hidden, padding_mask)
+        kwargs["position_bias"] = self.model.encoder.compute_position_bias(hidden)  # (B, heads, T, T)
+        return kwargs
+
+    def layer(self, index: int, hidden: Tensor, kwargs: LayerKwargs) -> Tensor:
+        layer = self.model.encoder.layer[index]
+        return _first(layer(hidden, kwargs["attention_mask"], kwargs["position_bias"]))
+
+
+class DebertaV2Backbone(Backbone):
+    """DeBERTa-v2/v3: relative embeddings, its own mask format, a convolution after layer 1."""
+
+    model_types = ("deberta-v2",)
+
+    def embed(self, input_ids: Tensor, padding_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        return self.model.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, mask=padding_mask)
+
+    def layer_kwargs(self, hidden: Tensor, padding_mask: Tensor) -> LayerKwargs:
+        encoder = self.model.encoder
+        return {
+            "attention_mask": encoder.get_attention_mask(padding_mask),
+            "input_mask": padding_mask,
+            "relative_pos": encoder.get_rel_pos(hidden),
+            "rel_embeddings": encoder.get_rel_embedding(),
+        }
+
+    def layer(self, index: int, hidden: Tensor, kwargs: LayerKwargs) -> Tensor:
+        encoder = self.model.encoder
+        out = _first(
+            encoder.layer[index](
+                hidden,
+                kwargs["attention_mask"],
+                relative_pos=kwargs["relative_pos"],
+                rel_embeddings=kwargs["rel_embeddings"],
+            )
+        )
+        if index == 0 and encoder.conv is not None:
+            out = encoder.conv(hidden, out, kwargs["input_mask"])
+        return out
+
+
+_BACKBONES: tuple[type[Backbone], ...] = (
+    BertLikeBackbone,
+    AlbertBackbone,
+    DistilBertBackbone,
+    MPNetBackbone,
+    DebertaV2Backbone,
+)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for cls in _BACKBONES for t in cls.model_types)
+
+
+def wrap(model: PreTrainedModel) -> Backbone:
+    """The layer-by-layer runner for a Hugging Face encoder (an ``AutoModel``, no head)."""
+    model_type = getattr(model.config, "model_type", "")
+    for cls in _BACKBONES:
+        if model_type in cls.model_types:
+            return cls(model)
+    raise LayerExitError(
+        f"architecture {model_type!r} is not supported; supported: {', '.join(supported_model_types())}"
+    )

@@ -1,0 +1,258 @@
+"""The early-exit model: a Hugging Face encoder with an internal classifier after every layer.
+
+The encoder is wrapped, never copied (:mod:`layerexit.backbones` runs it layer by layer). The
+classifier after layer L is the model's ordinary final classifier: exiting at L is the full model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from layerexit.backbones import Backbone, wrap
+from layerexit.errors import LayerExitError
+
+HeadKind = Literal["mlp", "linear"]
+Pooling = Literal["first", "mean"]
+
+CONFIG_NAME = "layerexit.json"
+WEIGHTS_NAME = "model.safetensors"
+BACKBONE_DIR = "backbone"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ExitConfig:
+    """Everything needed to rebuild an early-exit model around its backbone."""
+
+    backbone: str
+    """Hub name or local folder the encoder came from (an alias such as ``minilm-l6`` is kept)."""
+    num_labels: int
+    head: HeadKind = "mlp"
+    """``mlp``: the paper's one-hidden-layer classifier; ``linear``: PABEE's single linear layer."""
+    pooling: Pooling = "mean"
+    """``mean`` over the attention mask, or the ``first`` token's state."""
+    dropout: float = 0.1
+    label_names: list[str] = field(default_factory=list)
+    num_layers: int = 0
+    """Set from the backbone when the model is built; checked again on load."""
+    backbone_revision: str | None = None
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.num_labels < 2:
+            raise LayerExitError(f"num_labels must be at least 2, got {self.num_labels}")
+        if self.head not in ("mlp", "linear"):
+            raise LayerExitError(f"head must be 'mlp' or 'linear', got {self.head!r}")
+        if self.pooling not in ("first", "mean"):
+            raise LayerExitError(f"pooling must be 'first' or 'mean', got {self.pooling!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LayerExitError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.label_names and len(self.label_names) != self.num_labels:
+            raise LayerExitError(f"{len(self.label_names)} label names given for {self.num_labels} labels")
+        if self.format_version != FORMAT_VERSION:
+            raise LayerExitError(
+                f"model format version {self.format_version} is not supported (expected {FORMAT_VERSION})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> ExitConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise LayerExitError(f"{source}: unknown keys {unknown}; expected some of {sorted(known)}")
+        try:
+            return cls(**data)
+        except TypeError as err:  # a required key is missing
+            raise LayerExitError(f"{source}: {err}") from None
+
+
+@dataclass
+class EarlyExitOutput:
+    """What a full forward pass returns: the logits of every exit."""
+
+    logits: Tensor
+    """(L, B, C): exit i's logits are ``logits[i - 1]``."""
+
+    @property
+    def probs(self) -> Tensor:
+        return self.logits.float().softmax(-1)  # (L, B, C)
+
+
+def pool(hidden: Tensor, padding_mask: Tensor, how: Pooling) -> Tensor:
+    """(B, T, H) -> (B, H): the first token, or the mean over non-padded tokens."""
+    if how == "first":
+        return hidden[:, 0]
+    weights = padding_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+class ExitHead(nn.Module):
+    """An internal classifier: pooling, then a linear layer or a one-hidden-layer MLP."""
+
+    def __init__(self, hidden_size: int, num_labels: int, head: HeadKind, pooling: Pooling, dropout: float):
+        super().__init__()
+        self.pooling = pooling
+        self.dropout = nn.Dropout(dropout)
+        self.hidden: nn.Linear | None = nn.Linear(hidden_size, hidden_size) if head == "mlp" else None
+        self.classifier = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, hidden: Tensor, padding_mask: Tensor) -> Tensor:
+        x = self.dropout(pool(hidden, padding_mask, self.pooling))  # (B, H)
+        if self.hidden is not None:
+            x = self.dropout(torch.tanh(self.hidden(x)))  # (B, H)
+        return self.classifier(x)  # (B, C)
+
+
+class EarlyExitModel(nn.Module):
+    """An encoder with one exit per layer. ``forward`` runs every layer (training, offline replay);
+    :mod:`layerexit.inference` runs only the layers each sample needs."""
+
+    def __init__(self, backbone: Backbone, config: ExitConfig) -> None:
+        super().__init__()
+        if config.num_layers not in (0, backbone.num_layers):
+            raise LayerExitError(
+                f"config has {config.num_layers} exits but the backbone has {backbone.num_layers} layers"
+            )
+        config.num_layers = backbone.num_layers
+        self.config = config
+        self.backbone = backbone
+        self.exits = nn.ModuleList(
+            ExitHead(backbone.hidden_size, config.num_labels, config.head, config.pooling, config.dropout)
+            for _ in range(backbone.num_layers)
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return self.backbone.num_layers
+
+    @property
+    def num_labels(self) -> int:
+        return self.config.num_labels
+
+    @classmethod
+    def from_backbone(
+        cls, name_or_path: str, num_labels: int, *, seed: int | None = None, **config: Any
+    ) -> EarlyExitModel:
+        """A new model around a pretrained encoder (alias, local folder or hub name); exits are fresh."""
+        from transformers import AutoModel
+
+        from layerexit.assets import resolve_encoder
+
+        path = resolve_encoder(name_or_path)
+        try:
+            encoder = _drop_pooler(AutoModel.from_pretrained(path))
+        except OSError as err:
+            raise LayerExitError(f"cannot load encoder {name_or_path!r}: {err}") from None
+        if seed is not None:
+            torch.manual_seed(seed)
+        exit_config = ExitConfig(
+            backbone=name_or_path,
+            num_labels=num_labels,
+            backbone_revision=getattr(encoder.config, "_commit_hash", None),
+            **config,
+        )
+        return cls(wrap(encoder), exit_config)
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None
+    ) -> EarlyExitOutput:
+        backbone = self.backbone
+        hidden = backbone.embed(input_ids, attention_mask, token_type_ids)  # (B, T, H)
+        kwargs = backbone.layer_kwargs(hidden, attention_mask)
+        logits = []
+        for i, head in enumerate(self.exits):
+            hidden = backbone.layer(i, hidden, kwargs)  # (B, T, H)
+            logits.append(head(hidden, attention_mask))  # (B, C)
+        return EarlyExitOutput(logits=torch.stack(logits))  # (L, B, C)
+
+    def save_pretrained(self, directory: str | os.PathLike[str], tokenizer: Any = None) -> None:
+        """Write ``layerexit.json``, ``model.safetensors`` and ``backbone/`` (its config, tokenizer).
+
+        Files are written under temporary names and renamed, so a crash leaves the old ones whole.
+        """
+        out = Path(directory)
+        (out / BACKBONE_DIR).mkdir(parents=True, exist_ok=True)
+        self.backbone.model.config.save_pretrained(out / BACKBONE_DIR)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out / BACKBONE_DIR)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        tmp = out / (WEIGHTS_NAME + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt", "layerexit_format": str(FORMAT_VERSION)})
+        os.replace(tmp, out / WEIGHTS_NAME)
+        _write_json_atomic(out / CONFIG_NAME, self.config.to_dict())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike[str]) -> EarlyExitModel:
+        """Load a model saved by :meth:`save_pretrained`. Only safetensors are read, never pickle."""
+        from transformers import AutoConfig, AutoModel
+
+        folder = Path(directory)
+        config_path = folder / CONFIG_NAME
+        weights_path = folder / WEIGHTS_NAME
+        if not folder.is_dir():
+            raise LayerExitError(f"{folder}: no such folder")
+        for needed in (config_path, weights_path, folder / BACKBONE_DIR / "config.json"):
+            if not needed.is_file():
+                raise LayerExitError(f"{folder} is not a saved layerexit model: {needed.name} is missing")
+        config = ExitConfig.from_dict(_read_json(config_path), source=str(config_path))
+        backbone_config = AutoConfig.from_pretrained(folder / BACKBONE_DIR)
+        encoder = _drop_pooler(AutoModel.from_config(backbone_config))
+        model = cls(wrap(encoder), config)
+        try:
+            state = load_file(str(weights_path))
+        except Exception as err:  # safetensors raises its own error types for truncated files
+            raise LayerExitError(f"{weights_path}: not a readable safetensors file ({err})") from None
+        _check_state(model, state, weights_path)
+        model.load_state_dict(state)
+        return model.eval()
+
+
+def _drop_pooler(encoder: Any) -> Any:
+    """The exits pool for themselves; the encoder's own pooler is never used, so it is not kept."""
+    if getattr(encoder, "pooler", None) is not None:
+        encoder.pooler = None
+    return encoder
+
+
+def _check_state(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise LayerExitError(
+            f"{path}: weights do not match the model "
+            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
+        )
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise LayerExitError(
+                f"{path}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key].shape)}"
+            )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LayerExitError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise LayerExitError(f"{path}: expected a JSON object")
+    return data
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

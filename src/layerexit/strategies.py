@@ -1,0 +1,295 @@
+"""Exit strategies: small objects that decide, layer by layer, when each sample may stop.
+
+A strategy sees only the exits computed so far. Its one primitive is :meth:`Strategy.step`, which
+takes the probabilities of layer ``l`` for the samples still running and says which of them exit
+now and what each would predict. :meth:`Strategy.replay` (offline, over stored probabilities of
+every layer) and online inference (:mod:`layerexit.inference`, which drops exited rows) both
+drive ``step``, so they give the same exit layer and prediction for every sample by construction.
+
+Layers are counted from 1; a sample that no rule lets out exits at the last layer L.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from layerexit.errors import LayerExitError
+
+State = dict[str, Tensor]
+"""Per-sample running state of a strategy; every tensor has the sample dimension first."""
+
+
+def select_state(state: State, rows: Tensor) -> State:
+    """The state of the given samples only (online inference drops the rows that exited)."""
+    return {key: value.index_select(0, rows) for key, value in state.items()}
+
+
+def entropy(probs: Tensor, normalized: bool = True) -> Tensor:
+    """Shannon entropy over the last dimension, divided by log C when ``normalized``."""
+    h = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+    return h / math.log(probs.shape[-1]) if normalized else h
+
+
+@dataclass(frozen=True)
+class Strategy(ABC):
+    """Base class. Subclasses are frozen dataclasses whose fields are their parameters."""
+
+    name: ClassVar[str]
+    needs_labels: ClassVar[bool] = False
+
+    def init(self, num_samples: int, num_classes: int, device: torch.device | str = "cpu") -> State:
+        """The running state before layer 1."""
+        return {}
+
+    @abstractmethod
+    def step(self, state: State, layer: int, probs: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Update ``state`` in place with layer ``layer``'s probabilities (N, C).
+
+        Returns ``(exit_now, prediction)``: a bool tensor (N,) and a long tensor (N,).
+        """
+
+    def replay(self, probs: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Exit layer (1-based) and prediction of every sample from all layers' probabilities (L, N, C)."""
+        if probs.dim() != 3:
+            raise LayerExitError(f"probs must have shape (L, N, C), got {tuple(probs.shape)}")
+        if self.needs_labels and labels is None:
+            raise LayerExitError(f"strategy {self.name!r} needs labels")
+        num_layers, num_samples, num_classes = probs.shape
+        state = self.init(num_samples, num_classes, probs.device)
+        exit_layer = torch.full((num_samples,), num_layers, dtype=torch.long, device=probs.device)
+        prediction = torch.zeros(num_samples, dtype=torch.long, device=probs.device)
+        done = torch.zeros(num_samples, dtype=torch.bool, device=probs.device)
+        for layer in range(1, num_layers + 1):
+            fire, pred = self.step(state, layer, probs[layer - 1], labels)
+            if layer == num_layers:
+                fire = torch.ones_like(fire)
+            new = fire & ~done
+            exit_layer[new] = layer
+            prediction[new] = pred[new]
+            done |= fire
+            if bool(done.all()):
+                break
+        return exit_layer, prediction
+
+    def params(self) -> dict[str, float | int | bool]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        args = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params().items())
+        return f"{self.name}({args})"
+
+
+@dataclass(frozen=True)
+class Entropy(Strategy):
+    """DeeBERT: exit at the first layer whose prediction entropy is below ``threshold``."""
+
+    threshold: float
+    normalized: bool = True
+    name: ClassVar[str] = "entropy"
+
+    def __post_init__(self) -> None:
+        _non_negative("threshold", self.threshold)
+
+    def step(self, state: State, layer: int, probs: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return entropy(probs, self.normalized) < self.threshold, probs.argmax(-1)
+
+
+@dataclass(frozen=True)
+class MaxProb(Strategy):
+    """RightTool: exit at the first layer whose largest class probability reaches ``threshold``."""
+
+    threshold: float
+    name: ClassVar[str] = "maxprob"
+
+    def __post_init__(self) -> None:
+        _non_negative("threshold", self.threshold)
+
+    def step(self, state: State, layer: int, probs: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        top, pred = probs.max(-1)
+        return top >= self.threshold, pred
+
+
+@dataclass(frozen=True)
+class Patience(Strategy):
+    """PABEE: exit once the prediction has stayed the same for ``patience`` consecutive layers."""
+
+    patience: int
+    name: ClassVar[str] = "patience"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.patience, int) or self.patience < 1:
+            raise LayerExitError(f"patience must be a positive integer, got {self.patience!r}")
+
+    def init(self, num_samples: int, num_classes: int, device: torch.device | str = "cpu") -> State:
+        return {
+            "counter": torch.zeros(num_samples, dtype=torch.long, device=device),
+            "previous": torch.full((num_samples,), -1, dtype=torch.long, device=device),
+        }
+
+    def step(self, state: State, layer: int, probs: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        pred = probs.argmax(-1)
+        same = pred == state["previous"]
+        state["counter"] = torch.where(same, state["counter"] + 1, torch.zeros_like(state["counter"]))
+        state["previous"] = pred
+        return state["counter"] == self.patience, pred
+
+
+@dataclass(frozen=True)
+class Voting(Strategy):
+    """The paper's rule (Eq. 23): exit once V_l = max_c votes_c(l) / l**k reaches ``threshold``.
+
+    Each exit so far votes for its argmax. The prediction is the class with most votes; a tie goes
+    to the tied class with the largest summed probability over the exits so far.
+    """
+
+    k: float
+    threshold: float
+    name: ClassVar[str] = "voting"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.k < 1.0:
+            raise LayerExitError(f"voting k must be in [0, 1), got {self.k}")
+        _non_negative("threshold", self.threshold)
+
+    def init(self, num_samples: int, num_classes: int, device: torch.device | str = "cpu") -> State:
+        return {
+            "votes": torch.zeros(num_samples, num_classes, dtype=torch.long, device=device),
+            "mass": torch.zeros(num_samples, num_classes, dtype=torch.float64, device=device),
+        }
+
+    def step(self, state: State, layer: int, probs: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        state["votes"].scatter_add_(1, probs.argmax(-1, keepdim=True), torch.ones_like(state["votes"][:, :1]))  # (N, C)
+        state["mass"] += probs.double()
+        top = state["votes"].max(-1, keepdim=True).values  # (N, 1)
+        tied = state["votes"] == top
+        pred = torch.where(tied, state["mass"], torch.full_like(state["mass"], -1.0)).argmax(-1)
+        score = top.squeeze(-1).double() / voting_denominator(layer, self.k)
+        return score >= self.threshold, pred
+
+
+def voting_denominator(layer: int, k: float) -> float:
+    """l**k of Eq. 23, shared by the rule and its threshold grid so both round the same way."""
+    return float(layer) ** k
+
+
+@dataclass(frozen=True)
+class Hybrid(Strategy):
+    """Voting or entropy, whichever fires first.
+
+    The paper finds voting best at low speed-up and entropy best at high speed-up (Section 4.3);
+    this rule lets a sample out as soon as the exits so far agree (``V_l >= threshold``) *or* the
+    current exit alone is confident (normalized entropy below ``entropy_threshold``). The prediction
+    is the vote winner when the vote fires (and at the last layer), else the current exit's argmax.
+    """
+
+    k: float
+    threshold: float
+    entropy_threshold: float
+    name: ClassVar[str] = "hybrid"
+
+    def __post_init__(self) -> None:
+        Voting(self.k, self.threshold)  # validates k and threshold
+        _non_negative("entropy_threshold", self.entropy_threshold)
+
+    def _voting(self) -> Voting:
+        return Voting(self.k, self.threshold)
+
+    def init(self, num_samples: int, num_classes: int, device: torch.device | str = "cpu") -> State:
+        return self._voting().init(num_samples, num_classes, device)
+
+    def step(self, state: State, layer: int, probs: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        vote_fire, vote_pred = self._voting().step(state, layer, probs)
+        confident = entropy(probs) < self.entropy_threshold
+        pred = torch.where(vote_fire | ~confident, vote_pred, probs.argmax(-1))
+        return vote_fire | confident, pred
+
+
+@dataclass(frozen=True)
+class Static(Strategy):
+    """Every sample exits at ``layer``: a model truncated to its first n layers."""
+
+    layer: int
+    name: ClassVar[str] = "static"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layer, int) or self.layer < 1:
+            raise LayerExitError(f"static layer must be a positive integer, got {self.layer!r}")
+
+    def step(self, state: State, layer: int, probs: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return torch.full((probs.shape[0],), layer >= self.layer, device=probs.device), probs.argmax(-1)
+
+
+@dataclass(frozen=True)
+class Oracle(Strategy):
+    """Exit at the first layer whose prediction is right (else the last): the upper bound. Needs labels."""
+
+    name: ClassVar[str] = "oracle"
+    needs_labels: ClassVar[bool] = True
+
+    def step(self, state: State, layer: int, probs: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if labels is None:
+            raise LayerExitError("strategy 'oracle' needs labels")
+        pred = probs.argmax(-1)
+        return pred == labels, pred
+
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (Entropy, MaxProb, Patience, Voting, Hybrid, Static, Oracle)
+}
+
+
+def _non_negative(name: str, value: float) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+        raise LayerExitError(f"{name} must be a non-negative number, got {value!r}")
+
+
+_SPEC = re.compile(r"^\s*([a-z]+)\s*(?:\((.*)\)|:(.*))?\s*$")
+
+
+def parse(spec: str) -> Strategy:
+    """A strategy from text: ``voting(k=0.5, threshold=2)``, ``entropy:threshold=0.3`` or ``oracle``."""
+    match = _SPEC.match(spec)
+    if not match:
+        raise LayerExitError(f"cannot read strategy {spec!r}; expected e.g. 'voting(k=0.5, threshold=2.0)'")
+    name, args = match.group(1), match.group(2) or match.group(3) or ""
+    if name not in STRATEGIES:
+        raise LayerExitError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
+    cls = STRATEGIES[name]
+    kwargs: dict[str, float | int | bool] = {}
+    for part in filter(None, (p.strip() for p in args.split(","))):
+        key, sep, raw = part.partition("=")
+        key = key.strip()
+        if not sep:
+            raise LayerExitError(f"strategy {spec!r}: expected key=value, got {part!r}")
+        kwargs[key] = _number(raw.strip(), spec)
+    field_types = {k: v for k, v in cls.__dataclass_fields__.items() if k in kwargs}
+    unknown = sorted(set(kwargs) - set(field_types))
+    if unknown:
+        expected = [f for f in cls.__dataclass_fields__ if f != "name"]
+        raise LayerExitError(f"strategy {name!r} has no parameter {unknown[0]!r}; parameters: {expected}")
+    for key in ("patience", "layer"):
+        if key in kwargs:
+            value = kwargs[key]
+            if float(value) != int(value):
+                raise LayerExitError(f"strategy {spec!r}: {key} must be an integer")
+            kwargs[key] = int(value)
+    try:
+        return cls(**kwargs)  # type: ignore[arg-type]
+    except TypeError as err:
+        raise LayerExitError(f"strategy {spec!r}: {err}") from None
+
+
+def _number(raw: str, spec: str) -> float | bool:
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    try:
+        return float(raw)
+    except ValueError:
+        raise LayerExitError(f"strategy {spec!r}: {raw!r} is not a number") from None

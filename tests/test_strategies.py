@@ -1,0 +1,193 @@
+"""Strategies on hand-computed cases, and vectorised replay against a plain per-sample loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from layerexit import strategies
+from layerexit.errors import LayerExitError
+
+
+def _probs(rows: list[list[float]]) -> torch.Tensor:
+    """One sample's per-layer probabilities -> (L, 1, C)."""
+    return torch.tensor(rows).unsqueeze(1)
+
+
+def test_contract_shapes_and_types() -> None:
+    probs = torch.softmax(torch.randn(6, 10, 3), -1)
+    for strategy in (
+        strategies.Voting(k=0.5, threshold=2.0),
+        strategies.Entropy(threshold=0.3),
+        strategies.MaxProb(threshold=0.9),
+        strategies.Patience(patience=2),
+        strategies.Static(layer=3),
+    ):
+        exit_layer, prediction = strategy.replay(probs)
+        assert exit_layer.dtype == prediction.dtype == torch.long
+        assert exit_layer.shape == prediction.shape == (10,)
+        assert int(exit_layer.min()) >= 1 and int(exit_layer.max()) <= 6
+    exit_layer, prediction = strategies.Oracle().replay(probs, torch.zeros(10, dtype=torch.long))
+    assert exit_layer.shape == (10,)
+
+
+def test_entropy_exits_at_first_confident_layer() -> None:
+    probs = _probs([[0.5, 0.5], [0.9, 0.1], [0.99, 0.01]])
+    h = [strategies.entropy(p[0]).item() for p in probs]
+    assert h[0] == pytest.approx(1.0)
+    layer, pred = strategies.Entropy(threshold=0.5).replay(probs)  # H(0.9) = 0.469 normalized
+    assert (layer.item(), pred.item()) == (2, 0)
+    layer, _ = strategies.Entropy(threshold=0.1).replay(probs)
+    assert layer.item() == 3
+    layer, _ = strategies.Entropy(threshold=0.0).replay(probs)
+    assert layer.item() == 3  # nothing fires: the last layer
+
+
+def test_maxprob_threshold_is_inclusive() -> None:
+    probs = _probs([[0.6, 0.4], [0.2, 0.8], [0.1, 0.9]])
+    layer, pred = strategies.MaxProb(threshold=0.8).replay(probs)
+    assert (layer.item(), pred.item()) == (2, 1)
+
+
+def test_patience_counts_unchanged_predictions() -> None:
+    # argmax per layer: 0, 1, 1, 1, 0, 0
+    probs = _probs([[0.9, 0.1], [0.4, 0.6], [0.3, 0.7], [0.2, 0.8], [0.7, 0.3], [0.8, 0.2]])
+    layer, pred = strategies.Patience(patience=1).replay(probs)
+    assert (layer.item(), pred.item()) == (3, 1)
+    layer, pred = strategies.Patience(patience=2).replay(probs)
+    assert (layer.item(), pred.item()) == (4, 1)
+    layer, pred = strategies.Patience(patience=3).replay(probs)
+    assert (layer.item(), pred.item()) == (6, 0)  # never fires: last layer's argmax
+
+
+def test_voting_appendix_a1_example() -> None:
+    """Paper, Appendix A.1: with k=0.75 and delta=1.5, 6 votes out of 6 exit at layer 6, and at
+    layer 9 a sample exits with 8 or 9 votes."""
+    voting = strategies.Voting(k=0.75, threshold=1.5)
+    agree = _probs([[0.2, 0.8]] * 12)
+    layer, pred = voting.replay(agree)
+    assert 5 / 5**0.75 < 1.5 <= 6 / 6**0.75
+    assert (layer.item(), pred.item()) == (6, 1)
+    # layers 1-9: two dissenting votes early on -> 7 of 9 for class 1 at layer 9 (not enough:
+    # 7 / 9**0.75 = 1.347), 8 of 10 at layer 10 = 1.42, 9 of 11 = 1.49, 10 of 12 = 1.55 -> exit at 12
+    rows = [[0.9, 0.1], [0.8, 0.2]] + [[0.3, 0.7]] * 10
+    layer, pred = voting.replay(_probs(rows))
+    assert (layer.item(), pred.item()) == (12, 1)
+    # one dissent: 8 of 9 at layer 9 = 1.54 -> exit at 9 (layer 8: 7/8**0.75 = 1.47)
+    rows = [[0.9, 0.1]] + [[0.3, 0.7]] * 11
+    layer, _ = voting.replay(_probs(rows))
+    assert layer.item() == 9
+
+
+def test_voting_with_k0_is_a_vote_count_and_ties_go_to_probability_mass() -> None:
+    # votes after layer 2: one each; class 1 has more mass (0.45+0.9 vs 0.55+0.1)
+    probs = _probs([[0.55, 0.45], [0.1, 0.9], [0.6, 0.4], [0.2, 0.8]])
+    layer, pred = strategies.Voting(k=0.0, threshold=3).replay(probs)
+    assert (layer.item(), pred.item()) == (4, 1)  # votes 2-2 at layer 4: mass 1.45 vs 2.55
+    layer, pred = strategies.Voting(k=0.0, threshold=2).replay(probs)
+    assert (layer.item(), pred.item()) == (3, 0)  # 2 votes for class 0 at layer 3
+
+
+def test_hybrid_fires_on_either_rule() -> None:
+    confident = _probs([[0.99, 0.01], [0.1, 0.9], [0.1, 0.9]])
+    layer, pred = strategies.Hybrid(k=0.0, threshold=3, entropy_threshold=0.2).replay(confident)
+    assert (layer.item(), pred.item()) == (1, 0)
+    unsure = _probs([[0.6, 0.4], [0.6, 0.4], [0.6, 0.4]])
+    layer, pred = strategies.Hybrid(k=0.0, threshold=2, entropy_threshold=0.2).replay(unsure)
+    assert (layer.item(), pred.item()) == (2, 0)
+
+
+def test_static_and_oracle() -> None:
+    probs = _probs([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]])
+    assert strategies.Static(layer=2).replay(probs)[0].item() == 2
+    layer, pred = strategies.Oracle().replay(probs, torch.tensor([1]))
+    assert (layer.item(), pred.item()) == (2, 1)
+    layer, pred = strategies.Oracle().replay(probs, torch.tensor([2]))  # never right
+    assert (layer.item(), pred.item()) == (3, 1)
+    with pytest.raises(LayerExitError, match="labels"):
+        strategies.Oracle().replay(probs)
+
+
+def _reference(strategy: strategies.Strategy, probs: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """A plain per-sample loop written straight from DESIGN.md section 3, independent of ``step``."""
+    num_layers, num_classes = probs.shape[0], probs.shape[1]
+    rows = probs.tolist()
+    argmaxes = [max(range(num_classes), key=lambda c, r=r: r[c]) for r in rows]
+
+    def h(r: list[float]) -> float:
+        return -sum(p * math.log(max(p, 1e-12)) for p in r) / math.log(num_classes)
+
+    def vote(layer: int) -> tuple[float, int]:
+        votes = [sum(1 for a in argmaxes[:layer] if a == c) for c in range(num_classes)]
+        mass = [sum(r[c] for r in rows[:layer]) for c in range(num_classes)]
+        top = max(votes)
+        winner = max((c for c in range(num_classes) if votes[c] == top), key=lambda c: mass[c])
+        return top, winner
+
+    counter = 0
+    for layer in range(1, num_layers + 1):
+        r, a = rows[layer - 1], argmaxes[layer - 1]
+        if isinstance(strategy, strategies.Entropy) and h(r) < strategy.threshold:
+            return layer, a
+        if isinstance(strategy, strategies.MaxProb) and max(r) >= strategy.threshold:
+            return layer, a
+        if isinstance(strategy, strategies.Patience):
+            counter = counter + 1 if layer > 1 and a == argmaxes[layer - 2] else 0
+            if counter == strategy.patience:
+                return layer, a
+        if isinstance(strategy, strategies.Voting | strategies.Hybrid):
+            top, winner = vote(layer)
+            if top / layer**strategy.k >= strategy.threshold:
+                return layer, winner
+            if isinstance(strategy, strategies.Hybrid) and h(r) < strategy.entropy_threshold:
+                return layer, a
+        if isinstance(strategy, strategies.Static) and layer == strategy.layer:
+            return layer, a
+        if isinstance(strategy, strategies.Oracle) and a == int(labels):
+            return layer, a
+    if isinstance(strategy, strategies.Voting | strategies.Hybrid):
+        return num_layers, vote(num_layers)[1]
+    return num_layers, argmaxes[-1]
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        strategies.Entropy(threshold=0.4),
+        strategies.MaxProb(threshold=0.7),
+        strategies.Patience(patience=2),
+        strategies.Voting(k=0.0, threshold=3),
+        strategies.Voting(k=0.5, threshold=1.6),
+        strategies.Hybrid(k=0.25, threshold=2.5, entropy_threshold=0.2),
+        strategies.Static(layer=4),
+        strategies.Oracle(),
+    ],
+    ids=str,
+)
+def test_replay_agrees_with_a_per_sample_loop(strategy: strategies.Strategy) -> None:
+    g = torch.Generator().manual_seed(3)
+    probs = torch.softmax(torch.randn(8, 300, 3, generator=g) * 2, -1)  # (L, N, C)
+    labels = torch.randint(0, 3, (300,), generator=g)
+    exit_layer, prediction = strategy.replay(probs, labels)
+    for n in range(300):
+        assert (exit_layer[n].item(), prediction[n].item()) == _reference(strategy, probs[:, n], labels[n]), n
+
+
+def test_parse_and_validation() -> None:
+    assert strategies.parse("voting(k=0.5, threshold=2)") == strategies.Voting(k=0.5, threshold=2.0)
+    assert strategies.parse("patience:patience=3") == strategies.Patience(patience=3)
+    assert strategies.parse("oracle") == strategies.Oracle()
+    assert str(strategies.Voting(k=0.5, threshold=2.0)) == "voting(k=0.5, threshold=2)"
+    for bad, message in [
+        ("votin(k=1)", "unknown strategy"),
+        ("voting(k=1.0, threshold=2)", "k must be in"),
+        ("entropy(threshold=-0.1)", "non-negative"),
+        ("patience(patience=0)", "positive integer"),
+        ("patience(patience=1.5)", "integer"),
+        ("entropy(thresh=0.1)", "no parameter"),
+        ("maxprob(threshold=abc)", "not a number"),
+    ]:
+        with pytest.raises(LayerExitError, match=message):
+            strategies.parse(bad)
