@@ -43,7 +43,7 @@ class Backbone(nn.Module):
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
-        self.model = model
+        self.model: Any = model  # typed loosely: each architecture reaches into its own internals
         self.config = model.config
 
     @property

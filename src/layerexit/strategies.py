@@ -281,7 +281,7 @@ def parse(spec: str) -> Strategy:
                 raise LayerExitError(f"strategy {spec!r}: {key} must be an integer")
             kwargs[key] = int(value)
     try:
-        return cls(**kwargs)  # type: ignore[arg-type]
+        return cls(**kwargs)
     except TypeError as err:
         raise LayerExitError(f"strategy {spec!r}: {err}") from None
 
