@@ -165,16 +165,21 @@ class EarlyExitModel(nn.Module):
         return cls(wrap(encoder), exit_config)
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        token_type_ids: Tensor | None = None,
+        depth: int | None = None,
     ) -> EarlyExitOutput:
+        """Run the first ``depth`` layers (all by default) and every exit among them."""
         backbone = self.backbone
         hidden = backbone.embed(input_ids, attention_mask, token_type_ids)  # (B, T, H)
         kwargs = backbone.layer_kwargs(hidden, attention_mask)
         logits = []
-        for i, head in enumerate(self.exits):
+        for i in range(depth or self.num_layers):
             hidden = backbone.layer(i, hidden, kwargs)  # (B, T, H)
-            logits.append(head(hidden, attention_mask))  # (B, C)
-        return EarlyExitOutput(logits=torch.stack(logits))  # (L, B, C)
+            logits.append(self.exits[i](hidden, attention_mask))  # (B, C)
+        return EarlyExitOutput(logits=torch.stack(logits))  # (depth, B, C)
 
     def save_pretrained(self, directory: str | os.PathLike[str], tokenizer: Any = None) -> None:
         """Write ``layerexit.json``, ``model.safetensors`` and ``backbone/`` (its config, tokenizer).

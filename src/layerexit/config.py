@@ -1,0 +1,159 @@
+"""Run configurations as validated dataclasses, and the command-line options built from them.
+
+Every field carries its help text in ``metadata["help"]``; :func:`add_arguments` turns a
+dataclass into argparse options, so the command line and the saved ``config.json`` of a run
+cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from layerexit.errors import LayerExitError
+from layerexit.objectives import OBJECTIVE_HELP, OBJECTIVES
+
+
+def option(default: Any, help: str, flag: str | None = None, choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field with its command-line help (and optionally its flag name and choices)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved as ``config.json`` in the run folder."""
+
+    model: str = option("minilm-l6", "encoder: a built-in alias (minilm-l6, mpnet-base), a local folder or a hub name")
+    task: str = option(
+        "tweets-binary", "built-in task name (see `layerexit tasks`), a data file or folder, or glue:TASK:FOLDER"
+    )
+    output: str = option("", "run folder to create (default: runs/<task>-<objective>-<model>-seed<seed>)")
+    objective: str = option("ensemble", "training method", choices=OBJECTIVES)
+    lam: float = option(0.3, "diversity weight lambda of the ensemble objective (paper: 0.1-0.5)", flag="--lambda")
+    weighting: Literal["uniform", "linear"] = option(
+        "uniform", "relevancy weights of the ensemble objective: uniform (ALBERT) or linear i/sum(i) (BERT, PABEE)"
+    )
+    drop_last_diversity: bool = option(True, "beta_L = 0: no diversity term on the last exit")
+    detach_teacher: bool = option(True, "the earlier exit is a fixed target in the diversity term")
+    min_over: Literal["batch", "sample"] = option(
+        "batch", "diversity: closest earlier exit chosen per batch (paper) or per sample"
+    )
+    static_layers: int = option(0, "layers kept by the `static` objective")
+    head: Literal["mlp", "linear"] = option(
+        "mlp", "internal classifier: one-hidden-layer MLP (paper) or linear (PABEE)"
+    )
+    pooling: Literal["auto", "mean", "first"] = option(
+        "auto", "exit pooling; auto = mean for sentence-transformers encoders, else first token"
+    )
+    epochs: int = option(2, "training epochs (per stage for two-stage methods)")
+    lr: float = option(5e-5, "peak learning rate of AdamW for the encoder")
+    head_lr: float = option(5e-4, "peak learning rate of AdamW for the exits")
+    batch_size: int = option(32, "training batch size")
+    eval_batch_size: int = option(64, "evaluation batch size")
+    max_length: int = option(64, "tokens per input (longer inputs are truncated)")
+    warmup_ratio: float = option(0.1, "share of steps with a linear learning-rate warm-up")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    max_train: int = option(0, "use at most this many training examples (0: all)")
+    max_eval: int = option(0, "use at most this many dev and test examples each (0: all)")
+    text_column: str = option("text", "column of the text, for data files")
+    text_pair_column: str = option("", "column of the second text of a pair, for data files")
+    label_column: str = option("label", "column of the label, for data files")
+    seed: int = option(0, "random seed (weights of the exits, data order, dropout)")
+    threads: int = option(0, "torch threads (0: torch's default)")
+    log_every: int = option(20, "log the training loss every this many steps")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.lam >= 0, f"--lambda must be >= 0, got {self.lam}"),
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.lr > 0 and self.head_lr > 0, "learning rates must be > 0"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {self.eval_batch_size}"),
+            (self.max_length >= 8, f"--max-length must be >= 8, got {self.max_length}"),
+            (0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}"),
+            (self.max_grad_norm > 0, "--max-grad-norm must be > 0"),
+            (self.max_train >= 0 and self.max_eval >= 0, "--max-train and --max-eval must be >= 0"),
+            (self.objective in OBJECTIVES, f"unknown objective {self.objective!r}; known: {', '.join(OBJECTIVES)}"),
+            (self.objective != "static" or self.static_layers >= 1, "objective 'static' needs --static-layers >= 1"),
+            (self.threads >= 0, "--threads must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LayerExitError(message)
+        for f in fields(self):
+            choices = _choices(f)
+            if choices and getattr(self, f.name) not in choices:
+                raise LayerExitError(f"--{f.name.replace('_', '-')} must be one of {list(choices)}")
+
+    def run_name(self) -> str:
+        model = Path(self.model).name or self.model
+        task = Path(self.task).name if os.sep in self.task else self.task.replace(":", "-")
+        return f"{task}-{self.objective}-{model}-seed{self.seed}"
+
+
+def _choices(f: dataclasses.Field[Any]) -> tuple[Any, ...] | None:
+    if f.metadata.get("choices"):
+        return tuple(f.metadata["choices"])
+    hint = typing.get_type_hints(TrainConfig).get(f.name) if f.name in TrainConfig.__dataclass_fields__ else None
+    if hint is not None and typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    return None
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One ``--option`` per dataclass field, typed, with its default and help text."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        if hint is bool:
+            parser.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text
+            )
+            continue
+        choices = f.metadata.get("choices")
+        if typing.get_origin(hint) is Literal:
+            choices = typing.get_args(hint)
+            kind: Any = type(choices[0])
+        elif isinstance(hint, types.UnionType):
+            kind = next(a for a in typing.get_args(hint) if a is not type(None))
+        else:
+            kind = hint
+        parser.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=choices, help=help_text)
+
+
+def from_namespace(cls: type, namespace: argparse.Namespace) -> Any:
+    return cls(**{f.name: getattr(namespace, f.name) for f in fields(cls) if hasattr(namespace, f.name)})
+
+
+def save_config(config: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_train_config(path: Path) -> TrainConfig:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise LayerExitError(f"{path}: cannot read the run configuration ({err})") from None
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise LayerExitError(f"{path}: unknown keys {unknown}")
+    return TrainConfig(**data)
+
+
+def objective_help() -> str:
+    return "; ".join(f"{k}: {v}" for k, v in OBJECTIVE_HELP.items())

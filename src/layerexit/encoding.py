@@ -1,0 +1,99 @@
+"""Tokenising examples once and padding them into batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from layerexit.errors import LayerExitError
+
+
+@dataclass
+class Encoded:
+    """Tokenised inputs of one split, unpadded; ``labels`` is -1 where unknown."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    labels: Tensor  # (N,)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise LayerExitError(f"cannot load a tokenizer from {path}: {err}") from None
+
+
+def encode(
+    tokenizer: Any,
+    texts: Sequence[str],
+    pairs: Sequence[str | None] | None = None,
+    labels: Sequence[int] | None = None,
+    *,
+    max_length: int = 128,
+    token_types: bool = True,
+) -> Encoded:
+    """Tokenise with truncation to ``max_length`` tokens; pairs where given (all or none)."""
+    has_pairs = pairs is not None and any(p is not None for p in pairs)
+    if has_pairs:
+        assert pairs is not None
+        if any(p is None for p in pairs):
+            raise LayerExitError("some examples have a text pair and some do not")
+        out = tokenizer(list(texts), list(pairs), truncation=True, max_length=max_length)
+    else:
+        out = tokenizer(list(texts), truncation=True, max_length=max_length)
+    types = out.get("token_type_ids") if token_types else None
+    label_tensor = torch.tensor(list(labels) if labels is not None else [-1] * len(texts), dtype=torch.long)
+    return Encoded(input_ids=out["input_ids"], token_type_ids=types, labels=label_tensor)
+
+
+def collate(encoded: Encoded, rows: Sequence[int], pad_id: int) -> dict[str, Tensor]:
+    """Right-padded tensors for the given rows: input_ids, attention_mask, [token_type_ids], labels."""
+    length = max(len(encoded.input_ids[r]) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    types = torch.zeros(len(rows), length, dtype=torch.long) if encoded.token_type_ids is not None else None
+    for i, r in enumerate(rows):
+        seq = encoded.input_ids[r]
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        if types is not None and encoded.token_type_ids is not None:
+            types[i, : len(seq)] = torch.tensor(encoded.token_type_ids[r])
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": encoded.labels[list(rows)]}
+    if types is not None:
+        batch["token_type_ids"] = types
+    return batch
+
+
+def batches(
+    encoded: Encoded,
+    batch_size: int,
+    pad_id: int,
+    *,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    by_length: bool = False,
+) -> Iterator[dict[str, Tensor]]:
+    """Batches in order, shuffled, or (for fast evaluation) grouped by length with an ``index`` key."""
+    n = len(encoded)
+    if shuffle:
+        order = torch.randperm(n, generator=generator).tolist()
+    elif by_length:
+        order = sorted(range(n), key=lambda r: len(encoded.input_ids[r]))
+    else:
+        order = list(range(n))
+    for start in range(0, n, batch_size):
+        rows = order[start : start + batch_size]
+        batch = collate(encoded, rows, pad_id)
+        batch["index"] = torch.tensor(rows, dtype=torch.long)
+        yield batch
