@@ -1108,7 +1108,8 @@ def load_task(
                 "text_pair_column and label_column apply to your own CSV/TSV/JSONL files"
             )
         raw_layout, sources = _load_layout(path, layout, encoding)
-        label_names, splits = _index_labels(raw_layout, layout.names)
+        _, splits = _index_labels(raw_layout, layout.values)
+        label_names = list(layout.names)
         splits, rule = _with_dev(splits, layout.name, sources["train"])
         info = {
             "format": layout.name,
