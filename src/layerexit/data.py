@@ -326,8 +326,6 @@ def _read_jsonl_file(path: Path, text: str, cols: _Columns) -> _RawSplit:
             label,
             cols.pair is not None,
         )
-    if not raw.rows and not raw.skipped:
-        raise LayerExitError(f"{path}: the file is empty")
     return raw
 
 
@@ -994,7 +992,7 @@ def _split_files(folder: Path) -> dict[str, Path]:
             f"{folder}: no train file (train.csv, train.tsv or train.jsonl, with dev/validation "
             f"and test files alongside) and not a known benchmark folder ({known}); found: {present}"
         )
-    return {split: paths[0] for split, paths in found.items()}
+    return {split: found[split][0] for split in ("train", "dev", "test") if split in found}
 
 
 def _with_dev(
@@ -1002,7 +1000,7 @@ def _with_dev(
 ) -> tuple[dict[str, list[Example]], str]:
     """Hold a dev split out of train when the data brings none; returns the splits and how dev was made."""
     if "dev" in raw_splits:
-        return raw_splits, "train, dev and test as given"
+        return raw_splits, f"{', '.join(raw_splits)} as given"
     test = raw_splits.get("test")
     parts, rule = _hold_out_dev(raw_splits["train"], None if test is None else len(test), name, what)
     return {**raw_splits, "train": parts["train"], "dev": parts["dev"]}, rule
