@@ -85,7 +85,7 @@ def test_folder_with_train_validation_test(tmp_path: Path) -> None:
     assert [len(task.splits[s]) for s in ("train", "dev", "test")] == [20, 1, 2]
     assert task.splits["dev"] == [Example("dev one", None, 1)]
     assert task.info["source"]["dev"].endswith("validation.jsonl")
-    assert task.info["split_rule"] == "train, dev and test as given"
+    assert task.info["split_rule"] == "train, dev, test as given"
 
 
 def test_folder_without_dev_holds_out_at_most_test_size(tmp_path: Path) -> None:
