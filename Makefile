@@ -19,7 +19,7 @@ $(INSTALLED): pyproject.toml
 install: $(INSTALLED)
 
 $(ASSETS): $(INSTALLED)
-	$(BIN)/python -m layerexit.assets install minilm-l6 tweets bbc snli
+	$(BIN)/python -m layerexit.assets install all
 	touch $@
 
 assets: $(ASSETS)

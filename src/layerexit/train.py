@@ -229,7 +229,7 @@ def fit_stage(
             if logits.shape[0] > 1:
                 pick = losses.closest_earlier_exit(logits.detach())  # (depth - 1,)
                 closest[torch.arange(1, logits.shape[0]), pick - 1] += 1
-            running += float(loss)
+            running += float(loss.detach())
             bar.update(1)
             if step % config.log_every == 0:
                 bar.set_postfix(loss=f"{running / config.log_every:.4f}")

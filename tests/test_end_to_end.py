@@ -1,0 +1,167 @@
+"""Train then evaluate from the command line, on a tiny random encoder saved to a local folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModel, BertTokenizerFast
+
+from layerexit.cli import main
+
+from .conftest import tiny_config
+
+WORDS = ["alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta", "zeta", "iota"]
+
+
+def make_encoder(folder: Path) -> Path:
+    """A tiny BERT with a word-level vocabulary, saved like a hub checkpoint."""
+    folder.mkdir(parents=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", *WORDS]
+    BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(folder)
+    config = tiny_config("bert")
+    config.vocab_size = len(vocab)
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def make_task(folder: Path, sizes: dict[str, int]) -> Path:
+    """Sentiment by keyword: 'good' -> pos, 'bad' -> neg, amid random filler words."""
+    folder.mkdir(parents=True)
+    rng = random.Random(0)
+    for split, n in sizes.items():
+        with (folder / f"{split}.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["text", "label"])
+            for i in range(n):
+                label = "pos" if i % 2 else "neg"
+                words = rng.choices(WORDS, k=rng.randint(3, 10))
+                words.insert(rng.randrange(len(words) + 1), "good" if label == "pos" else "bad")
+                writer.writerow([" ".join(words), label])
+    return folder
+
+
+def test_train_then_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    encoder = make_encoder(tmp_path / "encoder")
+    task = make_task(tmp_path / "task", {"train": 192, "dev": 64, "test": 64})
+    run = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--model",
+            str(encoder),
+            "--task",
+            str(task),
+            "--output",
+            str(run),
+            "--epochs",
+            "4",
+            "--batch-size",
+            "16",
+            "--lr",
+            "3e-3",
+            "--head-lr",
+            "3e-3",
+            "--warmup-ratio",
+            "0",
+            "--lambda",
+            "0.2",
+            "--quiet",
+            "--seed",
+            "3",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "Best setting per strategy" in out and "voting" in out
+
+    for name in (
+        "config.json",
+        "data.json",
+        "layerexit.json",
+        "model.safetensors",
+        "train_log.jsonl",
+        "train_summary.json",
+        "closest_exit_ensemble.json",
+    ):
+        assert (run / name).is_file(), name
+    config = json.loads((run / "config.json").read_text())
+    assert config["lam"] == 0.2 and config["objective"] == "ensemble" and config["seed"] == 3
+
+    report = json.loads((run / "eval" / "report.json").read_text())
+    test = report["splits"]["test"]
+    assert test["size"] == 64
+    assert len(test["per_layer"]["accuracy"]) == 4
+    assert test["full_model"]["accuracy"] > 0.8, "the keyword task is learnable; training must have worked"
+    assert test["oracle"]["accuracy"] >= test["full_model"]["accuracy"]
+    assert set(report["selected"]) == {"entropy", "maxprob", "patience", "voting", "hybrid", "static"}
+    rows = list(csv.DictReader((run / "eval" / "points.csv").open()))
+    assert {r["split"] for r in rows} == {"dev", "test"}
+    assert any(r["strategy"] == "voting" and r["k"] == "0.75" for r in rows)
+    exits = list(csv.DictReader((run / "eval" / "exit_layers.csv").open()))
+    assert len(exits) == 64 and all(1 <= int(r["oracle_exit"]) <= 4 for r in exits)
+    assert (run / "eval" / "tradeoff.png").stat().st_size > 10_000
+
+    # evaluating again reuses the stored probabilities and gives the same report
+    assert main(["evaluate", str(run), "--quiet"]) == 0
+    again = json.loads((run / "eval" / "report.json").read_text())
+    assert again["selected"] == report["selected"]
+
+
+def test_training_is_reproducible(tmp_path: Path) -> None:
+    encoder = make_encoder(tmp_path / "encoder")
+    task = make_task(tmp_path / "task", {"train": 64, "dev": 32})
+    weights = []
+    for i in range(2):
+        run = tmp_path / f"run{i}"
+        args = [
+            "train",
+            "--model",
+            str(encoder),
+            "--task",
+            str(task),
+            "--output",
+            str(run),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--quiet",
+            "--no-evaluate",
+        ]
+        assert main(args) == 0
+        weights.append((run / "model.safetensors").read_bytes())
+    assert weights[0] == weights[1]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--task", "no-such-task"], "no-such-task"),
+        (["train", "--lambda", "-1"], "--lambda must be >= 0"),
+        (["train", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["evaluate", "/nonexistent/run"], "not a layerexit run folder"),
+    ],
+)
+def test_user_errors_are_one_line(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code = main([*args, "--quiet"] if args[0] == "evaluate" else [*args, "--output", str(tmp_path / "r"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "precious.txt").write_text("keep me")
+    assert main(["train", "--output", str(run), "--quiet"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (run / "precious.txt").read_text() == "keep me"
