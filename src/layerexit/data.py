@@ -80,9 +80,7 @@ class TaskData:
         for split, examples in self.splits.items():
             for ex in examples:
                 if not 0 <= ex.label < len(self.label_names):
-                    raise ValueError(
-                        f"{split} example has label {ex.label}, outside 0..{self.num_labels - 1}"
-                    )
+                    raise ValueError(f"{split} example has label {ex.label}, outside 0..{self.num_labels - 1}")
 
     @property
     def num_labels(self) -> int:
@@ -166,9 +164,7 @@ def _table_rows(path: Path, text: str, delimiter: str) -> list[tuple[int, list[s
                     rows.append((start, record))
                 start = reader.line_num + 1
         except csv.Error as exc:
-            raise LayerExitError(
-                f"{path}, line {start}: unreadable {_kind(delimiter)} record ({exc})"
-            ) from exc
+            raise LayerExitError(f"{path}, line {start}: unreadable {_kind(delimiter)} record ({exc})") from exc
     return rows
 
 
@@ -202,8 +198,7 @@ def _column(header: list[str], name: str, where: str, delimiter: str, option: st
         raise LayerExitError(f"{where}: column {name!r} appears {len(positions)} times in the header")
     found = ", ".join(repr(h) for h in header[:30])
     raise LayerExitError(
-        f"{where}: no column {name!r} (the {option}); columns found: {found}"
-        f"{_delimiter_hint(header, delimiter)}"
+        f"{where}: no column {name!r} (the {option}); columns found: {found}{_delimiter_hint(header, delimiter)}"
     )
 
 
@@ -240,8 +235,7 @@ class _RawSplit:
         if not isinstance(text, str) or not isinstance(pair, str):
             bad = text if not isinstance(text, str) else pair
             raise LayerExitError(
-                f"{self.where(number)}: expected text to be a string, found "
-                f"{type(bad).__name__} {str(bad)[:40]!r}"
+                f"{self.where(number)}: expected text to be a string, found {type(bad).__name__} {str(bad)[:40]!r}"
             )
         if not text.strip():
             self.skipped["empty text"] += 1
@@ -284,8 +278,7 @@ def _read_table_file(path: Path, text: str, delimiter: str, cols: _Columns) -> _
     for line, record in rows[1:]:
         if len(record) != len(header):
             raise LayerExitError(
-                f"{path}, line {line}: expected {len(header)} fields like the header, "
-                f"found {len(record)} ({hint})"
+                f"{path}, line {line}: expected {len(header)} fields like the header, found {len(record)} ({hint})"
             )
         label = _raw_label(record[y], f"{path}, line {line}")
         raw.add(line, record[t], None if p is None else record[p], label, p is not None)
@@ -301,13 +294,10 @@ def _read_jsonl_file(path: Path, text: str, cols: _Columns) -> _RawSplit:
             record = json.loads(content)
         except (ValueError, RecursionError) as exc:
             raise LayerExitError(
-                f"{path}, line {line}: not valid JSON ({str(exc)[:120]}); "
-                "a JSONL file has one JSON object per line"
+                f"{path}, line {line}: not valid JSON ({str(exc)[:120]}); a JSONL file has one JSON object per line"
             ) from exc
         if not isinstance(record, dict):
-            raise LayerExitError(
-                f"{path}, line {line}: expected a JSON object, found {type(record).__name__}"
-            )
+            raise LayerExitError(f"{path}, line {line}: expected a JSON object, found {type(record).__name__}")
         for key, option in (
             (cols.text, "text_column"),
             (cols.pair, "text_pair_column"),
@@ -315,9 +305,7 @@ def _read_jsonl_file(path: Path, text: str, cols: _Columns) -> _RawSplit:
         ):
             if key is not None and key not in record:
                 found = ", ".join(repr(k) for k in list(record)[:30])
-                raise LayerExitError(
-                    f"{path}, line {line}: no key {key!r} (the {option}); keys found: {found}"
-                )
+                raise LayerExitError(f"{path}, line {line}: no key {key!r} (the {option}); keys found: {found}")
         label = _raw_label(record[cols.label], f"{path}, line {line}")
         raw.add(
             line,
@@ -376,9 +364,7 @@ def _index_labels(
         examples: list[Example] = []
         for number, text, pair, label in part.rows:
             if label not in index:
-                shown = ", ".join(repr(n) for n in label_names[:20]) + (
-                    ", ..." if len(label_names) > 20 else ""
-                )
+                shown = ", ".join(repr(n) for n in label_names[:20]) + (", ..." if len(label_names) > 20 else "")
                 if names is None:
                     raise LayerExitError(
                         f"{part.where(number)}: label {label!r} does not occur in the "
@@ -410,9 +396,7 @@ def _hash_split(
     order = sorted(groups, key=lambda key: hashlib.sha256(f"{salt}\0{key}".encode()).digest())
     names = list(fractions)
     if len(order) < len(names):
-        raise LayerExitError(
-            f"cannot split {what} into {', '.join(names)}: it has only {len(order)} distinct text(s)"
-        )
+        raise LayerExitError(f"cannot split {what} into {', '.join(names)}: it has only {len(order)} distinct text(s)")
     bounds: list[int] = []
     running = 0.0
     for name in names[:-1]:
@@ -554,9 +538,7 @@ def _load_tweets(binary: bool) -> tuple[list[str], dict[str, list[Example]], dic
     splits = _hash_split(examples, {"train": 0.8, "dev": 0.1, "test": 0.1}, "tweets", str(path))
     if binary:
         skipped["neutral (binary task)"] = sum(1 for ex in examples if ex.label == 1)
-        splits = {
-            s: [Example(e.text, None, e.label // 2) for e in ex if e.label != 1] for s, ex in splits.items()
-        }
+        splits = {s: [Example(e.text, None, e.label // 2) for e in ex if e.label != 1] for s, ex in splits.items()}
         names = ["negative", "positive"]
     info = {
         "source": {split: str(path) for split in splits},
@@ -603,8 +585,7 @@ def _load_bbc() -> tuple[list[str], dict[str, list[Example]], dict[str, Any]]:
         "skipped": dict(skipped),
         "split_rule": "70/15/15 train/dev/test of distinct articles in SHA-256 order of the normalised text "
         "(salt 'bbc')",
-        "duplicates": "an article repeated (same text after collapsing whitespace and case folding) "
-        "is kept once",
+        "duplicates": "an article repeated (same text after collapsing whitespace and case folding) is kept once",
     }
     return names, splits, info
 
@@ -935,9 +916,7 @@ def _read_layout_lines(path: Path, text: str, layout: _Layout, raw: _RawSplit) -
         raw.add(line, sentence, None, label, False)
 
 
-def _load_layout(
-    folder: Path, layout: _Layout, encoding: str | None
-) -> tuple[dict[str, _RawSplit], dict[str, str]]:
+def _load_layout(folder: Path, layout: _Layout, encoding: str | None) -> tuple[dict[str, _RawSplit], dict[str, str]]:
     raw: dict[str, _RawSplit] = {}
     sources: dict[str, str] = {}
     for split, filename in layout.files.items():
@@ -982,9 +961,7 @@ def _split_files(folder: Path) -> dict[str, Path]:
             found.setdefault(split, []).append(path)
     for split, paths in found.items():
         if len(paths) > 1:
-            raise LayerExitError(
-                f"{folder}: more than one {split} file ({', '.join(p.name for p in paths)}); keep one"
-            )
+            raise LayerExitError(f"{folder}: more than one {split} file ({', '.join(p.name for p in paths)}); keep one")
     if "train" not in found:
         present = ", ".join(sorted(p.name for p in folder.iterdir())[:20]) or "nothing"
         known = ", ".join(f"'{k}'" for k in sorted(_LAYOUTS))
@@ -995,9 +972,7 @@ def _split_files(folder: Path) -> dict[str, Path]:
     return {split: found[split][0] for split in ("train", "dev", "test") if split in found}
 
 
-def _with_dev(
-    raw_splits: dict[str, list[Example]], name: str, what: str
-) -> tuple[dict[str, list[Example]], str]:
+def _with_dev(raw_splits: dict[str, list[Example]], name: str, what: str) -> tuple[dict[str, list[Example]], str]:
     """Hold a dev split out of train when the data brings none; returns the splits and how dev was made."""
     if "dev" in raw_splits:
         return raw_splits, f"{', '.join(raw_splits)} as given"
@@ -1180,9 +1155,7 @@ def task_from_hf(
     _check_limit(max_train, "max_train")
     _check_limit(max_eval, "max_eval")
     parts: Mapping[str, Any] = (
-        {"train": dataset}
-        if hasattr(dataset, "column_names") and not isinstance(dataset, Mapping)
-        else dataset
+        {"train": dataset} if hasattr(dataset, "column_names") and not isinstance(dataset, Mapping) else dataset
     )
     if not isinstance(parts, Mapping):
         raise LayerExitError(f"expected a Hugging Face DatasetDict or Dataset, got {type(dataset).__name__}")
@@ -1222,13 +1195,10 @@ def task_from_hf(
             if class_names is not None:
                 if not isinstance(label, int) or not 0 <= label < len(class_names):
                     raise LayerExitError(
-                        f"{piece.where(number)}: label {label!r} is not a class index "
-                        f"0..{len(class_names) - 1}"
+                        f"{piece.where(number)}: label {label!r} is not a class index 0..{len(class_names) - 1}"
                     )
                 label = class_names[label]
-            piece.add(
-                number, text, pair, _raw_label(label, piece.where(number)), text_pair_column is not None
-            )
+            piece.add(number, text, pair, _raw_label(label, piece.where(number)), text_pair_column is not None)
         if split != "train" and piece.skipped["no label"] == len(part):
             dropped[str(split_name)] = "no labels (e.g. a GLUE test split)"
             continue

@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -44,6 +44,8 @@ class ExitConfig:
     num_layers: int = 0
     """Set from the backbone when the model is built; checked again on load."""
     backbone_revision: str | None = None
+    temperatures: list[float] = field(default_factory=list)
+    """Per-exit softmax temperatures (RightTool's calibration); empty means 1 everywhere."""
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -57,6 +59,10 @@ class ExitConfig:
             raise LayerExitError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.label_names and len(self.label_names) != self.num_labels:
             raise LayerExitError(f"{len(self.label_names)} label names given for {self.num_labels} labels")
+        if self.temperatures and (
+            len(self.temperatures) != self.num_layers or not all(t > 0 for t in self.temperatures)
+        ):
+            raise LayerExitError(f"temperatures must be {self.num_layers} positive numbers, got {self.temperatures}")
         if self.format_version != FORMAT_VERSION:
             raise LayerExitError(
                 f"model format version {self.format_version} is not supported (expected {FORMAT_VERSION})"
@@ -106,12 +112,14 @@ class ExitHead(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.hidden: nn.Linear | None = nn.Linear(hidden_size, hidden_size) if head == "mlp" else None
         self.classifier = nn.Linear(hidden_size, num_labels)
+        self.temperature = 1.0
 
     def forward(self, hidden: Tensor, padding_mask: Tensor) -> Tensor:
         x = self.dropout(pool(hidden, padding_mask, self.pooling))  # (B, H)
         if self.hidden is not None:
             x = self.dropout(torch.tanh(self.hidden(x)))  # (B, H)
-        return self.classifier(x)  # (B, C)
+        logits = self.classifier(x)  # (B, C)
+        return logits if self.temperature == 1.0 else logits / self.temperature
 
 
 class EarlyExitModel(nn.Module):
@@ -131,6 +139,16 @@ class EarlyExitModel(nn.Module):
             ExitHead(backbone.hidden_size, config.num_labels, config.head, config.pooling, config.dropout)
             for _ in range(backbone.num_layers)
         )
+        if config.temperatures:
+            self.set_temperatures(config.temperatures)
+
+    def set_temperatures(self, temperatures: list[float]) -> None:
+        """Divide exit i's logits by ``temperatures[i]`` from now on (and save them with the model)."""
+        if len(temperatures) != self.num_layers or not all(t > 0 for t in temperatures):
+            raise LayerExitError(f"temperatures must be {self.num_layers} positive numbers, got {temperatures}")
+        self.config.temperatures = [float(t) for t in temperatures]
+        for head, t in zip(self.exits, temperatures, strict=True):
+            cast(ExitHead, head).temperature = float(t)
 
     @property
     def num_layers(self) -> int:

@@ -143,10 +143,39 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
             )
             summary["stages"].append(result)
             model = EarlyExitModel.from_pretrained(run_dir)  # continue from the stage's best checkpoint
+    if config.objective == "righttool":
+        summary["temperatures"] = calibrate_temperatures(model, encoded["dev"], config, pad_id, run_dir, tokenizer)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     summary["config"] = asdict(config)
     (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return run_dir
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 100) -> float:
+    """The temperature T minimising the dev NLL of softmax(logits / T) (Guo et al., 2017). logits: (N, C)."""
+    log_t = torch.zeros((), requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=steps)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.detach().exp())
+
+
+def calibrate_temperatures(
+    model: EarlyExitModel, dev: Encoded, config: TrainConfig, pad_id: int, run_dir: Path, tokenizer: Any
+) -> list[float]:
+    """RightTool: fit one temperature per exit on dev, store it in the saved model."""
+    probs = collect_probs(model, dev, config.eval_batch_size, pad_id)  # (L, N, C)
+    logits = probs.clamp_min(1e-12).log()  # equal to the logits up to a per-row constant
+    temperatures = [fit_temperature(layer_logits, dev.labels) for layer_logits in logits]
+    model.set_temperatures(temperatures)
+    model.save_pretrained(run_dir, tokenizer)
+    return [round(t, 4) for t in temperatures]
 
 
 def _parameter_groups(model: EarlyExitModel, stage: objectives.Stage, config: TrainConfig) -> list[dict[str, Any]]:
