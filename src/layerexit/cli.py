@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,6 +52,67 @@ def _evaluate(
     return 0
 
 
+def _read_inputs(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
+    """Texts from arguments, a CSV/TSV/JSONL file, or standard input (one text per line)."""
+    if args.texts and args.file:
+        raise LayerExitError("give texts as arguments or --file, not both")
+    if args.texts:
+        return list(args.texts), None
+    if args.file:
+        from layerexit.data import read_inputs
+
+        texts, pairs, skipped = read_inputs(Path(args.file), args.text_column, args.pair_column or None)
+        for reason, count in skipped.items():
+            print(f"skipped {count} rows of {args.file}: {reason}", file=sys.stderr)
+        return texts, pairs
+    if sys.stdin.isatty():
+        raise LayerExitError("no input: give texts as arguments, --file, or lines on standard input")
+    lines = [line.rstrip("\n") for line in sys.stdin]
+    return [line for line in lines if line.strip()], None
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from layerexit.predictor import Predictor
+
+    predictor = Predictor.from_run(args.run, args.strategy, threads=args.threads or None)
+    texts, pairs = _read_inputs(args)
+    print(f"strategy: {predictor.strategy} ({predictor.strategy_source})", file=sys.stderr)
+    for text, prediction in zip(texts, predictor.predict(texts, pairs, batch_size=args.batch_size), strict=True):
+        print(json.dumps({"text": text, **prediction.to_dict()}, ensure_ascii=False))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from layerexit.bench import BenchInputs, bench, format_bench, write_json
+    from layerexit.evaluate import load_run_split
+    from layerexit.model import EarlyExitModel
+    from layerexit.predictor import default_strategy
+    from layerexit.strategies import parse
+
+    run = Path(args.run)
+    model = EarlyExitModel.from_pretrained(run)
+    strategy = parse(args.strategy) if args.strategy else default_strategy(run)[0]
+    loaded = load_run_split(run, args.split, model, limit=args.samples)
+    assert loaded is not None
+    encoded, pad_id = loaded
+    results = bench(
+        model,
+        strategy,
+        BenchInputs(encoded, pad_id),
+        batch_sizes=args.batch_sizes,
+        repeats=args.repeats,
+        threads=args.threads,
+        progress=not args.quiet,
+    )
+    results["run"] = str(run)
+    results["split"] = args.split
+    print(format_bench(results))
+    out = Path(args.output) if args.output else run / "bench.json"
+    write_json(results, out)
+    print(f"\nwrote {out}")
+    return 0
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     from layerexit.data import builtin_tasks
 
@@ -93,6 +155,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
     evaluate.add_argument("--fresh", action="store_true", help="recompute stored probabilities instead of reusing them")
+
+    predict = command(
+        "predict", cmd_predict, "Early-exit predictions as JSON lines (label, probability, exit layer, time)"
+    )
+    predict.add_argument("run", help="run folder written by `layerexit train`")
+    predict.add_argument("texts", nargs="*", help="texts to classify (else --file, else standard input)")
+    predict.add_argument("--file", help="CSV, TSV or JSONL file with the inputs")
+    predict.add_argument("--text-column", default="text", help="column of the text in --file")
+    predict.add_argument("--pair-column", default="", help="column of the second text of a pair in --file")
+    predict.add_argument(
+        "--strategy",
+        default=None,
+        help="e.g. 'voting(k=0.5, threshold=2)'; default: the calibrated one, else the dev-selected one",
+    )
+    predict.add_argument("--batch-size", type=int, default=32, help="inputs per batch (exited rows leave the batch)")
+    predict.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+
+    bench_cmd = command("bench", cmd_bench, "Measure early exit against the full model on the clock, in one run")
+    bench_cmd.add_argument("run", help="run folder written by `layerexit train`")
+    bench_cmd.add_argument("--strategy", default=None, help="exit strategy (default: calibrated, else dev-selected)")
+    bench_cmd.add_argument("--split", default="test", help="split of the run's task to take inputs from")
+    bench_cmd.add_argument("--samples", type=int, default=200, help="number of inputs")
+    bench_cmd.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="batch sizes to measure")
+    bench_cmd.add_argument("--repeats", type=int, default=3, help="timed passes per row (medians are reported)")
+    bench_cmd.add_argument("--threads", type=int, default=2, help="torch threads, pinned for the whole run")
+    bench_cmd.add_argument("--output", default="", help="JSON file to write (default: RUN/bench.json)")
 
     command("tasks", cmd_tasks, "List the built-in tasks")
     return parser

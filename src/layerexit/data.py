@@ -212,7 +212,8 @@ class _Columns:
 
     text: str
     pair: str | None
-    label: str
+    label: str | None
+    """None for inputs to predict, which have no label."""
 
 
 @dataclass
@@ -267,7 +268,7 @@ def _read_table_file(path: Path, text: str, delimiter: str, cols: _Columns) -> _
     where = f"{path}, line {header_line}"
     t = _column(header, cols.text, where, delimiter, "text_column")
     p = None if cols.pair is None else _column(header, cols.pair, where, delimiter, "text_pair_column")
-    y = _column(header, cols.label, where, delimiter, "label_column")
+    y = None if cols.label is None else _column(header, cols.label, where, delimiter, "label_column")
     if len(rows) == 1:
         raise LayerExitError(f"{path}: the file has a header but no data rows")
     hint = (
@@ -280,7 +281,7 @@ def _read_table_file(path: Path, text: str, delimiter: str, cols: _Columns) -> _
             raise LayerExitError(
                 f"{path}, line {line}: expected {len(header)} fields like the header, found {len(record)} ({hint})"
             )
-        label = _raw_label(record[y], f"{path}, line {line}")
+        label = "" if y is None else _raw_label(record[y], f"{path}, line {line}")
         raw.add(line, record[t], None if p is None else record[p], label, p is not None)
     return raw
 
@@ -306,7 +307,7 @@ def _read_jsonl_file(path: Path, text: str, cols: _Columns) -> _RawSplit:
             if key is not None and key not in record:
                 found = ", ".join(repr(k) for k in list(record)[:30])
                 raise LayerExitError(f"{path}, line {line}: no key {key!r} (the {option}); keys found: {found}")
-        label = _raw_label(record[cols.label], f"{path}, line {line}")
+        label = "" if cols.label is None else _raw_label(record[cols.label], f"{path}, line {line}")
         raw.add(
             line,
             record[cols.text],
@@ -342,6 +343,18 @@ def _read_user_file(path: Path, cols: _Columns, encoding: str) -> _RawSplit:
         reasons = ", ".join(f"{n} with {r}" for r, n in raw.skipped.items())
         raise LayerExitError(f"{path}: no usable rows ({reasons})")
     return raw
+
+
+def read_inputs(
+    path: Path, text_column: str = "text", text_pair_column: str | None = None, encoding: str = "utf-8"
+) -> tuple[list[str], list[str] | None, dict[str, int]]:
+    """Unlabelled inputs from a CSV/TSV/JSONL file: texts, text pairs (or None), and skipped-row counts."""
+    if not path.is_file():
+        raise LayerExitError(f"{path}: no such file")
+    raw = _read_user_file(path, _Columns(text_column, text_pair_column, None), encoding)
+    texts = [text for _, text, _, _ in raw.rows]
+    pairs = [pair or "" for _, _, pair, _ in raw.rows] if text_pair_column else None
+    return texts, pairs, dict(raw.skipped)
 
 
 def _label_order(labels: Iterable[str]) -> list[str]:

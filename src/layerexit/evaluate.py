@@ -233,9 +233,7 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate a trained run folder; writes ``<run>/eval/`` and returns the report."""
     from layerexit.config import load_train_config
-    from layerexit.data import load_task
-    from layerexit.encoding import load_tokenizer
-    from layerexit.train import DATA_INFO, encode_split
+    from layerexit.train import DATA_INFO
 
     run = Path(run_dir)
     if not (run / "config.json").is_file() or not (run / "layerexit.json").is_file():
@@ -244,7 +242,6 @@ def evaluate_run(
     out = run / EVAL_DIR
     out.mkdir(exist_ok=True)
     model: EarlyExitModel | None = None
-    task = None
     probs: dict[str, Tensor] = {}
     labels: dict[str, Tensor] = {}
     seconds: dict[str, float] = {}
@@ -255,24 +252,10 @@ def evaluate_run(
             continue
         if model is None:
             model = EarlyExitModel.from_pretrained(run)
-            task = load_task(
-                config.task,
-                text_column=config.text_column,
-                text_pair_column=config.text_pair_column or None,
-                label_column=config.label_column,
-                max_train=config.max_train or None,
-                max_eval=config.max_eval or None,
-                seed=config.seed,
-            )
-        assert task is not None
-        examples = task.splits.get(split)
-        if not examples:
-            if split == "test":
-                continue
-            raise LayerExitError(f"task {task.name!r} has no {split!r} split; available: {sorted(task.splits)}")
-        tokenizer = load_tokenizer(run / "backbone")
-        encoded = encode_split(tokenizer, examples, config.max_length, model.backbone.uses_token_type_ids)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        loaded = load_run_split(run, split, model, required=split != "test")
+        if loaded is None:
+            continue
+        encoded, pad_id = loaded
         started = time.perf_counter()
         probs[split] = collect_probs(model, encoded, batch_size, pad_id, progress=progress)
         seconds[split] = round(time.perf_counter() - started, 2)
@@ -311,6 +294,37 @@ def evaluate_run(
         + f" · {report_split} split",
     )
     return report
+
+
+def load_run_split(
+    run: Path, split: str, model: EarlyExitModel, *, required: bool = True, limit: int = 0
+) -> tuple[Encoded, int] | None:
+    """A split of a run's task, tokenised as in training: (encoded, pad id). None if absent and not required."""
+    from layerexit.config import load_train_config
+    from layerexit.data import load_task
+    from layerexit.encoding import load_tokenizer
+    from layerexit.train import encode_split
+
+    config = load_train_config(run / "config.json")
+    task = load_task(
+        config.task,
+        text_column=config.text_column,
+        text_pair_column=config.text_pair_column or None,
+        label_column=config.label_column,
+        max_train=config.max_train or None,
+        max_eval=config.max_eval or None,
+        seed=config.seed,
+    )
+    examples = task.splits.get(split)
+    if not examples:
+        if not required:
+            return None
+        raise LayerExitError(f"task {task.name!r} has no {split!r} split; available: {sorted(task.splits)}")
+    if limit:
+        examples = examples[:limit]
+    tokenizer = load_tokenizer(run / "backbone")
+    encoded = encode_split(tokenizer, examples, config.max_length, model.backbone.uses_token_type_ids)
+    return encoded, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def _write_json(path: Path, data: Any) -> None:

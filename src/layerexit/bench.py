@@ -1,0 +1,173 @@
+"""Wall-clock measurement of early exit against the full model, on the same inputs, in one run.
+
+Rows measured for each batch size:
+* ``full``: the plain Hugging Face encoder forward (its own fused path) and the final exit, which is
+  what a user would deploy without early exit;
+* ``early_exit``: :func:`layerexit.inference.early_exit_forward` with the chosen strategy.
+
+Speed-ups: ``layer_speedup`` is the paper's L / mean exit layer; ``wallclock_speedup`` is the full
+model's total time over early exit's total time for the same inputs (medians over repeats);
+their ratio is what the exits, the decision and the Python loop cost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from layerexit.encoding import Encoded, collate
+from layerexit.inference import early_exit_forward
+from layerexit.model import EarlyExitModel
+from layerexit.strategies import Strategy
+
+Batch = dict[str, Tensor]
+
+
+@dataclass
+class BenchInputs:
+    encoded: Encoded
+    pad_id: int
+
+    def batches(self, batch_size: int) -> list[Batch]:
+        n = len(self.encoded)
+        return [
+            collate(self.encoded, list(range(s, min(s + batch_size, n))), self.pad_id) for s in range(0, n, batch_size)
+        ]
+
+
+@torch.inference_mode()
+def full_forward(model: EarlyExitModel, batch: Batch) -> Tensor:
+    """The plain model: the encoder's own forward, then the final exit. Returns the predictions (B,)."""
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if "token_type_ids" in batch:
+        kwargs["token_type_ids"] = batch["token_type_ids"]
+    hidden = model.backbone.model(**kwargs).last_hidden_state  # (B, T, H)
+    return model.exits[-1](hidden, batch["attention_mask"]).argmax(-1)
+
+
+def _time_pass(fn: Callable[[Batch], Any], batches: Sequence[Batch]) -> list[float]:
+    """Seconds per batch for one pass over ``batches``."""
+    times = []
+    for batch in batches:
+        start = time.perf_counter()
+        fn(batch)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def bench(
+    model: EarlyExitModel,
+    strategy: Strategy,
+    inputs: BenchInputs,
+    *,
+    batch_sizes: Sequence[int] = (1, 8, 32),
+    repeats: int = 3,
+    warmup: int = 5,
+    threads: int = 2,
+    progress: bool = True,
+    extra_rows: dict[str, Callable[[Batch], Any]] | None = None,
+) -> dict[str, Any]:
+    """Measure every row at every batch size; passes alternate between rows to share the machine's drift."""
+    torch.set_num_threads(threads)
+    model.eval()
+    ee = lambda b: early_exit_forward(model, strategy, b["input_ids"], b["attention_mask"], b.get("token_type_ids"))  # noqa: E731
+    rows: dict[str, Callable[[Batch], Any]] = {"full": lambda b: full_forward(model, b), "early_exit": ee}
+    rows.update(extra_rows or {})
+    # exit layers come from one early-exit pass (they do not depend on the batch size)
+    exit_layers = torch.cat([ee(b).exit_layer for b in inputs.batches(32)])
+    layer_speedup = model.num_layers / float(exit_layers.float().mean())
+    results: dict[str, Any] = {
+        "strategy": str(strategy),
+        "num_layers": model.num_layers,
+        "samples": len(inputs.encoded),
+        "mean_tokens": round(statistics.mean(len(x) for x in inputs.encoded.input_ids), 1),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        "repeats": repeats,
+        "mean_exit_layer": round(float(exit_layers.float().mean()), 4),
+        "batch_sizes": {},
+    }
+    bar = tqdm(total=len(batch_sizes) * repeats * len(rows), desc="bench", disable=not progress, leave=False)
+    with torch.inference_mode():
+        for batch_size in batch_sizes:
+            batches = inputs.batches(batch_size)
+            for fn in rows.values():
+                for b in batches[:warmup]:
+                    fn(b)
+            per_row: dict[str, list[list[float]]] = {name: [] for name in rows}
+            for _ in range(repeats):
+                for name, fn in rows.items():
+                    per_row[name].append(_time_pass(fn, batches))
+                    bar.update(1)
+            entry: dict[str, Any] = {"layer_speedup": round(layer_speedup, 4)}
+            totals = {name: statistics.median(sum(p) for p in passes) for name, passes in per_row.items()}
+            for name, passes in per_row.items():
+                per_batch = [statistics.median(ts) for ts in zip(*passes, strict=True)]  # median over repeats
+                entry[name] = {
+                    "total_s": round(totals[name], 4),
+                    "median_ms": round(statistics.median(per_batch) * 1000, 3),
+                    "p90_ms": round(_percentile(per_batch, 0.9) * 1000, 3),
+                    "throughput_per_s": round(len(inputs.encoded) / totals[name], 1),
+                }
+            for name in rows:
+                if name != "full":
+                    entry[f"{name}_wallclock_speedup"] = round(totals["full"] / totals[name], 4)
+            entry["wallclock_speedup"] = entry["early_exit_wallclock_speedup"]
+            entry["wallclock_over_layer"] = round(entry["wallclock_speedup"] / layer_speedup, 4)
+            results["batch_sizes"][str(batch_size)] = entry
+    bar.close()
+    return results
+
+
+def format_bench(results: dict[str, Any]) -> str:
+    lines = [
+        f"strategy {results['strategy']}  ·  {results['samples']} inputs, {results['mean_tokens']} tokens on average"
+        f"  ·  {results['threads']} threads"
+        f"  ·  mean exit layer {results['mean_exit_layer']} of {results['num_layers']}",
+        "",
+        f"{'batch':>5}  {'row':<16} {'median ms':>10} {'p90 ms':>9} {'inputs/s':>9} {'wall-clock':>11} {'layers':>7} "
+        f"{'ratio':>6}",
+    ]
+    for batch_size, entry in results["batch_sizes"].items():
+        for name, row in entry.items():
+            if not isinstance(row, dict):
+                continue
+            speed = "1.00x" if name == "full" else f"{entry[f'{name}_wallclock_speedup']:.2f}x"
+            layers = "1.00x" if name.startswith("full") else f"{entry['layer_speedup']:.2f}x"
+            ratio = (
+                "" if name.startswith("full") else f"{entry[f'{name}_wallclock_speedup'] / entry['layer_speedup']:.2f}"
+            )
+            lines.append(
+                f"{batch_size:>5}  {name:<16} {row['median_ms']:>10.2f} {row['p90_ms']:>9.2f} "
+                f"{row['throughput_per_s']:>9.1f} {speed:>11} {layers:>7} {ratio:>6}"
+            )
+    lines.append("")
+    lines.append(
+        "median/p90: per batch; wall-clock: full model's total time / this row's; layers: L / mean exit layer;"
+    )
+    lines.append("ratio: wall-clock / layer speed-up (1.00 = the layer saving shows up fully on the clock)")
+    return "\n".join(lines)
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
