@@ -294,14 +294,17 @@ def for_speedup(
     """
     if labels is None:
         raise LayerExitError("calibrating for a target speed-up ranks settings by a metric, so it needs labels")
-    replay = _replay(probs, families)
-    _check_labels(labels, replay.num_samples)
     if metric not in metrics.METRICS:
         raise LayerExitError(f"unknown metric {metric!r}; known: {', '.join(metrics.METRICS)}")
-    if not (isinstance(target, int | float) and 1.0 <= target <= replay.num_layers):
+    if isinstance(probs, Tensor):
+        _check_probs(probs)
+    num_layers = probs.num_layers if isinstance(probs, GridReplay) else probs.shape[0]
+    if not (isinstance(target, int | float) and 1.0 <= target <= num_layers):
         raise LayerExitError(
-            f"target speed-up must be between 1 and the number of layers ({replay.num_layers}), got {target!r}"
+            f"target speed-up must be between 1 and the number of layers ({num_layers}), got {target!r}"
         )
+    replay = _replay(probs, families)
+    _check_labels(labels, replay.num_samples)
     speedups = replay.speedups().tolist()
     disagreement = replay.losses("disagreement").double().mean(1).tolist()
     reach = target * (1 - RELATIVE_TOLERANCE)
@@ -767,10 +770,12 @@ def _read(run_dir: str | Path) -> dict[str, Any] | None:
         if not isinstance(record.get(key), kind):
             raise LayerExitError(f"{damaged} (field {key!r} missing or not a {kind.__name__}){advice}")
     try:
-        strategies.parse(record["default"])
+        default = strategies.parse(record["default"])
         choices = [Choice.from_dict(c) for c in record["choices"]]
     except LayerExitError as err:
         raise LayerExitError(f"{damaged} ({err}){advice}") from None
+    if default.needs_labels:
+        raise LayerExitError(f"{damaged} (default strategy {default} needs labels at prediction time){advice}")
     if not choices:
         raise LayerExitError(f"{damaged} (no choices){advice}")
     return record
