@@ -113,6 +113,60 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from layerexit import calibrate
+    from layerexit.evaluate import split_probs
+
+    if (args.target_speedup is None) == (args.max_drop is None):
+        raise LayerExitError("give either --target-speedup or --max-drop (with --confidence)")
+    run = Path(args.run)
+    if not (run / "layerexit.json").is_file():
+        raise LayerExitError(f"{run} is not a layerexit run folder (layerexit.json missing)")
+    cache: dict = {}
+    calib = split_probs(run, args.calibration_split, progress=not args.quiet, cache=cache)
+    test = split_probs(run, args.test_split, progress=not args.quiet, cache=cache, required=False)
+    assert calib is not None
+    probs, labels = calib
+    if args.target_speedup is not None:
+        choices = calibrate.for_speedup(probs, labels, args.target_speedup, families=args.strategies)
+    else:
+        choices = calibrate.for_risk(
+            probs, labels, args.max_drop, args.confidence, families=args.strategies, loss=args.loss
+        )
+    checks = [calibrate.check_on_test(c, *test) for c in choices] if test is not None else []
+    default = calibrate.pick_default(choices)
+    path = calibrate.save_choice(
+        run,
+        choices,
+        default=default,
+        checks=checks,
+        split={"calibration": args.calibration_split, "test": args.test_split if test else None},
+    )
+    print(calibrate_table(choices, checks, args.calibration_split, args.test_split))
+    print(f"\ndefault strategy: {default.strategy} (used by `layerexit predict` and Predictor.from_run)")
+    print(f"wrote {path}")
+    return 0
+
+
+def calibrate_table(choices: Sequence, checks: Sequence, calib_split: str, test_split: str) -> str:
+    risk_mode = choices[0].mode == "risk"
+    what = choices[0].loss if risk_mode else (choices[0].metric or "metric")
+    head = f"{'strategy':<9} {'setting':<52} {calib_split + ' speed-up':>15} {calib_split + ' ' + what:>22}"
+    if checks:
+        head += f" {test_split + ' speed-up':>15} {test_split + ' ' + what:>22}"
+    lines = [head]
+    by_family = {c.family: c for c in checks}
+    for c in choices:
+        value = (c.risk if risk_mode else c.metric_value) or 0.0
+        line = f"{c.family:<9} {c.strategy!s:<52} {c.speedup:>14.2f}x {value:>22.4f}"
+        check = by_family.get(c.family)
+        if check is not None:
+            realised = (check.risk if risk_mode else check.metric_value) or 0.0
+            line += f" {check.speedup:>14.2f}x {realised:>22.4f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     from layerexit.data import builtin_tasks
 
@@ -181,6 +235,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--repeats", type=int, default=3, help="timed passes per row (medians are reported)")
     bench_cmd.add_argument("--threads", type=int, default=2, help="torch threads, pinned for the whole run")
     bench_cmd.add_argument("--output", default="", help="JSON file to write (default: RUN/bench.json)")
+
+    cal = command(
+        "calibrate",
+        cmd_calibrate,
+        "Choose each strategy's setting for a target speed-up, or for a bounded accuracy drop with a "
+        "stated confidence (Learn-then-Test); saves the choice in the run folder",
+    )
+    cal.add_argument("run", help="run folder written by `layerexit train`")
+    cal.add_argument("--target-speedup", type=float, default=None, help="speed-up to reach on the calibration split")
+    cal.add_argument("--max-drop", type=float, default=None, help="largest tolerated loss (e.g. 0.01 = 1 point)")
+    cal.add_argument("--confidence", type=float, default=0.9, help="probability that the bound holds")
+    cal.add_argument(
+        "--loss",
+        choices=["disagreement", "accuracy_drop"],
+        default="disagreement",
+        help="what --max-drop bounds: disagreement with the full model (no labels) or lost accuracy",
+    )
+    cal.add_argument("--strategies", type=_families, default=list(FAMILIES), help="strategy families to calibrate")
+    cal.add_argument("--calibration-split", default="dev", help="split the setting is chosen on")
+    cal.add_argument("--test-split", default="test", help="split the choice is checked on")
 
     command("tasks", cmd_tasks, "List the built-in tasks")
     return parser

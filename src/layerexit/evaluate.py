@@ -241,26 +241,20 @@ def evaluate_run(
     config = load_train_config(run / "config.json")
     out = run / EVAL_DIR
     out.mkdir(exist_ok=True)
-    model: EarlyExitModel | None = None
     probs: dict[str, Tensor] = {}
     labels: dict[str, Tensor] = {}
     seconds: dict[str, float] = {}
+    cache: dict[str, EarlyExitModel] = {}
     for split in splits:
-        stored = out / f"probs_{split}.safetensors"
-        if reuse and stored.is_file():
-            probs[split], labels[split] = load_probs(stored)
-            continue
-        if model is None:
-            model = EarlyExitModel.from_pretrained(run)
-        loaded = load_run_split(run, split, model, required=split != "test")
+        started = time.perf_counter()
+        loaded = split_probs(
+            run, split, batch_size=batch_size, progress=progress, reuse=reuse, required=split != "test", cache=cache
+        )
         if loaded is None:
             continue
-        encoded, pad_id = loaded
-        started = time.perf_counter()
-        probs[split] = collect_probs(model, encoded, batch_size, pad_id, progress=progress)
-        seconds[split] = round(time.perf_counter() - started, 2)
-        labels[split] = encoded.labels
-        save_probs(stored, probs[split], labels[split])
+        probs[split], labels[split] = loaded
+        if cache:
+            seconds[split] = round(time.perf_counter() - started, 2)
     if not probs:
         raise LayerExitError(f"nothing to evaluate in {run}: none of the splits {list(splits)} exist")
     info = json.loads((run / DATA_INFO).read_text(encoding="utf-8"))
@@ -294,6 +288,35 @@ def evaluate_run(
         + f" · {report_split} split",
     )
     return report
+
+
+def split_probs(
+    run: Path,
+    split: str,
+    *,
+    batch_size: int = 64,
+    progress: bool = False,
+    reuse: bool = True,
+    required: bool = True,
+    cache: dict[str, EarlyExitModel] | None = None,
+) -> tuple[Tensor, Tensor] | None:
+    """Per-layer probabilities (L, N, C) and labels of a run's split: stored in ``<run>/eval/`` after the
+    first forward pass and read back from there afterwards. ``cache`` keeps the loaded model between calls."""
+    stored = run / EVAL_DIR / f"probs_{split}.safetensors"
+    if reuse and stored.is_file():
+        return load_probs(stored)
+    cache = {} if cache is None else cache
+    if "model" not in cache:
+        cache["model"] = EarlyExitModel.from_pretrained(run)
+    model = cache["model"]
+    loaded = load_run_split(run, split, model, required=required)
+    if loaded is None:
+        return None
+    encoded, pad_id = loaded
+    probs = collect_probs(model, encoded, batch_size, pad_id, progress=progress)
+    stored.parent.mkdir(exist_ok=True)
+    save_probs(stored, probs, encoded.labels)
+    return probs, encoded.labels
 
 
 def load_run_split(
@@ -348,13 +371,13 @@ def format_report(report: dict[str, Any]) -> str:
     lo, hi = report["band"]
     lines.append("")
     lines.append(f"Best setting per strategy with speed-up in {lo:.1f}x-{hi:.1f}x, chosen on {sel}, reported on {rep}:")
-    lines.append(f"{'strategy':<10} {'setting':<44} {'speed-up':>9} {metric:>9}")
+    lines.append(f"{'strategy':<10} {'setting':<52} {'speed-up':>9} {metric:>9}")
     for family, entry in report["selected"].items():
         if entry is None:
-            lines.append(f"{family:<10} {'(no setting in the band)':<44}")
+            lines.append(f"{family:<10} {'(no setting in the band)':<52}")
             continue
         shown = entry.get(rep, entry[sel])
-        lines.append(f"{family:<10} {entry['setting']:<44} {shown['speedup']:>8.2f}x {shown[metric]:>9.4f}")
+        lines.append(f"{family:<10} {entry['setting']:<52} {shown['speedup']:>8.2f}x {shown[metric]:>9.4f}")
     full = report["splits"][rep]["full_model"][metric]
-    lines.append(f"{'full':<10} {'all layers':<44} {1.0:>8.2f}x {full:>9.4f}")
+    lines.append(f"{'full':<10} {'all layers':<52} {1.0:>8.2f}x {full:>9.4f}")
     return "\n".join(lines)

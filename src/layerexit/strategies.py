@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import ClassVar
 
 import torch
@@ -82,7 +82,13 @@ class Strategy(ABC):
         return asdict(self)
 
     def __str__(self) -> str:
-        args = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params().items())
+        """``name(param=value, ...)``, parameters left at their defaults omitted; :func:`parse` reads it back."""
+        defaults = {f.name: f.default for f in fields(self)}
+        args = ", ".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in self.params().items()
+            if defaults.get(k, MISSING) is MISSING or defaults[k] != v
+        )
         return f"{self.name}({args})"
 
 
