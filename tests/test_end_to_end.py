@@ -165,3 +165,54 @@ def test_existing_run_folder_is_not_overwritten(tmp_path: Path, capsys: pytest.C
     assert main(["train", "--output", str(run), "--quiet"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert (run / "precious.txt").read_text() == "keep me"
+
+
+def test_compare_trains_every_method_once_and_reuses_finished_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    encoder = make_encoder(tmp_path / "encoder")
+    task = make_task(tmp_path / "task", {"train": 96, "dev": 48, "test": 48})
+    out = tmp_path / "cmp"
+    args = [
+        "compare",
+        "--model",
+        str(encoder),
+        "--task",
+        str(task),
+        "--output",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--lr",
+        "3e-3",
+        "--head-lr",
+        "3e-3",
+        "--quiet",
+        "--methods",
+        "finetune,static:2,deebert,fastbert,pabee,righttool,ensemble",
+        "--seeds",
+        "0",
+        "1",
+    ]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    for name in ("DeeBERT", "FastBERT", "PABEE", "RightTool", "ours (ensemble loss)", "static:2"):
+        assert name in table
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["cells"]["static:2"]["static"]["speedup"] == 2.0
+    assert len(summary["cells"]["ensemble"]["voting"]["values"]) == 2  # two seeds
+    assert (out / "compare.png").stat().st_size > 10_000
+    assert json.loads((out / "righttool-seed0" / "layerexit.json").read_text())["temperatures"]
+
+    # a second call retrains nothing: the run folders are left as they are
+    stamp = (out / "ensemble-seed0" / "model.safetensors").stat().st_mtime_ns
+    (out / "pabee-seed1" / "train_summary.json").unlink()  # as if interrupted
+    assert main(args) == 0
+    assert (out / "ensemble-seed0" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (out / "pabee-seed1" / "train_summary.json").is_file()
+
+    assert main(["analyze", str(out / "ensemble-seed0")]) == 0
+    for figure in ("exit_distribution.png", "voting_values.png", "closest_exit_ensemble.png"):
+        assert (out / "ensemble-seed0" / "eval" / figure).is_file()

@@ -167,6 +167,30 @@ def calibrate_table(choices: Sequence, checks: Sequence, calib_split: str, test_
     return "\n".join(lines)
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from layerexit.compare import DEFAULT_METHODS, compare, format_table, parse_method
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(DEFAULT_METHODS)
+    for spec in methods:
+        parse_method(spec)
+    if not args.seeds:
+        raise LayerExitError("--seeds needs at least one seed")
+    base = from_namespace(TrainConfig, args)
+    output = Path(args.output or Path("runs") / f"compare-{base.slug()}")
+    summary = compare(base, methods, args.seeds, output, progress=not args.quiet)
+    print(format_table(summary))
+    print(f"\nwrote {output}/compare.md, compare.json, compare.csv, compare.png")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from layerexit.analysis import analyze_run
+
+    for path in analyze_run(Path(args.run), split=args.split):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     from layerexit.data import builtin_tasks
 
@@ -255,6 +279,31 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--strategies", type=_families, default=list(FAMILIES), help="strategy families to calibrate")
     cal.add_argument("--calibration-split", default="dev", help="split the setting is chosen on")
     cal.add_argument("--test-split", default="test", help="split the choice is checked on")
+
+    cmp = command(
+        "compare",
+        cmd_compare,
+        "Train several methods (same budget and seeds), evaluate every (method, strategy) pair, "
+        "and write one table and one plot; finished runs are reused",
+    )
+    add_arguments(cmp, TrainConfig, skip=("objective", "static_layers", "seed", "output"))
+    cmp.add_argument(
+        "--methods",
+        default="",
+        help="comma-separated: finetune, static:N, deebert, fastbert, pabee, righttool, relevancy, ensemble"
+        " (default: finetune,static:3,static:4,deebert,fastbert,pabee,righttool,ensemble)",
+    )
+    cmp.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; every method runs with each")
+    cmp.add_argument("--output", default="", help="folder of the comparison (default: runs/compare-<task>-...)")
+
+    analyze = command(
+        "analyze",
+        cmd_analyze,
+        "The paper's analysis figures for a run: exit-layer distribution per strategy (Fig. 8), "
+        "closest earlier exit during training (Fig. 6b), voting values V_l (Fig. 7)",
+    )
+    analyze.add_argument("run", help="an evaluated run folder")
+    analyze.add_argument("--split", default="test", help="split of the stored probabilities to analyse")
 
     command("tasks", cmd_tasks, "List the built-in tasks")
     return parser

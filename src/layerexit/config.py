@@ -34,7 +34,7 @@ class TrainConfig:
     task: str = option(
         "tweets-binary", "built-in task name (see `layerexit tasks`), a data file or folder, or glue:TASK:FOLDER"
     )
-    output: str = option("", "run folder to create (default: runs/<task>-<objective>-<model>-seed<seed>)")
+    output: str = option("", "run folder to create (default: runs/<task>-<model>-<objective>-seed<seed>)")
     objective: str = option("ensemble", "training method", choices=OBJECTIVES)
     lam: float = option(0.3, "diversity weight lambda of the ensemble objective (paper: 0.1-0.5)", flag="--lambda")
     weighting: Literal["uniform", "linear"] = option(
@@ -93,10 +93,14 @@ class TrainConfig:
             if choices and getattr(self, f.name) not in choices:
                 raise LayerExitError(f"--{f.name.replace('_', '-')} must be one of {list(choices)}")
 
-    def run_name(self) -> str:
+    def slug(self) -> str:
+        """``<task>-<model>``, for default folder names."""
         model = Path(self.model).name or self.model
         task = Path(self.task).name if os.sep in self.task else self.task.replace(":", "-")
-        return f"{task}-{self.objective}-{model}-seed{self.seed}"
+        return f"{task}-{model}"
+
+    def run_name(self) -> str:
+        return f"{self.slug()}-{self.objective}-seed{self.seed}"
 
 
 def _choices(f: dataclasses.Field[Any]) -> tuple[Any, ...] | None:

@@ -1,0 +1,295 @@
+"""The paper's comparison on the user's model and data: several training methods, same budget and
+seeds, every (method, strategy) pair evaluated, one table and one plot.
+
+Each method trains into ``<output>/<method>-seed<seed>/``; a run that finished training and
+evaluation is reused, so an interrupted comparison continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from layerexit.config import TrainConfig
+from layerexit.errors import LayerExitError
+from layerexit.evaluate import evaluate_run, pareto_front
+from layerexit.objectives import OBJECTIVES
+from layerexit.sweep import FAMILIES
+
+DEFAULT_METHODS = ("finetune", "static:3", "static:4", "deebert", "fastbert", "pabee", "righttool", "ensemble")
+NATIVE = {
+    "deebert": "entropy",
+    "fastbert": "entropy",
+    "righttool": "maxprob",
+    "pabee": "patience",
+    "relevancy": "patience",
+    "ensemble": "voting",
+}
+LABELS = {
+    "finetune": "full model (fine-tuned)",
+    "deebert": "DeeBERT",
+    "fastbert": "FastBERT",
+    "righttool": "RightTool",
+    "pabee": "PABEE",
+    "relevancy": "relevancy only",
+    "ensemble": "ours (ensemble loss)",
+}
+
+
+def parse_method(spec: str, num_layers: int | None = None) -> tuple[str, int]:
+    """``name`` or ``static:N`` -> (objective, static layers or 0)."""
+    name, _, layers = spec.partition(":")
+    if name not in OBJECTIVES:
+        raise LayerExitError(f"unknown method {spec!r}; known: {', '.join(OBJECTIVES)} (static as static:N)")
+    if name == "static":
+        if not layers.isdigit() or int(layers) < 1:
+            raise LayerExitError(f"method {spec!r}: write a static model as static:N with N >= 1 layers")
+        return name, int(layers)
+    if layers:
+        raise LayerExitError(f"method {spec!r}: only static takes a layer count")
+    return name, 0
+
+
+def run_is_complete(run: Path) -> bool:
+    return (run / "train_summary.json").is_file() and (run / "eval" / "report.json").is_file()
+
+
+def compare(
+    base: TrainConfig,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    output: Path,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train (or reuse) every (method, seed), evaluate, and write ``compare.{json,csv,md,png}``."""
+    from layerexit.train import train
+
+    parsed = [(spec, *parse_method(spec)) for spec in methods]
+    output.mkdir(parents=True, exist_ok=True)
+    runs: dict[tuple[str, int], Path] = {}
+    for spec, name, layers in parsed:
+        for seed in seeds:
+            run = output / f"{spec.replace(':', '')}-seed{seed}"
+            runs[(spec, seed)] = run
+            if run_is_complete(run):
+                _say(f"{run.name}: done, reusing", progress)
+                continue
+            if run.exists():
+                _say(f"{run.name}: incomplete (interrupted), training it again", progress)
+                shutil.rmtree(run)
+            config = replace(base, objective=name, static_layers=layers, seed=seed, output=str(run))
+            _say(f"{run.name}: training", progress)
+            train(config, progress=progress)
+            evaluate_run(run, progress=progress)
+    reports = {key: json.loads((run / "eval" / "report.json").read_text(encoding="utf-8")) for key, run in runs.items()}
+    summary = summarise(reports, [p[0] for p in parsed], list(seeds))
+    summary["config"] = asdict(base)
+    summary["runs"] = {f"{spec}/seed{seed}": str(run) for (spec, seed), run in runs.items()}
+    _write(output / "compare.json", json.dumps(summary, indent=2) + "\n")
+    _write(output / "compare.md", format_table(summary) + "\n")
+    write_csv(summary, output / "compare.csv")
+    plot_compare(reports, summary, output / "compare.png")
+    return summary
+
+
+def summarise(reports: dict[tuple[str, int], dict[str, Any]], methods: list[str], seeds: list[int]) -> dict[str, Any]:
+    """Per (method, strategy): the metric of the setting selected in the band on dev, reported on test,
+    as mean and standard deviation over seeds."""
+    first = next(iter(reports.values()))
+    metric, rep = first["metric"], first["report_split"]
+    num_layers = first["num_layers"]
+    cells: dict[str, dict[str, Any]] = {}
+    for spec in methods:
+        name, layers = parse_method(spec)
+        per_seed = [reports[(spec, seed)] for seed in seeds]
+        row: dict[str, Any] = {}
+        if name == "static":
+            values = [r["splits"][rep]["per_layer"][metric][layers - 1] for r in per_seed]
+            row["static"] = _cell(values, [num_layers / layers] * len(values), f"static(layer={layers})")
+        else:
+            full = [r["splits"][rep]["full_model"][metric] for r in per_seed]
+            row["full"] = _cell(full, [1.0] * len(full), "all layers")
+            if name != "finetune":
+                for family in FAMILIES:
+                    if family == "static":
+                        continue
+                    picked = [r["selected"].get(family) for r in per_seed]
+                    if any(p is None for p in picked):
+                        row[family] = None
+                        continue
+                    row[family] = _cell(
+                        [p[rep][metric] for p in picked],
+                        [p[rep]["speedup"] for p in picked],
+                        "; ".join(p["setting"] for p in picked),
+                    )
+            oracle = [r["splits"][rep]["oracle"] for r in per_seed]
+            row["oracle"] = _cell([o[metric] for o in oracle], [o["speedup"] for o in oracle], "oracle")
+        cells[spec] = row
+    return {
+        "metric": metric,
+        "report_split": rep,
+        "select_split": first["select_split"],
+        "band": first["band"],
+        "num_layers": num_layers,
+        "seeds": seeds,
+        "methods": methods,
+        "native_strategy": {m: NATIVE.get(parse_method(m)[0]) for m in methods},
+        "cells": cells,
+    }
+
+
+def _cell(values: list[float], speedups: list[float], settings: str) -> dict[str, Any]:
+    return {
+        "mean": round(statistics.mean(values), 5),
+        "std": round(statistics.stdev(values), 5) if len(values) > 1 else 0.0,
+        "values": values,
+        "speedup": round(statistics.mean(speedups), 3),
+        "settings": settings,
+    }
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """Markdown: one row per method, one column per strategy (metric on the report split, mean ± std)."""
+    metric, rep, sel = summary["metric"], summary["report_split"], summary["select_split"]
+    lo, hi = summary["band"]
+    columns = ["full", *[f for f in FAMILIES if f != "static"], "static", "oracle"]
+    lines = [
+        f"{metric} on {rep} ({len(summary['seeds'])} seed(s): {summary['seeds']}); each strategy's setting is the best "
+        f"on {sel} with speed-up in {lo:.1f}x-{hi:.1f}x; cells are mean ± std (mean speed-up); "
+        "**bold**: the method's own strategy.",
+        "",
+        "| method | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for spec in summary["methods"]:
+        row = summary["cells"][spec]
+        native = summary["native_strategy"].get(spec)
+        name = LABELS.get(spec, spec)
+        cells = []
+        for column in columns:
+            cell = row.get(column)
+            if cell is None:
+                cells.append("–" if column in row else "")
+                continue
+            text = f"{100 * cell['mean']:.2f}" + (f" ± {100 * cell['std']:.2f}" if cell["std"] else "")
+            text += f" ({cell['speedup']:.2f}x)"
+            cells.append(f"**{text}**" if column == native else text)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(summary: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "strategy", "mean", "std", "speedup", "n_seeds", "settings"])
+        for spec, row in summary["cells"].items():
+            for strategy, cell in row.items():
+                if cell is not None:
+                    writer.writerow(
+                        [
+                            spec,
+                            strategy,
+                            cell["mean"],
+                            cell["std"],
+                            cell["speedup"],
+                            len(cell["values"]),
+                            cell["settings"],
+                        ]
+                    )
+    os.replace(tmp, path)
+
+
+def plot_compare(reports: dict[tuple[str, int], dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
+    """Metric against speed-up on the report split: each method's own strategy (plus ours with
+    patience), static models as squares, the fine-tuned full model as a dashed line. First seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric, rep = summary["metric"], summary["report_split"]
+    seed = summary["seeds"][0]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    for i, spec in enumerate(summary["methods"]):
+        name = parse_method(spec)[0]
+        run = Path(summary_run(reports, spec, seed))
+        if name == "finetune":
+            full = summary["cells"][spec]["full"]["mean"]
+            ax.axhline(full, color="k", ls="--", lw=1, label=f"{LABELS['finetune']} {100 * full:.1f}")
+            continue
+        if name == "static":
+            cell = summary["cells"][spec]["static"]
+            ax.plot(
+                cell["speedup"],
+                cell["mean"],
+                "s",
+                color="0.35",
+                ms=5,
+                label="static (first n layers)" if "static (first n layers)" not in _labels(ax) else None,
+            )
+            continue
+        families = [NATIVE[name]] + (["patience"] if name == "ensemble" else [])
+        for family in families:
+            xy = _family_points(run, family, metric, rep)
+            if xy:
+                front = pareto_front(xy)
+                style = "-" if family == NATIVE[name] else ":"
+                ax.plot(
+                    *zip(*front, strict=True),
+                    style,
+                    color=f"C{i}",
+                    lw=1.6,
+                    marker=".",
+                    ms=3,
+                    label=f"{LABELS.get(name, name)} + {family}",
+                )
+    lo, hi = summary["band"]
+    ax.axvspan(lo, hi, color="0.93", zorder=0)
+    ax.set_xlabel("speed-up (L / mean exit layer)")
+    ax.set_ylabel(f"{metric} ({rep})")
+    ax.set_xlim(0.95, None)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def summary_run(reports: dict[tuple[str, int], dict[str, Any]], spec: str, seed: int) -> str:
+    return str(reports[(spec, seed)]["run"])
+
+
+def _labels(ax: Any) -> list[str]:
+    return [line.get_label() for line in ax.get_lines()]
+
+
+def _family_points(run: Path, family: str, metric: str, split: str) -> list[tuple[float, float]]:
+    points = []
+    with (run / "eval" / "points.csv").open(encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row["split"] == split and row["strategy"] == family:
+                points.append((float(row["speedup"]), float(row[metric])))
+    return points
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _say(message: str, progress: bool) -> None:
+    if progress:
+        print(message, file=sys.stderr)

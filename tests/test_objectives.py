@@ -1,0 +1,107 @@
+"""Each training method's stages: what is trained, what is frozen, what the loss is."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layerexit import losses, objectives
+from layerexit.config import TrainConfig
+from layerexit.model import EarlyExitModel
+from layerexit.train import _parameter_groups
+
+from .conftest import random_batch, tiny_model
+
+
+def _one_step(model: EarlyExitModel, stage: objectives.Stage) -> dict[str, bool]:
+    """Which parameters a single optimiser step of ``stage`` changes."""
+    config = TrainConfig(lr=1e-2, head_lr=1e-2, weight_decay=0.0)
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(_parameter_groups(model, stage, config))
+    ids, mask = random_batch(batch=8)
+    labels = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(0))
+    loss = stage.loss(model(ids, mask, depth=stage.depth).logits, labels)
+    loss.backward()
+    optimizer.step()
+    return {n: not torch.equal(before[n], p) for n, p in model.named_parameters()}
+
+
+def _changed(changed: dict[str, bool], prefix: str) -> bool:
+    return any(v for n, v in changed.items() if n.startswith(prefix))
+
+
+def test_method_stages() -> None:
+    assert [s.name for s in objectives.build("ensemble", 4)] == ["ensemble"]
+    assert [s.name for s in objectives.build("deebert", 4)] == ["finetune", "internal-exits"]
+    assert [s.name for s in objectives.build("fastbert", 4)] == ["finetune", "self-distillation"]
+    assert [(s.name, s.depth, s.exits) for s in objectives.build("static", 4, static_layers=2)] == [
+        ("static-2", 2, (2,))
+    ]
+    with pytest.raises(ValueError, match="unknown objective"):
+        objectives.build("magic", 4)
+    with pytest.raises(ValueError, match="static_layers"):
+        objectives.build("static", 4, static_layers=5)
+
+
+@pytest.mark.parametrize("name", ["ensemble", "relevancy", "pabee", "righttool"])
+def test_joint_methods_train_encoder_and_every_exit(name: str) -> None:
+    model = tiny_model(head="linear")
+    changed = _one_step(model, objectives.build(name, 4)[0])
+    assert _changed(changed, "backbone.")
+    for i in range(4):
+        assert _changed(changed, f"exits.{i}."), i
+
+
+def test_finetune_trains_only_the_final_exit() -> None:
+    model = tiny_model(head="linear")
+    changed = _one_step(model, objectives.build("finetune", 4)[0])
+    assert _changed(changed, "backbone.") and _changed(changed, "exits.3.")
+    assert not any(_changed(changed, f"exits.{i}.") for i in range(3))
+
+
+@pytest.mark.parametrize("name", ["deebert", "fastbert"])
+def test_second_stage_freezes_encoder_and_final_exit(name: str) -> None:
+    model = tiny_model(head="linear")
+    changed = _one_step(model, objectives.build(name, 4)[1])
+    assert not _changed(changed, "backbone.")
+    assert not _changed(changed, "exits.3.")
+    assert all(_changed(changed, f"exits.{i}.") for i in range(3))
+
+
+def test_static_trains_only_its_layers_and_exit() -> None:
+    model = tiny_model(head="linear")
+    changed = _one_step(model, objectives.build("static", 4, static_layers=2)[0])
+    assert _changed(changed, "backbone.model.encoder.layer.1.")
+    assert not _changed(changed, "backbone.model.encoder.layer.2.")
+    assert not _changed(changed, "backbone.model.encoder.layer.3.")
+    assert _changed(changed, "exits.1.")
+    assert not any(_changed(changed, f"exits.{i}.") for i in (0, 2, 3))
+
+
+def test_stage_losses_are_the_documented_formulas() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 8, 3, generator=g)
+    labels = torch.randint(0, 3, (8,), generator=g)
+    ensemble = objectives.build("ensemble", 4, lam=0.3, weighting="linear", drop_last_diversity=True)[0]
+    div_w = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    expected = losses.relevancy(logits, labels, losses.layer_weights(4, "linear")) - 0.3 * losses.diversity(
+        logits, div_w
+    )
+    assert ensemble.loss(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+    pabee = objectives.build("pabee", 4)[0]
+    assert pabee.loss(logits, labels).item() == pytest.approx(
+        losses.relevancy(logits, labels, torch.tensor([0.1, 0.2, 0.3, 0.4])).item(), rel=1e-6
+    )
+    finetune = objectives.build("finetune", 4)[0]
+    assert finetune.loss(logits, labels).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits[-1], labels).item(), rel=1e-6
+    )
+    deebert_exits = objectives.build("deebert", 4)[1]
+    assert deebert_exits.loss(logits, labels).item() == pytest.approx(
+        losses.relevancy(logits[:3], labels).item(), rel=1e-6
+    )
+    fastbert_distil = objectives.build("fastbert", 4)[1]
+    teacher = logits[-1].softmax(-1)
+    kl = sum((teacher * (teacher.log() - logits[i].log_softmax(-1))).sum(-1).mean() for i in range(3))
+    assert fastbert_distil.loss(logits, labels).item() == pytest.approx(float(kl), rel=1e-5)
