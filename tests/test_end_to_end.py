@@ -216,3 +216,113 @@ def test_compare_trains_every_method_once_and_reuses_finished_runs(
     assert main(["analyze", str(out / "ensemble-seed0")]) == 0
     for figure in ("exit_distribution.png", "voting_values.png", "closest_exit_ensemble.png"):
         assert (out / "ensemble-seed0" / "eval" / figure).is_file()
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("serve")
+    encoder = make_encoder(root / "encoder")
+    task = make_task(root / "task", {"train": 128, "dev": 96, "test": 96})
+    run = root / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(encoder),
+                "--task",
+                str(task),
+                "--output",
+                str(run),
+                "--epochs",
+                "2",
+                "--batch-size",
+                "16",
+                "--lr",
+                "3e-3",
+                "--head-lr",
+                "3e-3",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    return run
+
+
+def test_predict_from_arguments_file_and_stdin(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    capsys.readouterr()
+    assert (
+        main(["predict", str(trained_run), "alpha good beta", "bad gamma", "--strategy", "patience(patience=1)"]) == 0
+    )
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["text"] for line in lines] == ["alpha good beta", "bad gamma"]
+    for line in lines:
+        assert line["label"] in ("neg", "pos") and 1 <= line["exit_layer"] <= 4 and line["latency_ms"] > 0
+
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text('{"sentence": "good alpha"}\n{"sentence": ""}\n{"sentence": "bad"}\n')
+    assert main(["predict", str(trained_run), "--file", str(inputs), "--text-column", "sentence"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 2 and "skipped 1 rows" in captured.err
+    assert "selected on dev" in captured.err  # no strategy given: the one evaluate selected
+
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("good good\nbad bad\n"))
+    assert main(["predict", str(trained_run)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+
+    assert main(["predict", str(trained_run), "x", "--strategy", "oracle()"]) == 2
+    assert "needs labels" in capsys.readouterr().err
+
+
+def test_bench_writes_both_speedups(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    assert (
+        main(
+            [
+                "bench",
+                str(trained_run),
+                "--strategy",
+                "static(layer=2)",
+                "--samples",
+                "24",
+                "--batch-sizes",
+                "1",
+                "8",
+                "--repeats",
+                "1",
+                "--threads",
+                "1",
+                "--output",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    results = json.loads(out.read_text())
+    for size in ("1", "8"):
+        entry = results["batch_sizes"][size]
+        assert entry["layer_speedup"] == 2.0  # static(layer=2) of 4 layers
+        assert entry["wallclock_speedup"] > 0 and entry["full"]["median_ms"] > 0
+    assert "wall-clock" in capsys.readouterr().out
+
+
+def test_calibrate_both_modes_and_predict_uses_the_choice(
+    trained_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["calibrate", str(trained_run), "--target-speedup", "1.5", "--quiet"]) == 0
+    saved = json.loads((trained_run / "calibration.json").read_text())
+    assert saved["mode"] == "speedup"
+    assert main(["calibrate", str(trained_run), "--max-drop", "0.2", "--confidence", "0.8", "--quiet"]) == 0
+    saved = json.loads((trained_run / "calibration.json").read_text())
+    assert saved["mode"] == "risk"
+    capsys.readouterr()
+    assert main(["predict", str(trained_run), "good"]) == 0
+    assert "calibrated" in capsys.readouterr().err
+    assert main(["calibrate", str(trained_run), "--quiet"]) == 2
+    assert "either --target-speedup or --max-drop" in capsys.readouterr().err
