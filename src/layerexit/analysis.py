@@ -24,7 +24,7 @@ from layerexit.evaluate import EVAL_DIR, load_probs
 from layerexit.sweep import VOTING_KS
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,10 +33,11 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: Path) -> None:
+def save_figure(fig: Any, path: Path) -> None:
+    """Write a PNG atomically (temporary file, then rename) and free the figure."""
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     os.replace(tmp, path)
 
 
@@ -52,7 +53,7 @@ def voting_values(probs: Tensor, k: float) -> Tensor:
 
 
 def plot_exit_distribution(probs: Tensor, labels: Tensor, settings: dict[str, str], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     num_layers = probs.shape[0]
     fig, axes = plt.subplots(1, len(settings), figsize=(3.2 * len(settings), 3.0), dpi=110, sharey=True, squeeze=False)
     layers = torch.arange(1, num_layers + 1)
@@ -69,11 +70,11 @@ def plot_exit_distribution(probs: Tensor, labels: Tensor, settings: dict[str, st
     axes[0][0].set_ylabel("samples")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_closest_exit(counts: list[list[int]], path: Path, stage: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     matrix = torch.tensor(counts, dtype=torch.float)[1:]  # rows: exits 2..L
     shares = matrix / matrix.sum(1, keepdim=True).clamp_min(1)
     num_layers = matrix.shape[1]
@@ -86,11 +87,11 @@ def plot_closest_exit(counts: list[list[int]], path: Path, stage: str) -> None:
     ax.set_title(f"share of training steps ({stage})", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_voting_values(probs: Tensor, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     num_layers, num_samples = probs.shape[0], probs.shape[1]
     fig, axes = plt.subplots(1, len(VOTING_KS), figsize=(3.0 * len(VOTING_KS), 3.0), dpi=110, squeeze=False)
     for ax, k in zip(axes[0], VOTING_KS, strict=True):
@@ -107,7 +108,7 @@ def plot_voting_values(probs: Tensor, path: Path) -> None:
     axes[0][0].set_ylabel("V_l (dot size: share of samples)")
     fig.suptitle(f"voting values over {num_samples} samples", fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def analyze_run(run: Path, split: str = "test") -> list[Path]:

@@ -212,10 +212,9 @@ def write_csv(summary: dict[str, Any], path: Path) -> None:
 def plot_compare(reports: dict[tuple[str, int], dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
     """Metric against speed-up on the report split: each method's own strategy (plus ours with
     patience), static models as squares, the fine-tuned full model as a dashed line. First seed."""
-    import matplotlib
+    from layerexit.analysis import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     metric, rep = summary["metric"], summary["report_split"]
     seed = summary["seeds"][0]
@@ -261,10 +260,7 @@ def plot_compare(reports: dict[tuple[str, int], dict[str, Any]], summary: dict[s
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def summary_run(reports: dict[tuple[str, int], dict[str, Any]], spec: str, seed: int) -> str:

@@ -93,6 +93,20 @@ class TrainConfig:
             if choices and getattr(self, f.name) not in choices:
                 raise LayerExitError(f"--{f.name.replace('_', '-')} must be one of {list(choices)}")
 
+    def load_task(self) -> Any:
+        """The task this configuration trains on, with its column names and sample caps."""
+        from layerexit.data import load_task
+
+        return load_task(
+            self.task,
+            text_column=self.text_column,
+            text_pair_column=self.text_pair_column or None,
+            label_column=self.label_column,
+            max_train=self.max_train or None,
+            max_eval=self.max_eval or None,
+            seed=self.seed,
+        )
+
     def slug(self) -> str:
         """``<task>-<model>``, for default folder names."""
         model = Path(self.model).name or self.model

@@ -162,10 +162,9 @@ def write_exit_layers_csv(
 
 def plot_tradeoff(points: list[Point], report: dict[str, Any], split: str, path: Path, title: str) -> None:
     """Metric against speed-up: each family's Pareto front, the static models, the full model, the oracle."""
-    import matplotlib
+    from layerexit.analysis import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     metric = report["metric"]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
@@ -193,10 +192,7 @@ def plot_tradeoff(points: list[Point], report: dict[str, Any], split: str, path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def pareto_front(xy: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -324,20 +320,11 @@ def load_run_split(
 ) -> tuple[Encoded, int] | None:
     """A split of a run's task, tokenised as in training: (encoded, pad id). None if absent and not required."""
     from layerexit.config import load_train_config
-    from layerexit.data import load_task
     from layerexit.encoding import load_tokenizer
     from layerexit.train import encode_split
 
     config = load_train_config(run / "config.json")
-    task = load_task(
-        config.task,
-        text_column=config.text_column,
-        text_pair_column=config.text_pair_column or None,
-        label_column=config.label_column,
-        max_train=config.max_train or None,
-        max_eval=config.max_eval or None,
-        seed=config.seed,
-    )
+    task = config.load_task()
     examples = task.splits.get(split)
     if not examples:
         if not required:

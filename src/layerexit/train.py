@@ -63,7 +63,6 @@ def encode_split(tokenizer: Any, examples: list[Any], max_length: int, token_typ
 def train(config: TrainConfig, *, progress: bool = True) -> Path:
     """Train an early-exit model as ``config`` says; returns the run folder."""
     from layerexit.assets import resolve_encoder
-    from layerexit.data import load_task
 
     run_dir = Path(config.output or Path("runs") / config.run_name())
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -72,15 +71,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
         torch.set_num_threads(config.threads)
     seed_everything(config.seed)
 
-    task = load_task(
-        config.task,
-        text_column=config.text_column,
-        text_pair_column=config.text_pair_column or None,
-        label_column=config.label_column,
-        max_train=config.max_train or None,
-        max_eval=config.max_eval or None,
-        seed=config.seed,
-    )
+    task = config.load_task()
     for split in ("train", "dev"):
         if not task.splits.get(split):
             raise LayerExitError(f"task {task.name!r} has no {split} examples")
