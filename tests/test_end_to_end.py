@@ -326,3 +326,16 @@ def test_calibrate_both_modes_and_predict_uses_the_choice(
     assert "calibrated" in capsys.readouterr().err
     assert main(["calibrate", str(trained_run), "--quiet"]) == 2
     assert "either --target-speedup or --max-drop" in capsys.readouterr().err
+
+
+def test_predictor_keeps_input_order_across_batch_sizes(trained_run: Path) -> None:
+    from layerexit import Predictor
+
+    predictor = Predictor.from_run(trained_run, "entropy(threshold=0.5)")
+    rng = random.Random(1)
+    texts = [" ".join(rng.choices([*WORDS, "good", "bad"], k=rng.randint(1, 12))) for _ in range(40)]
+    one_by_one = predictor.predict(texts, batch_size=1)
+    batched = predictor.predict(texts, batch_size=8)
+    assert [(p.label, p.exit_layer) for p in one_by_one] == [(p.label, p.exit_layer) for p in batched]
+    for p, q in zip(one_by_one, batched, strict=True):
+        assert p.probability == pytest.approx(q.probability, abs=1e-4)

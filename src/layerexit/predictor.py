@@ -131,25 +131,25 @@ class Predictor:
             max_length=self.max_length,
             token_types=self.model.backbone.uses_token_type_ids,
         )
-        out: list[Prediction] = []
-        for start in range(0, len(encoded), batch_size):
-            rows = list(range(start, min(start + batch_size, len(encoded))))
+        # Batches of similar length waste less compute on padding; results go back in input order.
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded.input_ids[i]))
+        out: list[Prediction | None] = [None] * len(encoded)
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
             batch = collate(encoded, rows, self.pad_id)
             began = time.perf_counter()
             result = early_exit_forward(
                 self.model, self.strategy, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
             )
             ms = (time.perf_counter() - began) * 1000
-            for i in range(len(rows)):
+            for i, row in enumerate(rows):
                 label = int(result.prediction[i])
-                out.append(
-                    Prediction(
-                        label=self.label_names[label],
-                        label_id=label,
-                        probability=round(float(result.probs[i, label]), 6),
-                        exit_layer=int(result.exit_layer[i]),
-                        num_layers=self.model.num_layers,
-                        latency_ms=round(ms, 3),
-                    )
+                out[row] = Prediction(
+                    label=self.label_names[label],
+                    label_id=label,
+                    probability=round(float(result.probs[i, label]), 6),
+                    exit_layer=int(result.exit_layer[i]),
+                    num_layers=self.model.num_layers,
+                    latency_ms=round(ms, 3),
                 )
-        return out
+        return [p for p in out if p is not None]
