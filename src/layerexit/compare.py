@@ -131,8 +131,9 @@ def summarise(reports: dict[tuple[str, int], dict[str, Any]], methods: list[str]
                         [p[rep]["speedup"] for p in picked],
                         "; ".join(p["setting"] for p in picked),
                     )
-            oracle = [r["splits"][rep]["oracle"] for r in per_seed]
-            row["oracle"] = _cell([o[metric] for o in oracle], [o["speedup"] for o in oracle], "oracle")
+            if name != "finetune":  # its internal exits are untrained: an oracle over them means nothing
+                oracle = [r["splits"][rep]["oracle"] for r in per_seed]
+                row["oracle"] = _cell([o[metric] for o in oracle], [o["speedup"] for o in oracle], "oracle")
         cells[spec] = row
     return {
         "metric": metric,
