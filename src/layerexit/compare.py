@@ -220,7 +220,8 @@ def plot_compare(reports: dict[tuple[str, int], dict[str, Any]], summary: dict[s
     metric, rep = summary["metric"], summary["report_split"]
     seed = summary["seeds"][0]
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
-    for i, spec in enumerate(summary["methods"]):
+    colors = iter(["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9", "C0", "C1", "C2"])  # grey is for static
+    for spec in summary["methods"]:
         name = parse_method(spec)[0]
         run = Path(summary_run(reports, spec, seed))
         if name == "finetune":
@@ -239,6 +240,7 @@ def plot_compare(reports: dict[tuple[str, int], dict[str, Any]], summary: dict[s
             )
             continue
         families = [NATIVE[name]] + (["patience"] if name == "ensemble" else [])
+        color = next(colors)
         for family in families:
             xy = _family_points(run, family, metric, rep)
             if xy:
@@ -247,7 +249,7 @@ def plot_compare(reports: dict[tuple[str, int], dict[str, Any]], summary: dict[s
                 ax.plot(
                     *zip(*front, strict=True),
                     style,
-                    color=f"C{i}",
+                    color=color,
                     lw=1.6,
                     marker=".",
                     ms=3,
