@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from layerexit.atomic import fsync_path, replacing, write_json
 from layerexit.backbones import Backbone, wrap
 from layerexit.errors import LayerExitError
 
@@ -77,6 +79,15 @@ class ExitConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise LayerExitError(f"{source}: unknown keys {unknown}; expected some of {sorted(known)}")
+        kinds: dict[str, Any] = {"backbone": str, "num_labels": int, "num_layers": int, "format_version": int}
+        kinds.update(dropout=(int, float), head=str, pooling=str)
+        for key, kind in kinds.items():
+            if key in data and (not isinstance(data[key], kind) or isinstance(data[key], bool)):
+                raise LayerExitError(f"{source}: {key} has the wrong type ({data[key]!r})")
+        for key, kind in (("label_names", str), ("temperatures", (int, float))):
+            value = data.get(key, [])
+            if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+                raise LayerExitError(f"{source}: {key} must be a list of {'strings' if kind is str else 'numbers'}")
         try:
             return cls(**data)
         except TypeError as err:  # a required key is missing
@@ -205,15 +216,24 @@ class EarlyExitModel(nn.Module):
         Files are written under temporary names and renamed, so a crash leaves the old ones whole.
         """
         out = Path(directory)
-        (out / BACKBONE_DIR).mkdir(parents=True, exist_ok=True)
-        self.backbone.model.config.save_pretrained(out / BACKBONE_DIR)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out / BACKBONE_DIR)
+        out.mkdir(parents=True, exist_ok=True)
+        staging = out / (BACKBONE_DIR + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            staging.mkdir()
+            self.backbone.model.config.save_pretrained(staging)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+            (out / BACKBONE_DIR).mkdir(exist_ok=True)
+            for file in sorted(staging.iterdir()):
+                fsync_path(file)
+                os.replace(file, out / BACKBONE_DIR / file.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        tmp = out / (WEIGHTS_NAME + ".tmp")
-        save_file(state, str(tmp), metadata={"format": "pt", "layerexit_format": str(FORMAT_VERSION)})
-        os.replace(tmp, out / WEIGHTS_NAME)
-        _write_json_atomic(out / CONFIG_NAME, self.config.to_dict())
+        with replacing(out / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt", "layerexit_format": str(FORMAT_VERSION)})
+        write_json(out / CONFIG_NAME, self.config.to_dict())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike[str]) -> EarlyExitModel:
@@ -229,14 +249,18 @@ class EarlyExitModel(nn.Module):
             if not needed.is_file():
                 raise LayerExitError(f"{folder} is not a saved layerexit model: {needed.name} is missing")
         config = ExitConfig.from_dict(_read_json(config_path), source=str(config_path))
-        backbone_config = AutoConfig.from_pretrained(folder / BACKBONE_DIR)
-        encoder = _drop_pooler(AutoModel.from_config(backbone_config))
+        backbone_path = folder / BACKBONE_DIR / "config.json"
+        _read_json(backbone_path)  # a truncated or damaged file gets a plain message
+        try:
+            encoder = _drop_pooler(AutoModel.from_config(AutoConfig.from_pretrained(folder / BACKBONE_DIR)))
+        except Exception as err:  # transformers raises many types for a config it cannot use
+            raise LayerExitError(f"{backbone_path}: cannot build the encoder ({type(err).__name__}: {err})") from None
         model = cls(wrap(encoder), config)
         try:
             state = load_file(str(weights_path))
         except Exception as err:  # safetensors raises its own error types for truncated files
             raise LayerExitError(f"{weights_path}: not a readable safetensors file ({err})") from None
-        _check_state(model, state, weights_path)
+        check_state(model, state, weights_path)
         model.load_state_dict(state)
         return model.eval()
 
@@ -248,8 +272,17 @@ def _drop_pooler(encoder: Any) -> Any:
     return encoder
 
 
-def _check_state(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+def check_state(model: EarlyExitModel, state: dict[str, Tensor], path: Path) -> None:
+    """Refuse weights that are not exactly this model's: other exits, labels, names, shapes or kinds."""
     expected = model.state_dict()
+    exits = {k.split(".")[1] for k in state if k.startswith("exits.")}
+    if exits and len(exits) != model.num_layers:
+        raise LayerExitError(f"{path}: the weights have {len(exits)} exits, the model has {model.num_layers}")
+    final = state.get(f"exits.{model.num_layers - 1}.classifier.weight")
+    if final is not None and final.dim() == 2 and final.shape[0] != model.num_labels:
+        raise LayerExitError(
+            f"{path}: the weights are for {final.shape[0]} labels, the configuration says {model.num_labels}"
+        )
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -263,6 +296,8 @@ def _check_state(model: nn.Module, state: dict[str, Tensor], path: Path) -> None
             raise LayerExitError(
                 f"{path}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key].shape)}"
             )
+        if tensor.is_floating_point() != expected[key].is_floating_point():
+            raise LayerExitError(f"{path}: {key} is {tensor.dtype}, the model expects {expected[key].dtype}")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -273,9 +308,3 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise LayerExitError(f"{path}: expected a JSON object")
     return data
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
