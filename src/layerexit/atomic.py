@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -60,6 +61,20 @@ def replacing(path: Path) -> Iterator[Path]:
         if isinstance(err, OSError):
             raise _named(err, path) from err
         raise
+
+
+def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, with its I/O failures raised as the ``OSError`` they are."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as err:  # SafetensorError("... I/O error: No space left on device (os error 28) ...")
+        match = re.search(r"os error (\d+)", str(err))
+        if match is None:
+            raise
+        code = int(match.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from err
 
 
 def write_text(path: Path, text: str) -> None:

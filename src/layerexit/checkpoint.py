@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
-from layerexit.atomic import fsync_path
+from layerexit.atomic import fsync_path, save_safetensors
 from layerexit.config import TrainConfig, load_train_config
 from layerexit.errors import LayerExitError
 
@@ -182,7 +182,7 @@ def save(
         tensors, rest = split_optimizer_state(optimizer.state_dict())
         for name, data in (("model", weights), ("optimizer", tensors), ("rng", rng)):
             file = tmp / f"{name}.safetensors"
-            save_file(data, str(file), metadata={"layerexit_checkpoint": str(FORMAT_VERSION)})
+            save_safetensors(data, file, metadata={"layerexit_checkpoint": str(FORMAT_VERSION)})
             fsync_path(file)
         content = {"format": FORMAT_VERSION, "position": asdict(position), **state, "optimizer": rest}
         (tmp / STATE).write_text(json.dumps(content, indent=1) + "\n", encoding="utf-8")

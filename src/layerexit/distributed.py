@@ -201,8 +201,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(num_processes: int, argv: Sequence[str], *, threads: int = 0) -> int:
-    """Run ``python -m layerexit.cli ARGV`` as ``num_processes`` cooperating processes on this machine.
+def launch(num_processes: int, argv: Sequence[str], *, threads: int = 0, command: Sequence[str] = ()) -> int:
+    """Run ``python -m layerexit.cli ARGV`` (or ``command``) as ``num_processes`` cooperating processes here.
 
     The same environment torchrun and ``accelerate launch`` set up (RANK, WORLD_SIZE, MASTER_ADDR, ...),
     so Accelerate in each process joins one process group (gloo on CPU, NCCL on GPUs). Process 0
@@ -233,9 +233,8 @@ def launch(num_processes: int, argv: Sequence[str], *, threads: int = 0) -> int:
             else:
                 out = subprocess.DEVNULL
                 err = (logs / f"process{rank}.log").open("wb")
-            procs.append(
-                subprocess.Popen([sys.executable, "-m", "layerexit.cli", *argv], env=env, stdout=out, stderr=err)
-            )
+            program = list(command) or [sys.executable, "-m", "layerexit.cli", *argv]
+            procs.append(subprocess.Popen(program, env=env, stdout=out, stderr=err))
         return _wait(procs, logs)
     except BaseException:
         _stop(procs)
@@ -257,14 +256,19 @@ def _wait(procs: list[subprocess.Popen[bytes]], logs: Path) -> int:
         if failed:
             _stop(procs)
             if codes[0] not in (None, 0):
-                return int(codes[0])  # process 0 has printed its own error
+                return _status(codes[0])  # process 0 has printed its own error
             rank, code = failed[0]
             lines = (logs / f"process{rank}.log").read_text(errors="replace").strip().splitlines()
             print(f"error: process {rank} failed (exit {code}): {lines[-1] if lines else 'no output'}", file=sys.stderr)
-            return int(code) if code and code > 0 else 1
+            return _status(code)
         if all(code == 0 for code in codes):
             return 0
         time.sleep(0.1)
+
+
+def _status(code: int | None) -> int:
+    """An exit status for the shell: a process killed by signal N counts as 128 + N."""
+    return 1 if code is None else code if code > 0 else 128 - code
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:

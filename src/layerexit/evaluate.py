@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from layerexit import metrics
-from layerexit.atomic import replacing, write_json
+from layerexit.atomic import replacing, save_safetensors, write_json
 from layerexit.encoding import Encoded, batches
 from layerexit.errors import LayerExitError
 from layerexit.model import EarlyExitModel
@@ -204,7 +204,7 @@ def pareto_front(xy: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 def save_probs(path: Path, probs: Tensor, labels: Tensor) -> None:
     with replacing(path) as tmp:
-        save_file({"probs": probs.contiguous(), "labels": labels.contiguous()}, str(tmp))
+        save_safetensors({"probs": probs.contiguous(), "labels": labels.contiguous()}, tmp)
 
 
 def load_probs(path: Path) -> tuple[Tensor, Tensor]:

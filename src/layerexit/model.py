@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from layerexit.atomic import fsync_path, replacing, write_json
+from layerexit.atomic import fsync_path, replacing, save_safetensors, write_json
 from layerexit.backbones import Backbone, wrap
 from layerexit.errors import LayerExitError
 
@@ -180,7 +180,7 @@ class EarlyExitModel(nn.Module):
 
         path = resolve_encoder(name_or_path)
         try:
-            encoder = _drop_pooler(AutoModel.from_pretrained(path))
+            encoder = _drop_pooler(AutoModel.from_pretrained(path, use_safetensors=True))  # never a pickle
         except OSError as err:
             raise LayerExitError(f"cannot load encoder {name_or_path!r}: {err}") from None
         if seed is not None:
@@ -232,7 +232,7 @@ class EarlyExitModel(nn.Module):
             shutil.rmtree(staging, ignore_errors=True)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         with replacing(out / WEIGHTS_NAME) as tmp:
-            save_file(state, str(tmp), metadata={"format": "pt", "layerexit_format": str(FORMAT_VERSION)})
+            save_safetensors(state, tmp, metadata={"format": "pt", "layerexit_format": str(FORMAT_VERSION)})
         write_json(out / CONFIG_NAME, self.config.to_dict())
 
     @classmethod

@@ -209,8 +209,11 @@ class _Run:
 
     def write_log(self, record: dict[str, Any]) -> None:
         if self.log is not None:
-            self.log.write((json.dumps(record) + "\n").encode("utf-8"))
-            self.log.flush()
+            try:
+                self.log.write((json.dumps(record) + "\n").encode("utf-8"))
+                self.log.flush()
+            except OSError as err:
+                raise OSError(err.errno, err.strerror, str(self.run_dir / TRAIN_LOG)) from err
 
 
 def _open_log(path: Path, offset: int) -> BinaryIO:
