@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -102,15 +104,16 @@ def train(config: TrainConfig, *, progress: bool = True, resume: bool = False) -
 
     encoder_path = resolve_encoder(config.model)
     tokenizer = load_tokenizer(encoder_path)
-    model = EarlyExitModel.from_backbone(
-        config.model,
-        task.num_labels,
-        seed=config.seed,
-        head=config.head,
-        pooling=resolve_pooling(config, encoder_path),
-        label_names=list(task.label_names),
-        dropout=config.exit_dropout,
-    )
+    with _transformers_progress(progress):
+        model = EarlyExitModel.from_backbone(
+            config.model,
+            task.num_labels,
+            seed=config.seed,
+            head=config.head,
+            pooling=resolve_pooling(config, encoder_path),
+            label_names=list(task.label_names),
+            dropout=config.exit_dropout,
+        )
     positions = getattr(model.backbone.model.config, "max_position_embeddings", None)
     if isinstance(positions, int) and config.max_length > positions:
         raise LayerExitError(f"--max-length {config.max_length} exceeds the encoder's {positions} positions")
@@ -136,8 +139,7 @@ def train(config: TrainConfig, *, progress: bool = True, resume: bool = False) -
     if start is not None and not 0 <= start.position.stage < len(stages):
         raise LayerExitError(f"{start.path}: stage {start.position.stage} does not exist in {config.objective!r}")
 
-    log = None
-    if runtime.is_main:
+    if runtime.is_main and start is None:  # a resumed run's files stay as they are until it is under way
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.json")
         info = {
@@ -148,7 +150,6 @@ def train(config: TrainConfig, *, progress: bool = True, resume: bool = False) -
             "info": task.info,
         }
         write_text(run_dir / DATA_INFO, json.dumps(info, indent=2, default=str) + "\n")
-        log = _open_log(run_dir / TRAIN_LOG, start.state["log_offset"] if start else 0)
     run = _Run(
         config=config,
         runtime=runtime,
@@ -157,7 +158,7 @@ def train(config: TrainConfig, *, progress: bool = True, resume: bool = False) -
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         metric=task.metric,
         progress=progress,
-        log=log,
+        log_offset=int(start.state["log_offset"]) if start else 0,
         results=list(start.state["results"]) if start else [],
         seconds=float(start.state["seconds"]) if start else 0.0,
     )
@@ -168,10 +169,10 @@ def train(config: TrainConfig, *, progress: bool = True, resume: bool = False) -
             here = start if start is not None and index == start.position.stage else None
             run.results.append(fit_stage(model, stage, index, encoded["train"], encoded["dev"], run, resume=here))
             runtime.barrier()
-            model = EarlyExitModel.from_pretrained(run_dir)  # continue from the stage's best checkpoint
+            with _transformers_progress(progress):
+                model = EarlyExitModel.from_pretrained(run_dir)  # continue from the stage's best checkpoint
     finally:
-        if log is not None:
-            log.close()
+        run.close_log()
     if not runtime.is_main:
         return run_dir
     summary: dict[str, Any] = {"stages": run.results}
@@ -185,6 +186,21 @@ def train(config: TrainConfig, *, progress: bool = True, resume: bool = False) -
     return run_dir
 
 
+@contextlib.contextmanager
+def _transformers_progress(show: bool) -> Iterator[None]:
+    """Transformers' own progress bars (loading weights) follow ``--quiet`` too."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not show:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not show:
+            hf_logging.enable_progress_bar()
+
+
 @dataclass
 class _Run:
     """What the stages of one run share."""
@@ -196,22 +212,35 @@ class _Run:
     pad_id: int
     metric: str
     progress: bool
-    log: BinaryIO | None
-    """``train_log.jsonl``, open on process 0 only."""
+    log_offset: int
+    """Where ``train_log.jsonl`` is cut back to when it is first opened (a resumed run's checkpoint)."""
     results: list[dict[str, Any]]
     """Finished stages."""
     seconds: float
     """Training time before this process took over (a resumed run)."""
     started: float = field(default_factory=time.perf_counter)
+    _log: BinaryIO | None = None
+
+    def log_file(self) -> BinaryIO:
+        """``train_log.jsonl`` (process 0), opened on first use: after a resumed checkpoint proved sound."""
+        if self._log is None:
+            self._log = _open_log(self.run_dir / TRAIN_LOG, self.log_offset)
+        return self._log
+
+    def close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def elapsed(self) -> float:
         return self.seconds + time.perf_counter() - self.started
 
     def write_log(self, record: dict[str, Any]) -> None:
-        if self.log is not None:
+        if self.runtime.is_main:
             try:
-                self.log.write((json.dumps(record) + "\n").encode("utf-8"))
-                self.log.flush()
+                log = self.log_file()
+                log.write((json.dumps(record) + "\n").encode("utf-8"))
+                log.flush()
             except OSError as err:
                 raise OSError(err.errno, err.strerror, str(self.run_dir / TRAIN_LOG)) from err
 
@@ -479,8 +508,8 @@ def _save_checkpoint(
         for rank, value in enumerate(runtime.all_gather(tensor)):
             rng[f"{name}.rank{rank}"] = value
     if runtime.is_main:
-        assert run.log is not None
-        run.log.flush()
+        log = run.log_file()
+        log.flush()
         state = {
             "config": asdict(run.config),
             "world_size": runtime.world,
@@ -488,7 +517,7 @@ def _save_checkpoint(
             "best": checkpoint.best_to_json(best),
             "closest": closest.tolist(),
             "results": run.results,
-            "log_offset": run.log.tell(),
+            "log_offset": log.tell(),
             "seconds": run.elapsed(),
             "scheduler": scheduler.state_dict(),
             "scaler": runtime.scaler.state_dict() if runtime.scaler is not None else None,
