@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from layerexit.cli import main
 
 from .test_end_to_end import make_encoder, make_task
 
@@ -18,6 +21,26 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(encoder folder, task folder). 145 training rows: batches of 8 leave a last batch of one row."""
     root = tmp_path_factory.mktemp("assets")
     return make_encoder(root / "encoder"), make_task(root / "task", {"train": 145, "dev": 48, "test": 48})
+
+
+@pytest.fixture(scope="session")
+def reference(assets: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """An uninterrupted run, and how many times it flushed a file to disk (the crash points below)."""
+    run = tmp_path_factory.mktemp("reference") / "run"  # checkpoints every 2 steps
+    calls = 0
+    real = os.fsync
+
+    def counting(fd: int) -> None:
+        nonlocal calls
+        calls += 1
+        real(fd)
+
+    os.fsync = counting
+    try:
+        assert main(train_args(assets, run, "--checkpoint-every", "2")) == 0
+    finally:
+        os.fsync = real
+    return run, calls
 
 
 def train_args(assets: tuple[Path, Path], output: Path, *extra: str) -> list[str]:

@@ -18,35 +18,15 @@ from safetensors.torch import load_file, save_file
 
 from layerexit.cli import main
 
-from .runs import assert_same_run, assets, summary, train_args
+from .runs import assert_same_run, assets, reference, summary, train_args
 
-__all__ = ["assets"]
+__all__ = ["assets", "reference"]
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 class Crash(BaseException):
     """Stands for a kill: nothing in layerexit catches it."""
-
-
-@pytest.fixture(scope="module")
-def reference(assets: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
-    """An uninterrupted run, and how many times it flushed a file to disk (the crash points below)."""
-    run = tmp_path_factory.mktemp("reference") / "run"
-    calls = 0
-    real = os.fsync
-
-    def counting(fd: int) -> None:
-        nonlocal calls
-        calls += 1
-        real(fd)
-
-    os.fsync = counting
-    try:
-        assert main(train_args(assets, run, "--checkpoint-every", "2")) == 0
-    finally:
-        os.fsync = real
-    return run, calls
 
 
 def crash_at(monkeypatch: pytest.MonkeyPatch, n: int) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -252,10 +252,33 @@ class EarlyExitModel(nn.Module):
         backbone_path = folder / BACKBONE_DIR / "config.json"
         _read_json(backbone_path)  # a truncated or damaged file gets a plain message
         try:
-            encoder = _drop_pooler(AutoModel.from_config(AutoConfig.from_pretrained(folder / BACKBONE_DIR)))
+            backbone_config = AutoConfig.from_pretrained(folder / BACKBONE_DIR)
         except Exception as err:  # transformers raises many types for a config it cannot use
-            raise LayerExitError(f"{backbone_path}: cannot build the encoder ({type(err).__name__}: {err})") from None
-        model = cls(wrap(encoder), config)
+            raise LayerExitError(
+                f"{backbone_path}: not an encoder configuration ({type(err).__name__}: {err})"
+            ) from None
+        # Counts and shapes first, from the file's header and a model without memory: a damaged
+        # configuration (a billion labels, a hundred thousand layers) is refused before it costs anything.
+        header = _header(weights_path)
+        layers = getattr(backbone_config, "num_hidden_layers", None)
+        if isinstance(layers, int) and config.num_layers not in (0, layers):
+            raise LayerExitError(f"config has {config.num_layers} exits but the backbone has {layers} layers")
+        if isinstance(layers, int):
+            _check_counts(header, layers, config.num_labels, weights_path)
+
+        def build(device: str) -> EarlyExitModel:
+            with torch.device(device):
+                try:
+                    encoder = _drop_pooler(AutoModel.from_config(backbone_config))
+                    return cls(wrap(encoder), replace(config, temperatures=list(config.temperatures)))
+                except LayerExitError:
+                    raise
+                except Exception as err:  # transformers and torch raise many types for sizes they cannot use
+                    why = f"{type(err).__name__}: {err}"
+                    raise LayerExitError(f"{backbone_path}: cannot build the encoder ({why})") from None
+
+        check_state(build("meta"), header, weights_path)
+        model = build("cpu")
         try:
             state = load_file(str(weights_path))
         except Exception as err:  # safetensors raises its own error types for truncated files
@@ -263,6 +286,35 @@ class EarlyExitModel(nn.Module):
         check_state(model, state, weights_path)
         model.load_state_dict(state)
         return model.eval()
+
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _header(path: Path) -> dict[str, Tensor]:
+    """The tensors a safetensors file declares, as empty (meta) tensors: names, shapes, dtypes; no data read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            declared = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise LayerExitError(f"{path}: not a readable safetensors file ({err})") from None
+    unknown = sorted({dtype for _, dtype in declared.values()} - set(_DTYPES))
+    if unknown:
+        raise LayerExitError(f"{path}: unsupported tensor types {unknown}")
+    return {k: torch.empty(shape, dtype=_DTYPES[dtype], device="meta") for k, (shape, dtype) in declared.items()}
 
 
 def _drop_pooler(encoder: Any) -> Any:
@@ -274,15 +326,8 @@ def _drop_pooler(encoder: Any) -> Any:
 
 def check_state(model: EarlyExitModel, state: dict[str, Tensor], path: Path) -> None:
     """Refuse weights that are not exactly this model's: other exits, labels, names, shapes or kinds."""
+    _check_counts(state, model.num_layers, model.num_labels, path)
     expected = model.state_dict()
-    exits = {k.split(".")[1] for k in state if k.startswith("exits.")}
-    if exits and len(exits) != model.num_layers:
-        raise LayerExitError(f"{path}: the weights have {len(exits)} exits, the model has {model.num_layers}")
-    final = state.get(f"exits.{model.num_layers - 1}.classifier.weight")
-    if final is not None and final.dim() == 2 and final.shape[0] != model.num_labels:
-        raise LayerExitError(
-            f"{path}: the weights are for {final.shape[0]} labels, the configuration says {model.num_labels}"
-        )
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -298,6 +343,18 @@ def check_state(model: EarlyExitModel, state: dict[str, Tensor], path: Path) -> 
             )
         if tensor.is_floating_point() != expected[key].is_floating_point():
             raise LayerExitError(f"{path}: {key} is {tensor.dtype}, the model expects {expected[key].dtype}")
+
+
+def _check_counts(state: dict[str, Tensor], num_layers: int, num_labels: int, path: Path) -> None:
+    """The number of exits and of labels the weights are for."""
+    exits = {k.split(".")[1] for k in state if k.startswith("exits.")}
+    if exits and len(exits) != num_layers:
+        raise LayerExitError(f"{path}: the weights have {len(exits)} exits, the model has {num_layers}")
+    final = state.get(f"exits.{num_layers - 1}.classifier.weight")
+    if final is not None and final.dim() == 2 and final.shape[0] != num_labels:
+        raise LayerExitError(
+            f"{path}: the weights are for {final.shape[0]} labels, the configuration says {num_labels}"
+        )
 
 
 def _read_json(path: Path) -> dict[str, Any]:
