@@ -88,8 +88,7 @@ def train(config: TrainConfig, *, progress: bool = True, resume: bool = False) -
             return run_dir
         start = found if isinstance(found, checkpoint.Checkpoint) else None
         if progress:
-            where = f"stage {start.position.stage + 1}, epoch {start.position.epoch}" if start else "the beginning"
-            tqdm.write(f"resuming {run_dir} from {where}")
+            tqdm.write(f"resuming {run_dir} from {_where(start.position, config) if start else 'the beginning'}")
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise LayerExitError(f"{run_dir} already exists and is not empty; choose another --output or remove it")
     runtime.barrier()  # every process has looked at the folder before process 0 writes to it
@@ -184,6 +183,13 @@ def train(config: TrainConfig, *, progress: bool = True, resume: bool = False) -
     write_text(run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
     checkpoint.remove(run_dir)
     return run_dir
+
+
+def _where(position: checkpoint.Position, config: TrainConfig) -> str:
+    stage = f"stage {position.stage + 1}"
+    if position.epoch > config.epochs:
+        return f"the end of {stage}"
+    return f"{stage}, epoch {position.epoch}, after {position.step} optimizer steps"
 
 
 @contextlib.contextmanager
