@@ -146,7 +146,7 @@ def test_a_damaged_or_mismatched_model_is_refused(saved: Path, damage: Callable[
         ('{"lam": 0.3, "epo', "cannot read the run configuration"),
         ("[]", "expected a JSON object"),
         ('{"lambda": 0.3}', "unknown keys ['lambda']"),
-        ('{"lam": "0.3"}', "--lam must be int or float"),
+        ('{"lam": "0.3"}', "--lambda must be int or float"),
         ('{"epochs": 1.5}', "--epochs must be int"),
         ('{"lam": -1}', "--lambda must be >= 0"),
         ('{"mixed_precision": "fp8"}', "--mixed-precision must be one of"),

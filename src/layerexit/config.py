@@ -153,7 +153,8 @@ def _check_types(config: Any) -> None:
             continue
         if not isinstance(value, expected) or (isinstance(value, bool) and hint is not bool):
             names = " or ".join(t.__name__ for t in expected)
-            raise LayerExitError(f"--{f.name.replace('_', '-')} must be {names}, got {value!r}")
+            flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+            raise LayerExitError(f"{flag} must be {names}, got {value!r}")
 
 
 def _choices(f: dataclasses.Field[Any]) -> tuple[Any, ...] | None:

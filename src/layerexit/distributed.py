@@ -168,16 +168,6 @@ class Runtime:
         dist.all_gather(parts, local)
         return [p.cpu() for p in parts]
 
-    def any(self, flag: bool) -> bool:
-        """True on every process if it is True on any."""
-        if not self.distributed:
-            return flag
-        import torch.distributed as dist
-
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t)
-        return bool(t.item() > 0)
-
     def barrier(self) -> None:
         if self.distributed:
             self.accelerator.wait_for_everyone()
