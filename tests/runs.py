@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,15 @@ from safetensors.torch import load_file
 from layerexit.cli import main
 
 from .test_end_to_end import make_encoder, make_task
+
+
+@pytest.fixture(scope="session", autouse=True)
+def on_cpu() -> Iterator[None]:
+    """The comparisons are bit for bit: these runs stay on the CPU (also on a machine with a GPU, whose
+    embedding backward adds atomically, in no fixed order). Subprocesses inherit it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ACCELERATE_USE_CPU", "true")
+        yield
 
 
 @pytest.fixture(scope="session")

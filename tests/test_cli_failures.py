@@ -13,9 +13,9 @@ from layerexit import atomic
 from layerexit.cli import main
 from layerexit.model import EarlyExitModel
 
-from .runs import assert_same_run, assets, reference, train_args
+from .runs import assert_same_run, assets, on_cpu, reference, train_args
 
-__all__ = ["assets", "reference"]
+__all__ = ["assets", "on_cpu", "reference"]
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import torch
 from layerexit.cli import main
 from layerexit.distributed import Runtime, launch
 
-from .runs import assets, summary, train_args, weights
+from .runs import assets, on_cpu, summary, train_args, weights
 
-__all__ = ["assets"]
+__all__ = ["assets", "on_cpu"]
 
 TOLERANCE = 1e-6
 """Largest weight difference allowed between 2 processes and 1 (measured: 2e-7; floating-point summation order).

@@ -18,9 +18,9 @@ from safetensors.torch import load_file, save_file
 
 from layerexit.cli import main
 
-from .runs import assert_same_run, assets, reference, summary, train_args
+from .runs import assert_same_run, assets, on_cpu, reference, summary, train_args
 
-__all__ = ["assets", "reference"]
+__all__ = ["assets", "on_cpu", "reference"]
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

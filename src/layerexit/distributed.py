@@ -201,6 +201,13 @@ def launch(num_processes: int, argv: Sequence[str], *, threads: int = 0, command
     """
     if world_size_from_env() > 1:
         raise LayerExitError("--num-processes cannot be used inside an already distributed launch")
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() and not command else 0
+    if gpus and not on_cpu and num_processes > gpus:
+        raise LayerExitError(
+            f"--num-processes {num_processes} needs as many GPUs and this machine has {gpus}; "
+            "set ACCELERATE_USE_CPU=1 to run the processes on the CPU"
+        )
     port = _free_port()
     per_process = threads or max(1, (os.cpu_count() or 1) // num_processes)
     logs = Path(tempfile.mkdtemp(prefix="layerexit-launch-"))
