@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +34,13 @@ def pyplot() -> Any:
 
 def save_figure(fig: Any, path: Path) -> None:
     """Write a PNG atomically (temporary file, then rename) and free the figure."""
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    pyplot().close(fig)
-    os.replace(tmp, path)
+    from layerexit.atomic import replacing
+
+    try:
+        with replacing(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        pyplot().close(fig)
 
 
 def voting_values(probs: Tensor, k: float) -> Tensor:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
-from layerexit.config import TrainConfig, add_arguments, from_namespace, objective_help
+from layerexit.config import TrainConfig, add_arguments, from_namespace, given_options, objective_help
 from layerexit.errors import LayerExitError
 from layerexit.sweep import FAMILIES
 
@@ -24,14 +26,27 @@ def _families(text: str) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from layerexit.distributed import is_main_process, launch
     from layerexit.train import train
 
     config = from_namespace(TrainConfig, args)
-    run_dir = train(config, progress=not args.quiet)
-    print(f"run folder: {run_dir}")
-    if args.evaluate:
+    if args.resume:
+        from layerexit.checkpoint import resume_config
+
+        run = Path(config.output or Path("runs") / config.run_name())
+        config = resume_config(run, config, given_options(TrainConfig, args.argv))
+    if args.num_processes > 1:  # process 0 of the launch prints the run folder
+        code = launch(args.num_processes, [*args.argv, "--num-processes", "1", "--no-evaluate"])
+        run_dir = Path(config.output or Path("runs") / config.run_name())
+    else:
+        run_dir = train(config, progress=not args.quiet, resume=args.resume)
+        if not is_main_process():
+            return 0
+        print(f"run folder: {run_dir}")
+        code = 0
+    if code == 0 and args.evaluate:
         return _evaluate(run_dir, ["dev", "test"], list(FAMILIES), config.eval_batch_size, not args.quiet)
-    return 0
+    return code
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -199,8 +214,27 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes, like every other error, are one line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
+LIMITS = {"batch_size": 1, "batch_sizes": 1, "samples": 1, "repeats": 1, "threads": 0, "num_processes": 1, "seeds": 0}
+"""Lowest allowed value of integer options of the commands (TrainConfig checks its own fields)."""
+
+
+def _check_limits(args: argparse.Namespace) -> None:
+    for name, low in LIMITS.items():
+        value = getattr(args, name, None)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, int) and v < low:
+                raise LayerExitError(f"--{name.replace('_', '-')} must be >= {low}, got {v}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="layerexit",
         description="Early exiting for pretrained transformer classifiers (Sun et al., ensemble internal classifiers).",
     )
@@ -220,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="evaluate on dev and test after training",
+    )
+    train.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
+    train.add_argument(
+        "--num-processes", type=int, default=1, help="data-parallel processes on this machine (Accelerate, gloo/NCCL)"
     )
 
     evaluate = command("evaluate", cmd_evaluate, "Replay every exit strategy over a run's dev and test splits")
@@ -312,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        _check_limits(args)
         return int(args.func(args))
     except LayerExitError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -322,6 +362,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as err:  # disk full, permissions, read-only filesystem, ...: the files written before are whole
+        if os.environ.get("LAYEREXIT_DEBUG"):
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -69,8 +71,17 @@ class TrainConfig:
     seed: int = option(0, "random seed (weights of the exits, data order, dropout)")
     threads: int = option(0, "torch threads (0: torch's default)")
     log_every: int = option(20, "log the training loss every this many steps")
+    exit_dropout: float = option(0.1, "dropout inside the exits (the encoder keeps its own)")
+    grad_accum: int = option(1, "batches per optimizer step (gradient accumulation)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = option(
+        "no", "autocast the forward pass: bf16 (CPU or a GPU that has it) or fp16 (CUDA GPU)"
+    )
+    checkpoint_every: int = option(
+        500, "also checkpoint every this many optimizer steps within an epoch (0: only at each epoch's end)"
+    )
 
     def __post_init__(self) -> None:
+        _check_types(self)
         checks = [
             (self.lam >= 0, f"--lambda must be >= 0, got {self.lam}"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
@@ -84,7 +95,17 @@ class TrainConfig:
             (self.objective in OBJECTIVES, f"unknown objective {self.objective!r}; known: {', '.join(OBJECTIVES)}"),
             (self.objective != "static" or self.static_layers >= 1, "objective 'static' needs --static-layers >= 1"),
             (self.threads >= 0, "--threads must be >= 0"),
+            (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
+            (0 <= self.seed < 2**32, f"--seed must be in [0, 2**32), got {self.seed}"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.exit_dropout < 1, f"--exit-dropout must be in [0, 1), got {self.exit_dropout}"),
+            (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
+            (self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}"),
         ]
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise LayerExitError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
         for ok, message in checks:
             if not ok:
                 raise LayerExitError(message)
@@ -115,6 +136,25 @@ class TrainConfig:
 
     def run_name(self) -> str:
         return f"{self.slug()}-{self.objective}-seed{self.seed}"
+
+
+def _check_types(config: Any) -> None:
+    """Each field holds its declared type (a config read from JSON may not)."""
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        hint, value = hints[f.name], getattr(config, f.name)
+        if typing.get_origin(hint) is Literal:
+            expected: tuple[type, ...] = tuple({type(a) for a in typing.get_args(hint)})
+        elif hint is float:
+            expected = (int, float)
+        elif isinstance(hint, type):
+            expected = (hint,)
+        else:
+            continue
+        if not isinstance(value, expected) or (isinstance(value, bool) and hint is not bool):
+            names = " or ".join(t.__name__ for t in expected)
+            flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+            raise LayerExitError(f"{flag} must be {names}, got {value!r}")
 
 
 def _choices(f: dataclasses.Field[Any]) -> tuple[Any, ...] | None:
@@ -155,22 +195,37 @@ def from_namespace(cls: type, namespace: argparse.Namespace) -> Any:
     return cls(**{f.name: getattr(namespace, f.name) for f in fields(cls) if hasattr(namespace, f.name)})
 
 
+def given_options(cls: type, argv: Sequence[str]) -> dict[str, Any]:
+    """The fields of ``cls`` that ``argv`` sets explicitly (whatever their value), parsed."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser, cls)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    namespace, _ = parser.parse_known_args(list(argv))
+    return vars(namespace)
+
+
 def save_config(config: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    from layerexit.atomic import write_json
+
+    write_json(path, dataclasses.asdict(config))
 
 
 def load_train_config(path: Path) -> TrainConfig:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise LayerExitError(f"{path}: cannot read the run configuration ({err})") from None
+    if not isinstance(data, dict):
+        raise LayerExitError(f"{path}: expected a JSON object")
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise LayerExitError(f"{path}: unknown keys {unknown}")
-    return TrainConfig(**data)
+    try:
+        return TrainConfig(**data)
+    except LayerExitError as err:
+        raise LayerExitError(f"{path}: {err}") from None
 
 
 def objective_help() -> str:

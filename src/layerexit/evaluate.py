@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from layerexit import metrics
+from layerexit.atomic import replacing, save_safetensors, write_json
 from layerexit.encoding import Encoded, batches
 from layerexit.errors import LayerExitError
 from layerexit.model import EarlyExitModel
@@ -46,10 +46,12 @@ def collect_probs(
     model.eval()
     depth = depth or model.num_layers
     out = torch.zeros(depth, len(data), model.num_labels)
+    device = next(model.parameters()).device
     bar = tqdm(total=len(data), desc="evaluating", disable=not progress, leave=False)
     for batch in batches(data, batch_size, pad_id, by_length=True):
-        logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), depth=depth).logits
-        out[:, batch["index"]] = logits.float().softmax(-1)  # (depth, b, C)
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "index"}
+        logits = model(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"), depth=depth).logits
+        out[:, batch["index"]] = logits.float().softmax(-1).cpu()  # (depth, b, C)
         bar.update(len(batch["index"]))
     bar.close()
     model.train(was_training)
@@ -130,12 +132,10 @@ def write_points_csv(points: dict[str, list[Point]], path: Path) -> None:
             row = {"split": split, **pt.row()}
             rows.append(row)
             keys += [k for k in row if k not in keys]
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
+    with replacing(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def write_exit_layers_csv(
@@ -148,8 +148,7 @@ def write_exit_layers_csv(
             chosen[family] = next(pt for pt in points[split] if str(pt.strategy) == entry["setting"])
     oracle = next(pt for pt in points[split] if pt.strategy.name == "oracle")
     chosen["oracle"] = oracle
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
+    with replacing(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["index", "label"] + [f"{name}_{what}" for name in chosen for what in ("exit", "pred")])
         for i in range(labels.numel()):
@@ -157,7 +156,6 @@ def write_exit_layers_csv(
             for pt in chosen.values():
                 row += [int(pt.exit_layer[i]), int(pt.prediction[i])]
             writer.writerow(row)
-    os.replace(tmp, path)
 
 
 def plot_tradeoff(points: list[Point], report: dict[str, Any], split: str, path: Path, title: str) -> None:
@@ -205,17 +203,28 @@ def pareto_front(xy: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def save_probs(path: Path, probs: Tensor, labels: Tensor) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"probs": probs.contiguous(), "labels": labels.contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        save_safetensors({"probs": probs.contiguous(), "labels": labels.contiguous()}, tmp)
 
 
 def load_probs(path: Path) -> tuple[Tensor, Tensor]:
     try:
         data = load_file(str(path))
-        return data["probs"], data["labels"]
+        probs, labels = data["probs"], data["labels"]
     except Exception as err:  # safetensors and KeyError both mean a damaged file
         raise LayerExitError(f"{path}: cannot read stored probabilities ({err})") from None
+    if (
+        probs.dim() != 3
+        or not probs.is_floating_point()
+        or labels.dim() != 1
+        or labels.is_floating_point()
+        or labels.numel() != probs.shape[1]
+    ):
+        raise LayerExitError(
+            f"{path}: stored probabilities have the wrong shapes ({tuple(probs.shape)}, {tuple(labels.shape)}); "
+            "evaluate with --fresh"
+        )
+    return probs, labels
 
 
 def evaluate_run(
@@ -234,6 +243,7 @@ def evaluate_run(
     run = Path(run_dir)
     if not (run / "config.json").is_file() or not (run / "layerexit.json").is_file():
         raise LayerExitError(f"{run} is not a layerexit run folder (config.json or layerexit.json missing)")
+    check_finished(run)
     config = load_train_config(run / "config.json")
     out = run / EVAL_DIR
     out.mkdir(exist_ok=True)
@@ -253,8 +263,13 @@ def evaluate_run(
             seconds[split] = round(time.perf_counter() - started, 2)
     if not probs:
         raise LayerExitError(f"nothing to evaluate in {run}: none of the splits {list(splits)} exist")
-    info = json.loads((run / DATA_INFO).read_text(encoding="utf-8"))
+    info = _read_data_info(run / DATA_INFO)
     num_classes = len(info["label_names"])
+    for split, p in probs.items():
+        if p.shape[-1] != num_classes:
+            raise LayerExitError(
+                f"{run}: {split} probabilities have {p.shape[-1]} classes, data.json names {num_classes}"
+            )
     select_split = "dev" if "dev" in probs else next(iter(probs))
     report_split = "test" if "test" in probs else select_split
     report, points = evaluate_probs(
@@ -337,10 +352,30 @@ def load_run_split(
     return encoded, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
+def check_finished(run: Path) -> None:
+    """Refuse a run whose training was interrupted: its weights are not the final ones."""
+    from layerexit.checkpoint import CHECKPOINT_DIR
+    from layerexit.train import SUMMARY
+
+    if not (run / SUMMARY).is_file() and any((run / (CHECKPOINT_DIR + s)).exists() for s in ("", ".old")):
+        raise LayerExitError(
+            f"training of {run} did not finish ({SUMMARY} missing); finish it with "
+            f"`layerexit train --resume --output {run}`"
+        )
+
+
+def _read_data_info(path: Path) -> dict[str, Any]:
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LayerExitError(f"{path}: cannot read the run's data description ({err})") from None
+    if not isinstance(info, dict) or not all(k in info for k in ("label_names", "metric", "task")):
+        raise LayerExitError(f"{path}: not a run's data description (label_names, metric, task expected)")
+    return info
+
+
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json(path, data)
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+import shutil
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from layerexit.atomic import fsync_path, replacing, save_safetensors, write_json
 from layerexit.backbones import Backbone, wrap
 from layerexit.errors import LayerExitError
 
@@ -77,6 +79,15 @@ class ExitConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise LayerExitError(f"{source}: unknown keys {unknown}; expected some of {sorted(known)}")
+        kinds: dict[str, Any] = {"backbone": str, "num_labels": int, "num_layers": int, "format_version": int}
+        kinds.update(dropout=(int, float), head=str, pooling=str)
+        for key, kind in kinds.items():
+            if key in data and (not isinstance(data[key], kind) or isinstance(data[key], bool)):
+                raise LayerExitError(f"{source}: {key} has the wrong type ({data[key]!r})")
+        for key, kind in (("label_names", str), ("temperatures", (int, float))):
+            value = data.get(key, [])
+            if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+                raise LayerExitError(f"{source}: {key} must be a list of {'strings' if kind is str else 'numbers'}")
         try:
             return cls(**data)
         except TypeError as err:  # a required key is missing
@@ -169,7 +180,7 @@ class EarlyExitModel(nn.Module):
 
         path = resolve_encoder(name_or_path)
         try:
-            encoder = _drop_pooler(AutoModel.from_pretrained(path))
+            encoder = _drop_pooler(AutoModel.from_pretrained(path, use_safetensors=True))  # never a pickle
         except OSError as err:
             raise LayerExitError(f"cannot load encoder {name_or_path!r}: {err}") from None
         if seed is not None:
@@ -205,15 +216,24 @@ class EarlyExitModel(nn.Module):
         Files are written under temporary names and renamed, so a crash leaves the old ones whole.
         """
         out = Path(directory)
-        (out / BACKBONE_DIR).mkdir(parents=True, exist_ok=True)
-        self.backbone.model.config.save_pretrained(out / BACKBONE_DIR)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out / BACKBONE_DIR)
+        out.mkdir(parents=True, exist_ok=True)
+        staging = out / (BACKBONE_DIR + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            staging.mkdir()
+            self.backbone.model.config.save_pretrained(staging)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+            (out / BACKBONE_DIR).mkdir(exist_ok=True)
+            for file in sorted(staging.iterdir()):
+                fsync_path(file)
+                os.replace(file, out / BACKBONE_DIR / file.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        tmp = out / (WEIGHTS_NAME + ".tmp")
-        save_file(state, str(tmp), metadata={"format": "pt", "layerexit_format": str(FORMAT_VERSION)})
-        os.replace(tmp, out / WEIGHTS_NAME)
-        _write_json_atomic(out / CONFIG_NAME, self.config.to_dict())
+        with replacing(out / WEIGHTS_NAME) as tmp:
+            save_safetensors(state, tmp, metadata={"format": "pt", "layerexit_format": str(FORMAT_VERSION)})
+        write_json(out / CONFIG_NAME, self.config.to_dict())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike[str]) -> EarlyExitModel:
@@ -229,16 +249,72 @@ class EarlyExitModel(nn.Module):
             if not needed.is_file():
                 raise LayerExitError(f"{folder} is not a saved layerexit model: {needed.name} is missing")
         config = ExitConfig.from_dict(_read_json(config_path), source=str(config_path))
-        backbone_config = AutoConfig.from_pretrained(folder / BACKBONE_DIR)
-        encoder = _drop_pooler(AutoModel.from_config(backbone_config))
-        model = cls(wrap(encoder), config)
+        backbone_path = folder / BACKBONE_DIR / "config.json"
+        _read_json(backbone_path)  # a truncated or damaged file gets a plain message
+        try:
+            backbone_config = AutoConfig.from_pretrained(folder / BACKBONE_DIR)
+        except Exception as err:  # transformers raises many types for a config it cannot use
+            raise LayerExitError(
+                f"{backbone_path}: not an encoder configuration ({type(err).__name__}: {err})"
+            ) from None
+        # Counts and shapes first, from the file's header and a model without memory: a damaged
+        # configuration (a billion labels, a hundred thousand layers) is refused before it costs anything.
+        header = _header(weights_path)
+        layers = getattr(backbone_config, "num_hidden_layers", None)
+        if isinstance(layers, int) and config.num_layers not in (0, layers):
+            raise LayerExitError(f"config has {config.num_layers} exits but the backbone has {layers} layers")
+        if isinstance(layers, int):
+            _check_counts(header, layers, config.num_labels, weights_path)
+
+        def build(device: str) -> EarlyExitModel:
+            with torch.device(device):
+                try:
+                    encoder = _drop_pooler(AutoModel.from_config(backbone_config))
+                    return cls(wrap(encoder), replace(config, temperatures=list(config.temperatures)))
+                except LayerExitError:
+                    raise
+                except Exception as err:  # transformers and torch raise many types for sizes they cannot use
+                    why = f"{type(err).__name__}: {err}"
+                    raise LayerExitError(f"{backbone_path}: cannot build the encoder ({why})") from None
+
+        check_state(build("meta"), header, weights_path)
+        model = build("cpu")
         try:
             state = load_file(str(weights_path))
         except Exception as err:  # safetensors raises its own error types for truncated files
             raise LayerExitError(f"{weights_path}: not a readable safetensors file ({err})") from None
-        _check_state(model, state, weights_path)
+        check_state(model, state, weights_path)
         model.load_state_dict(state)
         return model.eval()
+
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _header(path: Path) -> dict[str, Tensor]:
+    """The tensors a safetensors file declares, as empty (meta) tensors: names, shapes, dtypes; no data read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            declared = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise LayerExitError(f"{path}: not a readable safetensors file ({err})") from None
+    unknown = sorted({dtype for _, dtype in declared.values()} - set(_DTYPES))
+    if unknown:
+        raise LayerExitError(f"{path}: unsupported tensor types {unknown}")
+    return {k: torch.empty(shape, dtype=_DTYPES[dtype], device="meta") for k, (shape, dtype) in declared.items()}
 
 
 def _drop_pooler(encoder: Any) -> Any:
@@ -248,7 +324,9 @@ def _drop_pooler(encoder: Any) -> Any:
     return encoder
 
 
-def _check_state(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+def check_state(model: EarlyExitModel, state: dict[str, Tensor], path: Path) -> None:
+    """Refuse weights that are not exactly this model's: other exits, labels, names, shapes or kinds."""
+    _check_counts(state, model.num_layers, model.num_labels, path)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -263,6 +341,20 @@ def _check_state(model: nn.Module, state: dict[str, Tensor], path: Path) -> None
             raise LayerExitError(
                 f"{path}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key].shape)}"
             )
+        if tensor.is_floating_point() != expected[key].is_floating_point():
+            raise LayerExitError(f"{path}: {key} is {tensor.dtype}, the model expects {expected[key].dtype}")
+
+
+def _check_counts(state: dict[str, Tensor], num_layers: int, num_labels: int, path: Path) -> None:
+    """The number of exits and of labels the weights are for."""
+    exits = {k.split(".")[1] for k in state if k.startswith("exits.")}
+    if exits and len(exits) != num_layers:
+        raise LayerExitError(f"{path}: the weights have {len(exits)} exits, the model has {num_layers}")
+    final = state.get(f"exits.{num_layers - 1}.classifier.weight")
+    if final is not None and final.dim() == 2 and final.shape[0] != num_labels:
+        raise LayerExitError(
+            f"{path}: the weights are for {final.shape[0]} labels, the configuration says {num_labels}"
+        )
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -273,9 +365,3 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise LayerExitError(f"{path}: expected a JSON object")
     return data
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

@@ -11,8 +11,10 @@ Layers are counted from 1; a sample that no rule lets out exits at the last laye
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+import typing
 from abc import ABC, abstractmethod
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import ClassVar
@@ -268,28 +270,39 @@ def parse(spec: str) -> Strategy:
     if name not in STRATEGIES:
         raise LayerExitError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
     cls = STRATEGIES[name]
+    hints = typing.get_type_hints(cls)
+    parameters = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, float | int | bool] = {}
     for part in filter(None, (p.strip() for p in args.split(","))):
         key, sep, raw = part.partition("=")
         key = key.strip()
         if not sep:
             raise LayerExitError(f"strategy {spec!r}: expected key=value, got {part!r}")
-        kwargs[key] = _number(raw.strip(), spec)
-    field_types = {k: v for k, v in cls.__dataclass_fields__.items() if k in kwargs}
-    unknown = sorted(set(kwargs) - set(field_types))
-    if unknown:
-        expected = [f for f in cls.__dataclass_fields__ if f != "name"]
-        raise LayerExitError(f"strategy {name!r} has no parameter {unknown[0]!r}; parameters: {expected}")
-    for key in ("patience", "layer"):
+        if key not in parameters:
+            raise LayerExitError(f"strategy {name!r} has no parameter {key!r}; parameters: {parameters}")
         if key in kwargs:
-            value = kwargs[key]
-            if float(value) != int(value):
-                raise LayerExitError(f"strategy {spec!r}: {key} must be an integer")
-            kwargs[key] = int(value)
+            raise LayerExitError(f"strategy {spec!r}: {key} is given twice")
+        kwargs[key] = _value(raw.strip(), hints[key], key, spec)
     try:
         return cls(**kwargs)
     except TypeError as err:
         raise LayerExitError(f"strategy {spec!r}: {err}") from None
+
+
+def _value(raw: str, kind: type, key: str, spec: str) -> float | int | bool:
+    """A parameter's value, of the parameter's type: true/false, an integer, or a number."""
+    if kind is bool:
+        if raw.lower() not in ("true", "false"):
+            raise LayerExitError(f"strategy {spec!r}: {key} must be true or false, got {raw!r}")
+        return raw.lower() == "true"
+    value = _number(raw, spec)
+    if isinstance(value, bool):
+        raise LayerExitError(f"strategy {spec!r}: {key} must be a number, got {raw!r}")
+    if kind is int:
+        if not math.isfinite(value) or value != int(value):
+            raise LayerExitError(f"strategy {spec!r}: {key} must be an integer, got {raw!r}")
+        return int(value)
+    return value
 
 
 def _number(raw: str, spec: str) -> float | bool:
