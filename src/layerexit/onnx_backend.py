@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from layerexit import __version__
+from layerexit.backbones import AlbertBackbone, BertLikeBackbone, DistilBertBackbone
 from layerexit.errors import LayerExitError
 from layerexit.inference import ExitResult
 from layerexit.model import EarlyExitModel, ExitConfig
@@ -52,6 +56,10 @@ TOKENIZER_DIR = "tokenizer"
 EXPORT_DIR = "onnx"
 """Where ``layerexit export RUN --format onnx`` writes inside a run folder (``onnx-int8`` when quantized)."""
 MIN_OPSET = 14  # scaled_dot_product_attention and Trilu need 14; LayerNormalization is native from 17
+PARITY_TOLERANCE = 1e-4
+"""Largest difference from PyTorch an exported (not quantized) graph may show on the probe batch."""
+FUSED_TOLERANCE = 1e-5
+"""A fused graph is kept only this close to PyTorch; otherwise the plain traced graph is used."""
 
 ArrayLike = Tensor | np.ndarray
 
@@ -134,6 +142,73 @@ def _example_inputs(model: EarlyExitModel, device: torch.device) -> tuple[Tensor
     return ids * mask, mask, torch.zeros_like(ids)
 
 
+def _probe_inputs(model: EarlyExitModel, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """A 3 x 11 batch (lengths 11, 7, 3; a second segment in row 0) unlike the traced one, to check graphs on."""
+    vocab = int(getattr(model.backbone.config, "vocab_size", 100))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, max(vocab, 6), (3, 11), generator=g).to(device)
+    mask = (torch.arange(11, device=device)[None, :] < torch.tensor([11, 7, 3], device=device)[:, None]).long()
+    types = torch.zeros_like(ids)
+    types[0, 6:] = 1
+    return ids * mask, mask, types
+
+
+@dataclass
+class _Stage:
+    """One graph to export: the module, its traced example, and its PyTorch outputs on the probe batch."""
+
+    name: str
+    module: nn.Module
+    example: tuple[Tensor, ...]
+    inputs: list[str]
+    outputs: list[str]
+    probe: dict[str, np.ndarray]
+    expected: list[np.ndarray]
+
+
+def _stages(model: EarlyExitModel, device: torch.device) -> list[_Stage]:
+    """embed, layer_1 .. layer_L and full, with the PyTorch reference of each on the probe batch.
+
+    Each layer's probe input is PyTorch's own hidden state, so a graph is judged alone and
+    errors do not accumulate along the chain.
+    """
+    backbone = model.backbone
+    uses_types = backbone.uses_token_type_ids
+    ids, mask, types = _example_inputs(model, device)
+    token_example = (ids, mask, types) if uses_types else (ids, mask)
+    token_names = ["input_ids", "attention_mask", "token_type_ids"][: len(token_example)]
+    probe_ids, probe_mask, probe_types = _probe_inputs(model, device)
+    probe_tokens = (probe_ids, probe_mask, probe_types) if uses_types else (probe_ids, probe_mask)
+    token_probe = {name: t.cpu().numpy() for name, t in zip(token_names, probe_tokens, strict=True)}
+    mask_np = probe_mask.cpu().numpy()
+
+    example_hidden = backbone.embed(*token_example)
+    hidden = backbone.embed(*probe_tokens)
+    stages = [
+        _Stage("embed", _EmbedStage(model), token_example, token_names, ["hidden"], token_probe, [hidden.cpu().numpy()])
+    ]
+    kwargs = backbone.layer_kwargs(hidden, probe_mask)
+    for i in range(model.num_layers):
+        layer_input = hidden.cpu().numpy()
+        hidden = backbone.layer(i, hidden, kwargs)
+        probs = model.exits[i](hidden, probe_mask).float().softmax(-1)
+        stages.append(
+            _Stage(
+                f"layer_{i + 1}",
+                _LayerStage(model, i),
+                (example_hidden, mask),
+                ["hidden", "attention_mask"],
+                ["hidden_out", "probs"],
+                {"hidden": layer_input, "attention_mask": mask_np},
+                [hidden.cpu().numpy(), probs.cpu().numpy()],
+            )
+        )
+    stages.append(
+        _Stage("full", _FullStage(model), token_example, token_names, ["probs"], token_probe, [probs.cpu().numpy()])
+    )
+    return stages
+
+
 def _onnx_export(
     module: nn.Module, args: tuple[Tensor, ...], path: Path, names: list[str], outputs: list[str], opset: int
 ) -> None:
@@ -158,6 +233,127 @@ def _onnx_export(
         )
 
 
+@contextmanager
+def _quiet_logging() -> Iterator[None]:
+    """onnxruntime's optimizer and quantizer log advice at WARNING level on every graph; hold it back."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+@contextmanager
+def _eager_attention(model: EarlyExitModel) -> Iterator[None]:
+    """Trace attention as plain MatMul/Softmax (the pattern ONNX Runtime fuses), then restore the setting."""
+    encoder = model.backbone.model
+    before = getattr(encoder.config, "_attn_implementation", None)
+    can_switch = getattr(encoder, "_can_set_attn_implementation", lambda: False)()
+    switch = before not in (None, "eager") and can_switch
+    if switch:
+        encoder.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if switch:
+            encoder.set_attn_implementation(before)
+
+
+def _fusable(model: EarlyExitModel) -> bool:
+    """Architectures whose attention is the plain pattern ONNX Runtime fuses (not MPNet's or DeBERTa's
+    relative-position attention, where fusing would only cost export time)."""
+    return isinstance(model.backbone, BertLikeBackbone | AlbertBackbone | DistilBertBackbone)
+
+
+def _fuse(path: Path, out: Path, heads: int, hidden_size: int) -> dict[str, int]:
+    """ONNX Runtime's transformer fusions (Attention, SkipLayerNormalization, BiasGelu) on one graph;
+    returns how many of each fused operator it made.
+
+    The raw 0/1 mask is kept (the BERT default turns it into lengths, valid only for right padding);
+    ``opt_level=0`` leaves the result portable (no hardware-specific kernels baked in).
+    """
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions("bert")
+    options.use_raw_attention_mask(True)
+    optimized = optimize_model(
+        str(path),
+        model_type="bert",
+        num_heads=heads,
+        hidden_size=hidden_size,
+        optimization_options=options,
+        opt_level=0,
+    )
+    optimized.save_model_to_file(str(out))
+    return {op: int(n) for op, n in optimized.get_fused_operator_statistics().items() if n}
+
+
+def _probe_error(ort: Any, path: Path, stage: _Stage) -> float:
+    """Largest difference between the graph's outputs and PyTorch's on the probe batch, relative to each
+    output's scale when that exceeds 1 (probabilities: absolute; hidden states: relative)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    feed = {i.name: stage.probe[i.name] for i in session.get_inputs()}
+    got = session.run(stage.outputs, feed)
+    return max(
+        float(np.abs(a - b).max()) / max(1.0, float(np.abs(b).max())) for a, b in zip(got, stage.expected, strict=True)
+    )
+
+
+def _finish_graph(
+    onnx: Any, ort: Any, stage: _Stage, work: Path, out: Path, *, fuse: tuple[int, int] | None, quantize: bool
+) -> dict[str, Any]:
+    """Choose the fused graph when it matches PyTorch (else the plain one), quantize it if asked, move it
+    into ``out`` and describe it for the manifest. ``fuse``: (attention heads, hidden size), or None."""
+    traced = work / f"{stage.name}.onnx"
+    chosen, fused_ops, error = traced, {}, float("inf")
+    if fuse is not None:
+        candidate = work / f"{stage.name}.fused.onnx"
+        try:
+            ops = _fuse(traced, candidate, *fuse)
+            error = _probe_error(ort, candidate, stage)
+        except Exception:  # the optimizer is best effort: any failure falls back to the plain graph
+            error = float("inf")
+        if error <= FUSED_TOLERANCE:
+            chosen, fused_ops = candidate, ops
+    if chosen is traced:
+        error = _probe_error(ort, traced, stage)
+        if error > PARITY_TOLERANCE:
+            raise LayerExitError(
+                f"the exported {stage.name} graph differs from PyTorch by {error:.2g} on a probe batch "
+                f"(tolerance {PARITY_TOLERANCE:g}); this architecture does not export cleanly"
+            )
+    if quantize:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantized = work / f"{stage.name}.int8.onnx"
+        quantize_dynamic(
+            chosen,
+            quantized,
+            op_types_to_quantize=["MatMul", "Attention"],
+            weight_type=QuantType.QInt8,
+            # shape inference cannot type the outputs of fused (com.microsoft) operators; they are float
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+        chosen = quantized
+        error = _probe_error(ort, chosen, stage)
+    graph = onnx.load(str(chosen), load_external_data=False).graph
+    initializers = {init.name for init in graph.initializer}
+    final = out / f"{stage.name}.onnx"
+    os.replace(chosen, final)
+    return {
+        "file": final.name,
+        "inputs": [i.name for i in graph.input if i.name not in initializers],
+        "outputs": [o.name for o in graph.output],
+        "sha256": _sha256(final),
+        "fused_ops": fused_ops,
+        "probe_error": error,
+    }
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -172,15 +368,20 @@ def export_onnx(
     *,
     opset: int = 17,
     quantize: bool = False,
+    fuse: bool = True,
     tokenizer: Any = None,
 ) -> Path:
     """Export ``model`` as per-stage ONNX graphs plus ``onnx_manifest.json`` into ``out_dir``; return it.
 
-    ``quantize`` applies int8 dynamic quantization (``onnxruntime.quantization.quantize_dynamic``, the
-    weights of every MatMul) to each graph; the folder then holds only the int8 graphs and the manifest
-    says so. Use a separate folder per precision (:func:`export_dir_for`). ``tokenizer`` is saved
-    under ``tokenizer/`` when given. Every file is written under a temporary name and renamed, and the
-    manifest comes last, so a crash never leaves a folder that loads with mismatched files.
+    Every graph is checked against PyTorch on a padded probe batch unlike the traced one; a graph
+    off by more than 1e-4 is an error. ``fuse`` (BERT-like, ALBERT and DistilBERT models) traces
+    attention in its eager form and applies ONNX Runtime's transformer fusions; a fused graph is kept
+    only if it matches PyTorch within 1e-5, else the plain one is. ``quantize`` then applies int8 dynamic quantization
+    (``onnxruntime.quantization.quantize_dynamic``, weights of MatMul and fused Attention) to each
+    graph; the folder holds only the int8 graphs, the manifest says so and records each graph's probe
+    error. Use one folder per precision (:func:`export_dir_for`). ``tokenizer`` is saved under
+    ``tokenizer/`` when given. Files are written under temporary names and renamed, the manifest
+    last, so a crash never leaves a folder that loads with mismatched files.
     """
     onnx, ort = _require_onnx()
     if opset < MIN_OPSET:
@@ -193,51 +394,23 @@ def export_onnx(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
-    ids, mask, token_types = _example_inputs(model, device)
-    embed_args: tuple[Tensor, ...] = (ids, mask, token_types) if model.backbone.uses_token_type_ids else (ids, mask)
-    embed_names = ["input_ids", "attention_mask", "token_type_ids"][: len(embed_args)]
 
     was_training = model.training
     model.eval()
+    graphs: dict[str, dict[str, Any]] = {}
     try:
-        with torch.no_grad(), tempfile.TemporaryDirectory(prefix=".export-", dir=out) as tmp:
+        with torch.no_grad(), _quiet_logging(), tempfile.TemporaryDirectory(prefix=".export-", dir=out) as tmp:
             work = Path(tmp)
-            hidden = model.backbone.embed(*embed_args)
-            stages: list[tuple[str, nn.Module, tuple[Tensor, ...], list[str], list[str]]] = [
-                ("embed", _EmbedStage(model), embed_args, embed_names, ["hidden"])
-            ]
-            for i in range(model.num_layers):
-                stages.append(
-                    (
-                        f"layer_{i + 1}",
-                        _LayerStage(model, i),
-                        (hidden, mask),
-                        ["hidden", "attention_mask"],
-                        ["hidden_out", "probs"],
-                    )
-                )
-            stages.append(("full", _FullStage(model), embed_args, embed_names, ["probs"]))
-
-            graphs: dict[str, dict[str, Any]] = {}
-            for name, module, args, inputs, outputs in stages:
-                traced = work / f"{name}.onnx"
-                _onnx_export(module, args, traced, inputs, outputs, opset)
-                if quantize:
-                    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-                    quantized = work / f"{name}.int8.onnx"
-                    quantize_dynamic(traced, quantized, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
-                    traced = quantized
-                graph = onnx.load(str(traced), load_external_data=False).graph
-                initializers = {init.name for init in graph.initializer}
-                final = out / f"{name}.onnx"
-                os.replace(traced, final)
-                graphs[name] = {
-                    "file": final.name,
-                    "inputs": [i.name for i in graph.input if i.name not in initializers],
-                    "outputs": [o.name for o in graph.output],
-                    "sha256": _sha256(final),
-                }
+            stages = _stages(model, device)
+            with _eager_attention(model) if fuse else nullcontext():
+                for stage in stages:
+                    path = work / f"{stage.name}.onnx"
+                    _onnx_export(stage.module, stage.example, path, stage.inputs, stage.outputs, opset)
+            config = model.backbone.config
+            heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_heads", 0) or 0)
+            fusion = (heads, model.backbone.hidden_size) if fuse and _fusable(model) else None
+            for stage in stages:
+                graphs[stage.name] = _finish_graph(onnx, ort, stage, work, out, fuse=fusion, quantize=quantize)
     finally:
         model.train(was_training)
 
