@@ -525,7 +525,14 @@ def _trim_trailing_padding(hidden: np.ndarray, mask: np.ndarray) -> tuple[np.nda
 
 class OnnxEarlyExitModel:
     """An exported early-exit model on ONNX Runtime: offline all-exit replay, the full graph, and
-    online early exit with real layer skipping. Safe to share between threads (no per-call state)."""
+    online early exit with real layer skipping. Safe to share between threads (no per-call state).
+
+    Hidden states pass between layers as numpy arrays through plain ``session.run``, not I/O binding:
+    at batch 1 on a shared 2-core machine (1 thread, CPU time), a near-empty graph shaped like a layer
+    stage took 38 us per call with ``run`` and 60 us with I/O binding (five more Python-to-C++ calls
+    per layer), and MiniLM-L6's layer 1 took 2.44 ms against 2.55 ms. On CPU ``run`` already reads
+    numpy inputs in place; binding would only save copying the (1, 32, 384) output, about 50 KB.
+    """
 
     def __init__(
         self,
