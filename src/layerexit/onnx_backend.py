@@ -11,7 +11,8 @@ An export folder holds
 * ``full.onnx``: ``(input_ids, attention_mask, [token_type_ids]) -> probs`` of the last exit, the plain
   full model a user would deploy instead of early exit (the latency baseline);
 * ``onnx_manifest.json``: file names, input and output names, sha256 of every file, opset, whether the
-  graphs are int8, and the layerexit config; written last and atomically;
+  graphs are int8, which operators ONNX Runtime's transformer fusions made in each graph, each graph's
+  error against PyTorch on a probe batch, and the layerexit config; written last and atomically;
 * ``tokenizer/`` when a tokenizer was given, so the folder is deployable without the PyTorch run.
 
 Inputs a graph does not use are pruned by the exporter (BERT's embeddings ignore the padding mask);
@@ -55,7 +56,7 @@ ONNX_FORMAT_VERSION = 1
 TOKENIZER_DIR = "tokenizer"
 EXPORT_DIR = "onnx"
 """Where ``layerexit export RUN --format onnx`` writes inside a run folder (``onnx-int8`` when quantized)."""
-MIN_OPSET = 14  # scaled_dot_product_attention and Trilu need 14; LayerNormalization is native from 17
+MIN_OPSET = 14  # exporting scaled_dot_product_attention needs 14; LayerNormalization is one operator from 17
 PARITY_TOLERANCE = 1e-4
 """Largest difference from PyTorch an exported (not quantized) graph may show on the probe batch."""
 FUSED_TOLERANCE = 1e-5
