@@ -342,3 +342,57 @@ def test_predictor_keeps_input_order_across_batch_sizes(trained_run: Path) -> No
     assert [(p.label, p.exit_layer) for p in one_by_one] == [(p.label, p.exit_layer) for p in batched]
     for p, q in zip(one_by_one, batched, strict=True):
         assert p.probability == pytest.approx(q.probability, abs=1e-4)
+
+
+def test_onnx_export_evaluate_predict_and_bench(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("onnxruntime")
+    assert main(["export", str(trained_run), "--quiet"]) == 0
+    assert main(["export", str(trained_run), "--quantize", "--quiet"]) == 0
+    assert (trained_run / "onnx" / "onnx_manifest.json").is_file()
+
+    assert main(["evaluate", str(trained_run), "--runtime", "onnx", "--quiet"]) == 0
+    onnx_report = json.loads((trained_run / "eval-onnx" / "report.json").read_text())
+    torch_report = json.loads((trained_run / "eval" / "report.json").read_text())
+    assert onnx_report["splits"]["test"]["per_layer"] == torch_report["splits"]["test"]["per_layer"]
+    assert main(["evaluate", str(trained_run), "--runtime", "onnx-int8", "--quiet"]) == 0
+    assert "onnx-int8" in capsys.readouterr().out  # the accuracy change against PyTorch is printed
+
+    args = ["alpha good", "bad beta gamma", "--strategy", "entropy(threshold=0.5)"]
+    assert main(["predict", str(trained_run), *args]) == 0
+    with_torch = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert main(["predict", str(trained_run), *args, "--runtime", "onnx"]) == 0
+    with_onnx = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(p["label"], p["exit_layer"]) for p in with_torch] == [(p["label"], p["exit_layer"]) for p in with_onnx]
+
+    out = tmp_path / "bench.json"
+    assert (
+        main(
+            [
+                "bench",
+                str(trained_run),
+                "--strategy",
+                "static(layer=2)",
+                "--samples",
+                "16",
+                "--batch-sizes",
+                "1",
+                "4",
+                "--repeats",
+                "1",
+                "--threads",
+                "1",
+                "--runtime",
+                "torch",
+                "onnx",
+                "--output",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    entry = json.loads(out.read_text())["batch_sizes"]["1"]
+    assert {"full", "early_exit", "onnx_full", "onnx_early_exit"} <= set(entry)
+    assert entry["onnx_early_exit_vs_onnx_full"] > 0

@@ -131,6 +131,8 @@ def bench(
                 if name != "full":
                     entry[f"{name}_wallclock_speedup"] = round(totals["full"] / totals[name], 4)
             entry["wallclock_speedup"] = entry["early_exit_wallclock_speedup"]
+            if "onnx_full" in totals and "onnx_early_exit" in totals:
+                entry["onnx_early_exit_vs_onnx_full"] = round(totals["onnx_full"] / totals["onnx_early_exit"], 4)
             entry["wallclock_over_layer"] = round(entry["wallclock_speedup"] / layer_speedup, 4)
             results["batch_sizes"][str(batch_size)] = entry
     bar.close()

@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from layerexit.config import TrainConfig, add_arguments, from_namespace, given_options, objective_help
 from layerexit.errors import LayerExitError
@@ -51,18 +51,43 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     return _evaluate(
-        Path(args.run), args.splits, args.strategies, args.batch_size, not args.quiet, reuse=not args.fresh
+        Path(args.run),
+        args.splits,
+        args.strategies,
+        args.batch_size,
+        not args.quiet,
+        reuse=not args.fresh,
+        runtime=args.runtime,
     )
 
 
 def _evaluate(
-    run: Path, splits: Sequence[str], families: Sequence[str], batch_size: int, progress: bool, reuse: bool = True
+    run: Path,
+    splits: Sequence[str],
+    families: Sequence[str],
+    batch_size: int,
+    progress: bool,
+    reuse: bool = True,
+    runtime: str = "torch",
 ) -> int:
-    from layerexit.evaluate import EVAL_DIR, evaluate_run, format_report
+    from layerexit.evaluate import eval_dir, evaluate_run, format_report
 
-    report = evaluate_run(run, splits=splits, families=families, batch_size=batch_size, progress=progress, reuse=reuse)
+    report = evaluate_run(
+        run, splits=splits, families=families, batch_size=batch_size, progress=progress, reuse=reuse, runtime=runtime
+    )
     print(format_report(report))
-    out = run / EVAL_DIR
+    if runtime != "torch":
+        reference = run / eval_dir("torch") / "report.json"
+        if reference.is_file():
+            torch_report = json.loads(reference.read_text(encoding="utf-8"))
+            metric, split = report["metric"], report["report_split"]
+            before = torch_report["splits"][split]["full_model"][metric]
+            after = report["splits"][split]["full_model"][metric]
+            print(
+                f"\nfull model {metric} on {split}: PyTorch {before:.4f}, {runtime} {after:.4f} "
+                f"(change {100 * (after - before):+.2f} points)"
+            )
+    out = run / eval_dir(runtime)
     print(f"\nwrote {out}/report.json, points.csv, exit_layers.csv, tradeoff.png")
     return 0
 
@@ -89,12 +114,22 @@ def _read_inputs(args: argparse.Namespace) -> tuple[list[str], list[str] | None]
 def cmd_predict(args: argparse.Namespace) -> int:
     from layerexit.predictor import Predictor
 
-    predictor = Predictor.from_run(args.run, args.strategy, threads=args.threads or None)
+    predictor = Predictor.from_run(args.run, args.strategy, threads=args.threads or None, runtime=args.runtime)
     texts, pairs = _read_inputs(args)
     print(f"strategy: {predictor.strategy} ({predictor.strategy_source})", file=sys.stderr)
     for text, prediction in zip(texts, predictor.predict(texts, pairs, batch_size=args.batch_size), strict=True):
         print(json.dumps({"text": text, **prediction.to_dict()}, ensure_ascii=False))
     return 0
+
+
+def _onnx_model(run: Path, quantized: bool, threads: int | None) -> Any:
+    from layerexit.onnx_backend import OnnxEarlyExitModel, export_dir_for
+
+    folder = export_dir_for(run, quantize=quantized)
+    if not folder.is_dir():
+        flag = " --quantize" if quantized else ""
+        raise LayerExitError(f"{folder} does not exist; run `layerexit export {run}{flag}` first")
+    return OnnxEarlyExitModel.load(folder, threads=threads)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -110,6 +145,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     loaded = load_run_split(run, args.split, model, limit=args.samples)
     assert loaded is not None
     encoded, pad_id = loaded
+    extra = {}
+    if "onnx" in args.runtime:
+        onnx = _onnx_model(run, args.quantized, args.threads)
+        extra = {
+            "onnx_full": lambda b: onnx.full_forward(b["input_ids"], b["attention_mask"], b.get("token_type_ids")),
+            "onnx_early_exit": lambda b: onnx.early_exit(
+                strategy, b["input_ids"], b["attention_mask"], b.get("token_type_ids")
+            ),
+        }
     results = bench(
         model,
         strategy,
@@ -118,6 +162,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         threads=args.threads,
         progress=not args.quiet,
+        extra_rows=extra,
     )
     results["run"] = str(run)
     results["split"] = args.split
@@ -125,6 +170,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else run / "bench.json"
     write_json(results, out)
     print(f"\nwrote {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from layerexit.encoding import load_tokenizer
+    from layerexit.model import EarlyExitModel
+    from layerexit.onnx_backend import export_dir_for, export_onnx
+
+    run = Path(args.run)
+    model = EarlyExitModel.from_pretrained(run)
+    out = Path(args.output) if args.output else export_dir_for(run, quantize=args.quantize)
+    export_onnx(model, out, opset=args.opset, quantize=args.quantize, tokenizer=load_tokenizer(run / "backbone"))
+    print(f"wrote {out} (embeddings, {model.num_layers} layer+exit graphs, the full model, onnx_manifest.json)")
     return 0
 
 
@@ -271,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
     evaluate.add_argument("--fresh", action="store_true", help="recompute stored probabilities instead of reusing them")
+    evaluate.add_argument(
+        "--runtime",
+        choices=["torch", "onnx", "onnx-int8"],
+        default="torch",
+        help="evaluate the PyTorch model or the exported ONNX graphs (int8 after export --quantize)",
+    )
 
     predict = command(
         "predict", cmd_predict, "Early-exit predictions as JSON lines (label, probability, exit layer, time)"
@@ -287,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--batch-size", type=int, default=32, help="inputs per batch (exited rows leave the batch)")
     predict.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    predict.add_argument(
+        "--runtime",
+        choices=["torch", "onnx", "onnx-int8"],
+        default="torch",
+        help="run the PyTorch model or the graphs written by `layerexit export` (--quantize: int8)",
+    )
 
     bench_cmd = command("bench", cmd_bench, "Measure early exit against the full model on the clock, in one run")
     bench_cmd.add_argument("run", help="run folder written by `layerexit train`")
@@ -297,6 +367,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--repeats", type=int, default=3, help="timed passes per row (medians are reported)")
     bench_cmd.add_argument("--threads", type=int, default=2, help="torch threads, pinned for the whole run")
     bench_cmd.add_argument("--output", default="", help="JSON file to write (default: RUN/bench.json)")
+    bench_cmd.add_argument(
+        "--runtime",
+        nargs="+",
+        choices=["torch", "onnx"],
+        default=["torch"],
+        help="also measure the exported ONNX graphs (full model and early exit) with onnx",
+    )
+    bench_cmd.add_argument("--quantized", action="store_true", help="use the int8 export for the onnx rows")
+
+    export = command(
+        "export",
+        cmd_export,
+        "Export a run as ONNX graphs (embeddings, each layer fused with its exit, the full model) for ONNX Runtime",
+    )
+    export.add_argument("run", help="run folder written by `layerexit train`")
+    export.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
+    export.add_argument("--quantize", action="store_true", help="int8 dynamic quantization (writes RUN/onnx-int8)")
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    export.add_argument("--output", default="", help="folder to write (default: RUN/onnx or RUN/onnx-int8)")
 
     cal = command(
         "calibrate",

@@ -235,8 +235,10 @@ def evaluate_run(
     batch_size: int = 64,
     progress: bool = True,
     reuse: bool = True,
+    runtime: str = "torch",
 ) -> dict[str, Any]:
-    """Evaluate a trained run folder; writes ``<run>/eval/`` and returns the report."""
+    """Evaluate a trained run folder; writes ``<run>/eval/`` (``eval-onnx``, ``eval-onnx-int8`` for the
+    exported graphs) and returns the report."""
     from layerexit.config import load_train_config
     from layerexit.train import DATA_INFO
 
@@ -245,16 +247,23 @@ def evaluate_run(
         raise LayerExitError(f"{run} is not a layerexit run folder (config.json or layerexit.json missing)")
     check_finished(run)
     config = load_train_config(run / "config.json")
-    out = run / EVAL_DIR
+    out = run / eval_dir(runtime)
     out.mkdir(exist_ok=True)
     probs: dict[str, Tensor] = {}
     labels: dict[str, Tensor] = {}
     seconds: dict[str, float] = {}
-    cache: dict[str, EarlyExitModel] = {}
+    cache: dict[str, Any] = {}
     for split in splits:
         started = time.perf_counter()
         loaded = split_probs(
-            run, split, batch_size=batch_size, progress=progress, reuse=reuse, required=split != "test", cache=cache
+            run,
+            split,
+            batch_size=batch_size,
+            progress=progress,
+            reuse=reuse,
+            required=split != "test",
+            cache=cache,
+            runtime=runtime,
         )
         if loaded is None:
             continue
@@ -285,6 +294,7 @@ def evaluate_run(
     report["task"] = info["task"]
     report["model"] = config.model
     report["objective"] = config.objective
+    report["runtime"] = runtime
     report["forward_seconds"] = seconds
     _write_json(out / "report.json", report)
     write_points_csv(points, out / "points.csv")
@@ -301,6 +311,13 @@ def evaluate_run(
     return report
 
 
+def eval_dir(runtime: str) -> str:
+    """Where a runtime's evaluation goes inside a run folder."""
+    if runtime not in ("torch", "onnx", "onnx-int8"):
+        raise LayerExitError(f"unknown runtime {runtime!r}; expected torch, onnx or onnx-int8")
+    return EVAL_DIR if runtime == "torch" else f"{EVAL_DIR}-{runtime}"
+
+
 def split_probs(
     run: Path,
     split: str,
@@ -309,11 +326,13 @@ def split_probs(
     progress: bool = False,
     reuse: bool = True,
     required: bool = True,
-    cache: dict[str, EarlyExitModel] | None = None,
+    cache: dict[str, Any] | None = None,
+    runtime: str = "torch",
 ) -> tuple[Tensor, Tensor] | None:
-    """Per-layer probabilities (L, N, C) and labels of a run's split: stored in ``<run>/eval/`` after the
-    first forward pass and read back from there afterwards. ``cache`` keeps the loaded model between calls."""
-    stored = run / EVAL_DIR / f"probs_{split}.safetensors"
+    """Per-layer probabilities (L, N, C) and labels of a run's split: stored in ``<run>/eval/`` (or
+    ``eval-onnx``, ``eval-onnx-int8`` for the exported graphs) after the first forward pass and read back
+    from there afterwards. ``cache`` keeps the loaded model between calls."""
+    stored = run / eval_dir(runtime) / f"probs_{split}.safetensors"
     if reuse and stored.is_file():
         return load_probs(stored)
     cache = {} if cache is None else cache
@@ -324,7 +343,21 @@ def split_probs(
     if loaded is None:
         return None
     encoded, pad_id = loaded
-    probs = collect_probs(model, encoded, batch_size, pad_id, progress=progress)
+    if runtime == "torch":
+        probs = collect_probs(model, encoded, batch_size, pad_id, progress=progress)
+    else:
+        if "onnx" not in cache:
+            from layerexit.onnx_backend import OnnxEarlyExitModel, export_dir_for
+
+            folder = export_dir_for(run, quantize=runtime == "onnx-int8")
+            if not folder.is_dir():
+                raise LayerExitError(f"{folder} does not exist; run `layerexit export {run}` first")
+            cache["onnx"] = OnnxEarlyExitModel.load(folder)
+        probs = torch.zeros(model.num_layers, len(encoded), model.num_labels)
+        for batch in batches(encoded, batch_size, pad_id, by_length=True):
+            probs[:, batch["index"]] = cache["onnx"].forward_all(
+                batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
+            )  # (L, b, C)
     stored.parent.mkdir(exist_ok=True)
     save_probs(stored, probs, encoded.labels)
     return probs, encoded.labels

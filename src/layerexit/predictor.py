@@ -77,7 +77,9 @@ class Predictor:
         *,
         max_length: int = 128,
         source: str = "given",
+        onnx: Any = None,
     ) -> None:
+        """``onnx``: an :class:`layerexit.onnx_backend.OnnxEarlyExitModel` to run instead of PyTorch."""
         if strategy.needs_labels:
             raise LayerExitError(f"strategy {strategy.name!r} needs labels and cannot be used for prediction")
         self.model = model.eval()
@@ -85,6 +87,7 @@ class Predictor:
         self.strategy = strategy
         self.max_length = max_length
         self.strategy_source = source
+        self.onnx = onnx
         names = model.config.label_names
         self.label_names = names or [str(i) for i in range(model.num_labels)]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -96,7 +99,9 @@ class Predictor:
         strategy: strategies.Strategy | str | None = None,
         *,
         threads: int | None = None,
+        runtime: str = "torch",
     ) -> Predictor:
+        """``runtime``: ``torch``, ``onnx`` or ``onnx-int8`` (the graphs `layerexit export` wrote)."""
         run = Path(run_dir)
         if not (run / "layerexit.json").is_file():
             raise LayerExitError(f"{run} is not a layerexit run folder (layerexit.json missing)")
@@ -112,7 +117,19 @@ class Predictor:
         if (run / "config.json").is_file():
             max_length = int(json.loads((run / "config.json").read_text(encoding="utf-8")).get("max_length", 128))
         model = EarlyExitModel.from_pretrained(run)
-        return cls(model, load_tokenizer(run / "backbone"), strategy, max_length=max_length, source=source)
+        onnx = None
+        if runtime != "torch":
+            from layerexit.onnx_backend import OnnxEarlyExitModel, export_dir_for
+
+            if runtime not in ("onnx", "onnx-int8"):
+                raise LayerExitError(f"unknown runtime {runtime!r}; expected torch, onnx or onnx-int8")
+            folder = export_dir_for(run, quantize=runtime == "onnx-int8")
+            if not folder.is_dir():
+                flag = " --quantize" if runtime == "onnx-int8" else ""
+                raise LayerExitError(f"{folder} does not exist; run `layerexit export {run}{flag}` first")
+            onnx = OnnxEarlyExitModel.load(folder, threads=threads)
+        tokenizer = load_tokenizer(run / "backbone")
+        return cls(model, tokenizer, strategy, max_length=max_length, source=source, onnx=onnx)
 
     def predict(
         self, texts: Sequence[str], pairs: Sequence[str] | None = None, *, batch_size: int = 32
@@ -138,9 +155,14 @@ class Predictor:
             rows = order[start : start + batch_size]
             batch = collate(encoded, rows, self.pad_id)
             began = time.perf_counter()
-            result = early_exit_forward(
-                self.model, self.strategy, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
-            )
+            if self.onnx is not None:
+                result = self.onnx.early_exit(
+                    self.strategy, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
+                )
+            else:
+                result = early_exit_forward(
+                    self.model, self.strategy, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
+                )
             ms = (time.perf_counter() - began) * 1000
             for i, row in enumerate(rows):
                 label = int(result.prediction[i])
