@@ -153,14 +153,15 @@ def format_bench(results: dict[str, Any]) -> str:
             if not isinstance(row, dict):
                 continue
             speed = "1.00x" if name == "full" else f"{entry[f'{name}_wallclock_speedup']:.2f}x"
-            layers = "1.00x" if name.startswith("full") else f"{entry['layer_speedup']:.2f}x"
-            ratio = (
-                "" if name.startswith("full") else f"{entry[f'{name}_wallclock_speedup'] / entry['layer_speedup']:.2f}"
-            )
+            is_full = name.endswith("full")  # a full model: runs every layer
+            layers = "1.00x" if is_full else f"{entry['layer_speedup']:.2f}x"
+            ratio = "" if is_full else f"{entry[f'{name}_wallclock_speedup'] / entry['layer_speedup']:.2f}"
             lines.append(
                 f"{batch_size:>5}  {name:<16} {row['median_ms']:>10.2f} {row['p90_ms']:>9.2f} "
                 f"{row['throughput_per_s']:>9.1f} {speed:>11} {layers:>7} {ratio:>6}"
             )
+        if "onnx_early_exit_vs_onnx_full" in entry:
+            lines.append(f"{'':>5}  onnx early exit vs onnx full model: {entry['onnx_early_exit_vs_onnx_full']:.2f}x")
     lines.append("")
     lines.append(
         "median/p90: per batch; wall-clock: full model's total time / this row's; layers: L / mean exit layer;"
