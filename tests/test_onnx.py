@@ -155,7 +155,7 @@ def test_manifest_round_trip_and_tokenizer(tmp_path: Path) -> None:
     tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
     model = tiny_model("distilbert", num_labels=2)
     model.config.label_names = ["neg", "pos"]
-    folder = export_onnx(model, export_dir_for(tmp_path / "run"), tokenizer=tokenizer)
+    folder = export_onnx(model, export_dir_for(tmp_path / "run"), tokenizer=tokenizer, fuse=False)
     assert folder == tmp_path / "run" / "onnx"
     assert export_dir_for(tmp_path / "run", quantize=True).name == "onnx-int8"
 
@@ -168,6 +168,7 @@ def test_manifest_round_trip_and_tokenizer(tmp_path: Path) -> None:
     assert manifest["quantized"] is False
     assert manifest["embed"]["inputs"] == ["input_ids"]  # DistilBERT's embeddings use neither mask nor types
     assert manifest["layers"][0]["inputs"] == ["hidden", "attention_mask"]
+    assert all(g["fused_ops"] == {} and g["probe_error"] < 1e-5 for g in [*manifest["layers"], manifest["full"]])
 
     runtime = OnnxEarlyExitModel.load(folder)
     assert runtime.config == model.config
@@ -249,7 +250,9 @@ def test_quantized_export_loads_and_runs(tmp_path: Path) -> None:
     model = _peaked(tiny_model("bert"), scale=2.0)
     folder = export_onnx(model, tmp_path, quantize=True)
     runtime = OnnxEarlyExitModel.load(folder)
-    assert runtime.quantized and json.loads((folder / MANIFEST_NAME).read_text())["quantized"] is True
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    assert runtime.quantized and manifest["quantized"] is True
+    assert 0 < manifest["layers"][0]["probe_error"] < 0.1  # recorded, not enforced, for int8 graphs
     ops = {node.op_type for node in onnx.load(str(folder / "layer_1.onnx")).graph.node}
     assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"}
     assert not any(p.name.endswith(".int8.onnx") or p.name.startswith(".export-") for p in folder.iterdir())
