@@ -396,3 +396,17 @@ def test_onnx_export_evaluate_predict_and_bench(
     entry = json.loads(out.read_text())["batch_sizes"]["1"]
     assert {"full", "early_exit", "onnx_full", "onnx_early_exit"} <= set(entry)
     assert entry["onnx_early_exit_vs_onnx_full"] > 0
+
+
+def test_predict_and_bench_refuse_an_unfinished_run(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    run = tmp_path / "unfinished"
+    shutil.copytree(trained_run, run)
+    (run / "train_summary.json").unlink()
+    (run / "checkpoint").mkdir()  # as a run killed mid-training leaves it
+    for args in (["predict", str(run), "good"], ["bench", str(run), "--quiet"]):
+        assert main(args) == 2
+        assert "did not finish" in capsys.readouterr().err

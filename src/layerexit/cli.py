@@ -134,12 +134,13 @@ def _onnx_model(run: Path, quantized: bool, threads: int | None) -> Any:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from layerexit.bench import BenchInputs, bench, format_bench, write_json
-    from layerexit.evaluate import load_run_split
+    from layerexit.evaluate import check_finished, load_run_split
     from layerexit.model import EarlyExitModel
     from layerexit.predictor import default_strategy
     from layerexit.strategies import parse
 
     run = Path(args.run)
+    check_finished(run)
     model = EarlyExitModel.from_pretrained(run)
     strategy = parse(args.strategy) if args.strategy else default_strategy(run)[0]
     loaded = load_run_split(run, args.split, model, limit=args.samples)

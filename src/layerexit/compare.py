@@ -2,7 +2,8 @@
 seeds, every (method, strategy) pair evaluated, one table and one plot.
 
 Each method trains into ``<output>/<method>-seed<seed>/``; a run that finished training and
-evaluation is reused, so an interrupted comparison continues where it stopped.
+evaluation is reused and an interrupted one is resumed from its checkpoint, so an interrupted
+comparison continues where it stopped.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import statistics
 import sys
 from collections.abc import Sequence
@@ -83,12 +83,15 @@ def compare(
             if run_is_complete(run):
                 _say(f"{run.name}: done, reusing", progress)
                 continue
-            if run.exists():
-                _say(f"{run.name}: incomplete (interrupted), training it again", progress)
-                shutil.rmtree(run)
             config = replace(base, objective=name, static_layers=layers, seed=seed, output=str(run))
-            _say(f"{run.name}: training", progress)
-            train(config, progress=progress)
+            if (run / "train_summary.json").is_file():
+                _say(f"{run.name}: trained, evaluating", progress)
+            elif run.exists():
+                _say(f"{run.name}: interrupted, resuming", progress)
+                train(config, progress=progress, resume=True)
+            else:
+                _say(f"{run.name}: training", progress)
+                train(config, progress=progress)
             evaluate_run(run, progress=progress)
     reports = {key: json.loads((run / "eval" / "report.json").read_text(encoding="utf-8")) for key, run in runs.items()}
     summary = summarise(reports, [p[0] for p in parsed], list(seeds))

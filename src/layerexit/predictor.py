@@ -105,6 +105,9 @@ class Predictor:
         run = Path(run_dir)
         if not (run / "layerexit.json").is_file():
             raise LayerExitError(f"{run} is not a layerexit run folder (layerexit.json missing)")
+        from layerexit.evaluate import check_finished
+
+        check_finished(run)
         if threads:
             torch.set_num_threads(threads)
         if isinstance(strategy, str):
