@@ -4,7 +4,7 @@
     python scripts/results.py build docs/results/tweets-binary-minilm      # prints the markdown table
 
 `collect` keeps, per run, config.json, data.json, train_summary.json, eval/report.json and
-eval/points.csv (never weights or stored probabilities), plus the comparison's compare.* files.
+eval/points.csv and eval/exit_layers.csv (never weights or stored probabilities), plus the comparison's compare.* files.
 `build` recomputes the table from the per-run reports alone, with `layerexit.compare.summarise`.
 """
 
@@ -18,7 +18,14 @@ from pathlib import Path
 
 from layerexit.compare import format_table, summarise
 
-RUN_FILES = ("config.json", "data.json", "train_summary.json", "eval/report.json", "eval/points.csv")
+RUN_FILES = (
+    "config.json",
+    "data.json",
+    "train_summary.json",
+    "eval/report.json",
+    "eval/points.csv",
+    "eval/exit_layers.csv",
+)
 COMPARE_FILES = ("compare.json", "compare.md", "compare.csv", "compare.png")
 
 

@@ -106,6 +106,9 @@ def test_train_then_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert any(r["strategy"] == "voting" and r["k"] == "0.75" for r in rows)
     exits = list(csv.DictReader((run / "eval" / "exit_layers.csv").open()))
     assert len(exits) == 64 and all(1 <= int(r["oracle_exit"]) <= 4 for r in exits)
+    full_accuracy = sum(r["full_pred"] == r["label"] for r in exits) / len(exits)
+    assert all(r["full_exit"] == "4" for r in exits)
+    assert full_accuracy == pytest.approx(test["full_model"]["accuracy"])
     assert (run / "eval" / "tradeoff.png").stat().st_size > 10_000
 
     # evaluating again reuses the stored probabilities and gives the same report

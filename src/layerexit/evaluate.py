@@ -26,7 +26,8 @@ from layerexit.atomic import replacing, save_safetensors, write_json
 from layerexit.encoding import Encoded, batches
 from layerexit.errors import LayerExitError
 from layerexit.model import EarlyExitModel
-from layerexit.sweep import FAMILIES, Point, default_grid, paper_band, select_in_band, sweep
+from layerexit.strategies import Static
+from layerexit.sweep import FAMILIES, Point, default_grid, evaluate_point, paper_band, select_in_band, sweep
 
 EVAL_DIR = "eval"
 
@@ -139,15 +140,17 @@ def write_points_csv(points: dict[str, list[Point]], path: Path) -> None:
 
 
 def write_exit_layers_csv(
-    report: dict[str, Any], points: dict[str, list[Point]], labels: Tensor, split: str, path: Path
+    report: dict[str, Any], points: dict[str, list[Point]], probs: Tensor, labels: Tensor, split: str, path: Path
 ) -> None:
-    """Per-sample exit layer and prediction of each selected setting, on ``split``."""
+    """Per-sample exit layer and prediction of each selected setting, of the oracle and of the full
+    model (the last exit), on ``split``: enough for paired bootstrap intervals without the model."""
     chosen = {}
     for family, entry in report["selected"].items():
         if entry is not None:
             chosen[family] = next(pt for pt in points[split] if str(pt.strategy) == entry["setting"])
     oracle = next(pt for pt in points[split] if pt.strategy.name == "oracle")
     chosen["oracle"] = oracle
+    chosen["full"] = evaluate_point(Static(layer=probs.shape[0]), probs, labels)
     with replacing(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["index", "label"] + [f"{name}_{what}" for name in chosen for what in ("exit", "pred")])
@@ -298,7 +301,9 @@ def evaluate_run(
     report["forward_seconds"] = seconds
     _write_json(out / "report.json", report)
     write_points_csv(points, out / "points.csv")
-    write_exit_layers_csv(report, points, labels[report_split], report_split, out / "exit_layers.csv")
+    write_exit_layers_csv(
+        report, points, probs[report_split], labels[report_split], report_split, out / "exit_layers.csv"
+    )
     plot_tradeoff(
         points[report_split],
         report,
