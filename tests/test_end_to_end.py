@@ -115,6 +115,8 @@ def test_train_then_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(["evaluate", str(run), "--quiet"]) == 0
     again = json.loads((run / "eval" / "report.json").read_text())
     assert again["selected"] == report["selected"]
+    assert report["forward_seconds"], "the first evaluation times its forward passes"
+    assert again["forward_seconds"] == report["forward_seconds"], "a replay keeps the measured times"
 
 
 def test_training_is_reproducible(tmp_path: Path) -> None:

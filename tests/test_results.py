@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,3 +27,62 @@ def test_results_script_rebuilds_the_committed_table(folder: Path) -> None:
 
 def test_there_is_a_committed_study() -> None:
     assert STUDIES, "docs/results/ should hold at least one comparison"
+
+
+def _study_module():  # scripts/ is not a package: load study.py by path
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study", ROOT / "scripts" / "study.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["study"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_study_script_reproduces_every_table_of_docs_results() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "study.py"), "--check"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "6 tables match" in done.stdout
+
+
+def test_study_check_fails_on_an_edited_number(tmp_path: Path) -> None:
+    doc = (ROOT / "docs" / "results.md").read_text()
+    row = next(line for line in doc.splitlines() if line.startswith("| ours + patience |"))
+    edited = row.replace("(1.", "(9.", 1)
+    assert edited != row
+    (tmp_path / "results.md").write_text(doc.replace(row, edited))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "study.py"), "--check", "--doc", str(tmp_path / "results.md")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    assert "stale: tables main" in done.stderr
+
+
+def test_study_refuses_a_document_without_the_table_blocks(tmp_path: Path) -> None:
+    (tmp_path / "results.md").write_text("# Results\n\nno tables here\n")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "study.py"), "--check", "--doc", str(tmp_path / "results.md")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert "has no block for" in done.stderr and "study:NAME" in done.stderr
+
+
+def test_study_numbers_on_hand_made_cases() -> None:
+    study = _study_module()
+    points = [(1.0, 0.90), (1.5, 0.80), (2.0, 0.85), (3.0, 0.70)]
+    assert study.envelope(points, 1.4) == 0.85  # best among settings at least 1.4x faster
+    assert study.envelope(points, 2.5) == 0.70
+    assert str(study.envelope(points, 3.5)) == "nan"
+    same = np.array([1.0, 0.0, 1.0, 1.0])
+    lo, hi = study.bootstrap([np.stack([same, same])], lambda gs: float(gs[0][0].mean() - gs[0][1].mean()))
+    assert lo == hi == 0.0, "a paired difference of identical predictions has no spread"
+    a = np.array([1.0] * 60 + [0.0] * 40)
+    lo, hi = study.bootstrap([a], lambda gs: float(gs[0].mean()))
+    assert lo < 0.6 < hi and 0.15 < hi - lo < 0.25  # about 2 * 1.96 * sqrt(0.24 / 100) = 0.19

@@ -298,7 +298,7 @@ def evaluate_run(
     report["model"] = config.model
     report["objective"] = config.objective
     report["runtime"] = runtime
-    report["forward_seconds"] = seconds
+    report["forward_seconds"] = _carried_seconds(out / "report.json", seconds)
     _write_json(out / "report.json", report)
     write_points_csv(points, out / "points.csv")
     write_exit_layers_csv(
@@ -314,6 +314,19 @@ def evaluate_run(
         + f" · {report_split} split",
     )
     return report
+
+
+def _carried_seconds(previous: Path, seconds: dict[str, float]) -> dict[str, float]:
+    """Forward-pass times of this evaluation; a split replayed from stored probabilities keeps the
+    time measured when they were computed."""
+    if previous.is_file():
+        try:
+            old = json.loads(previous.read_text(encoding="utf-8")).get("forward_seconds", {})
+        except (OSError, ValueError):
+            old = {}
+        if isinstance(old, dict):
+            return {**{k: v for k, v in old.items() if isinstance(v, int | float)}, **seconds}
+    return seconds
 
 
 def eval_dir(runtime: str) -> str:

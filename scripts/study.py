@@ -1,0 +1,595 @@
+"""The study of ``docs/results.md``, rebuilt from the committed per-run reports alone: no weights,
+no retraining, no stored probabilities.
+
+    python scripts/study.py            # rewrite the generated tables of docs/results.md and its figures
+    python scripts/study.py --check    # exit 1 if docs/results.md is not what the committed reports give
+
+Every table lives in ``docs/results.md`` between ``<!-- study:NAME -->`` and ``<!-- /study:NAME -->``;
+the prose around them is written by hand. The inputs are the folders of ``docs/results/`` written by
+``scripts/results.py collect`` (per run: ``config.json``, ``data.json``, ``train_summary.json``,
+``eval/report.json``, ``eval/points.csv``, ``eval/exit_layers.csv``).
+
+Noise is given two ways: the spread over seeds (a seed changes the initialisation of the exits, the
+data order and the training, dev and test subsets), and paired bootstrap intervals over test examples
+(2,000 resamples, percentile 95%): two methods trained with the same seed are scored on the same
+test examples, so their difference is resampled example by example.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results"
+DOC = ROOT / "docs" / "results.md"
+BOOTSTRAP = 2000
+KS = (0.0, 0.25, 0.5, 0.75)
+LAMBDAS = (0.0, 0.1, 0.2, 0.3, 0.5)
+SPEEDUPS = (1.2, 1.4, 1.6, 1.8, 2.0, 2.5)
+
+
+@dataclass(frozen=True)
+class Study:
+    """One (task, backbone) of the study and the committed folders that hold its runs."""
+
+    name: str
+    task: str
+    kind: str
+    model: str
+    folders: tuple[str, ...]
+
+
+STUDIES = (
+    Study(
+        "tweets-binary",
+        "tweets-binary",
+        "binary, sentiment",
+        "MiniLM-L6",
+        ("tweets-binary-minilm", "tweets-binary-minilm-3seeds"),
+    ),
+    Study(
+        "snli-binary",
+        "snli-binary",
+        "binary, sentence pairs",
+        "MiniLM-L6",
+        ("snli-binary-minilm", "snli-binary-minilm-3seeds"),
+    ),
+    Study("tweets", "tweets", "3 classes, sentiment", "MiniLM-L6", ("tweets-minilm", "tweets-minilm-3seeds")),
+    Study("bbc", "bbc", "5 classes, topic", "MiniLM-L6", ("bbc-minilm", "bbc-minilm-3seeds")),
+    Study("tweets-binary (MPNet)", "tweets-binary", "binary, sentiment", "MPNet-base", ("tweets-binary-mpnet",)),
+)
+LAMBDA_FOLDER = "lambda-tweets-binary-minilm"  # lam<value>/ compare folders; lambda 0.3 is the main study's run
+
+# rows of the main table: (label, method, strategy); strategy "full" is the last exit, "static" the static model
+MAIN_ROWS = (
+    ("full model (fine-tuned)", "finetune", "full"),
+    ("static, first 4 layers", "static:4", "static"),
+    ("static, first 3 layers", "static:3", "static"),
+    ("DeeBERT + entropy", "deebert", "entropy"),
+    ("FastBERT + entropy", "fastbert", "entropy"),
+    ("PABEE + patience", "pabee", "patience"),
+    ("ours + patience", "ensemble", "patience"),
+    ("ours + voting", "ensemble", "voting"),
+    ("ours + entropy", "ensemble", "entropy"),
+    ("ours, full depth", "ensemble", "full"),
+    ("ours, oracle", "ensemble", "oracle"),
+)
+# paired differences: (label, (method, column), (method, column)); columns are exit_layers.csv's <name>_pred
+PAIRS = (
+    ("ours + voting − PABEE + patience", ("ensemble", "voting"), ("pabee", "patience")),
+    ("ours + patience − PABEE + patience", ("ensemble", "patience"), ("pabee", "patience")),
+    ("ours + entropy − PABEE + patience", ("ensemble", "entropy"), ("pabee", "patience")),
+    ("ours + voting − ours + entropy", ("ensemble", "voting"), ("ensemble", "entropy")),
+    ("ours + voting − full model (fine-tuned)", ("ensemble", "voting"), ("finetune", "full")),
+    ("PABEE + patience − full model (fine-tuned)", ("pabee", "patience"), ("finetune", "full")),
+)
+
+
+class StudyError(Exception):
+    pass
+
+
+@dataclass
+class Run:
+    path: Path
+    spec: str
+    seed: int
+    report: dict[str, Any]
+    points: list[dict[str, str]]
+    exits: list[dict[str, str]]
+    train: dict[str, Any]
+
+    @property
+    def metric(self) -> str:
+        return str(self.report["metric"])
+
+    def test_points(self, strategy: str, k: float | None = None) -> list[tuple[float, float]]:
+        rows = [r for r in self.points if r["split"] == "test" and r["strategy"] == strategy]
+        if k is not None:
+            rows = [r for r in rows if float(r["k"]) == k]
+        return [(float(r["speedup"]), float(r[self.metric])) for r in rows]
+
+    def correct(self, column: str) -> np.ndarray:
+        if not self.exits or f"{column}_pred" not in self.exits[0]:
+            raise StudyError(f"{self.path}/eval/exit_layers.csv has no {column}_pred column")
+        return np.array([r[f"{column}_pred"] == r["label"] for r in self.exits], dtype=float)
+
+    def labels(self) -> list[str]:
+        return [r["label"] for r in self.exits]
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def load_folder(folder: Path) -> dict[tuple[str, int], Run]:
+    summary_path = folder / "compare.json"
+    if not summary_path.is_file():
+        return {}
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    runs = {}
+    for key, where in summary["runs"].items():
+        spec, seed = key.rsplit("/seed", 1)
+        path = folder / Path(where).name
+        report_path = path / "eval" / "report.json"
+        if not report_path.is_file():
+            raise StudyError(f"{folder}/compare.json names {key} but {report_path} is missing")
+        exits_path = path / "eval" / "exit_layers.csv"
+        runs[(spec, int(seed))] = Run(
+            path=path,
+            spec=spec,
+            seed=int(seed),
+            report=json.loads(report_path.read_text(encoding="utf-8")),
+            points=_read_csv(path / "eval" / "points.csv"),
+            exits=_read_csv(exits_path) if exits_path.is_file() else [],
+            train=json.loads((path / "train_summary.json").read_text(encoding="utf-8")),
+        )
+    return runs
+
+
+def load_study(study: Study, results: Path) -> dict[tuple[str, int], Run]:
+    runs: dict[tuple[str, int], Run] = {}
+    for name in study.folders:
+        runs.update(load_folder(results / name))
+    return runs
+
+
+def seeds_of(runs: dict[tuple[str, int], Run], spec: str) -> list[int]:
+    return sorted(seed for s, seed in runs if s == spec)
+
+
+# ----------------------------------------------------------------------------------------- numbers
+
+
+def cell_value(run: Run, strategy: str) -> tuple[float, float] | None:
+    """(metric on test, speed-up) of one run under one strategy, the setting chosen on dev in the band."""
+    rep = run.report["report_split"]
+    split = run.report["splits"][rep]
+    if strategy == "full":
+        return split["full_model"][run.metric], 1.0
+    if strategy == "oracle":
+        return split["oracle"][run.metric], split["oracle"]["speedup"]
+    if strategy == "static" and run.spec.startswith("static:"):
+        layers = int(run.spec.split(":")[1])
+        return split["per_layer"][run.metric][layers - 1], run.report["num_layers"] / layers
+    chosen = run.report["selected"].get(strategy)
+    if chosen is None:
+        return None
+    return chosen[rep][run.metric], chosen[rep]["speedup"]
+
+
+def fmt_cell(values: Sequence[tuple[float, float]]) -> str:
+    if not values:
+        return "–"
+    acc = [100 * v for v, _ in values]
+    speed = statistics.mean(s for _, s in values)
+    text = f"{statistics.mean(acc):.1f}"
+    if len(acc) > 1:
+        text += f" ± {statistics.stdev(acc):.1f}"
+    return f"{text} ({speed:.2f}x)"
+
+
+def bootstrap(samples: Sequence[np.ndarray], stat: Callable[[list[np.ndarray]], float]) -> tuple[float, float]:
+    """Percentile 95% interval of ``stat`` when every array of ``samples`` is resampled by example
+    (arrays of one seed share their examples: they are resampled with the same indices)."""
+    rng = np.random.default_rng(0)
+    values = []
+    for _ in range(BOOTSTRAP):
+        picked = []
+        for group in samples:
+            idx = rng.integers(0, group.shape[-1], group.shape[-1])
+            picked.append(group[..., idx])
+        values.append(stat(picked))
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def paired_difference(
+    runs: dict[tuple[str, int], Run], a: tuple[str, str], b: tuple[str, str]
+) -> tuple[float, float, float, int, float, float] | None:
+    """Mean over the seeds both methods have of (metric of a − metric of b), its paired bootstrap
+    interval, the number of seeds and the two mean speed-ups. Accuracy only (the metric of every
+    built-in task)."""
+    seeds = sorted(set(seeds_of(runs, a[0])) & set(seeds_of(runs, b[0])))
+    if not seeds:
+        return None
+    groups = []
+    speed_a, speed_b = [], []
+    for seed in seeds:
+        ra, rb = runs[(a[0], seed)], runs[(b[0], seed)]
+        if ra.metric != "accuracy":
+            raise StudyError(f"{ra.path}: paired intervals are computed for accuracy, not {ra.metric}")
+        if ra.labels() != rb.labels():
+            raise StudyError(f"{ra.path} and {rb.path} were not scored on the same test examples")
+        groups.append(np.stack([ra.correct(a[1]), rb.correct(b[1])]))
+        va, vb = cell_value(ra, a[1]), cell_value(rb, b[1])
+        assert va is not None and vb is not None
+        speed_a.append(va[1])
+        speed_b.append(vb[1])
+
+    def stat(gs: list[np.ndarray]) -> float:
+        return float(np.mean([g[0].mean() - g[1].mean() for g in gs]))
+
+    lo, hi = bootstrap(groups, stat)
+    return stat(groups), lo, hi, len(seeds), statistics.mean(speed_a), statistics.mean(speed_b)
+
+
+def envelope(points: Sequence[tuple[float, float]], at: float) -> float:
+    """The best metric among settings at least ``at`` times faster than the full model (NaN if none)."""
+    faster = [m for s, m in points if s >= at - 1e-9]
+    return max(faster) if faster else float("nan")
+
+
+def select_in_band(run: Run, strategy: str, k: float) -> tuple[float, float] | None:
+    """Voting with ``k`` fixed: the best dev setting in the band, reported on test (the paper's rule)."""
+    lo, hi = run.report["band"]
+    dev = [
+        r
+        for r in run.points
+        if r["split"] == "dev" and r["strategy"] == strategy and float(r["k"]) == k and lo <= float(r["speedup"]) <= hi
+    ]
+    if not dev:
+        return None
+    best = max(dev, key=lambda r: (float(r[run.metric]), float(r["speedup"])))
+    test = next(r for r in run.points if r["split"] == "test" and r["setting"] == best["setting"])
+    return float(test[run.metric]), float(test["speedup"])
+
+
+# ------------------------------------------------------------------------------------------ tables
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main_table(studies: dict[Study, dict[tuple[str, int], Run]]) -> str:
+    header = ["method + strategy"] + [f"{s.name}<br>{s.kind}" for s in studies]
+    rows = []
+    for label, spec, strategy in MAIN_ROWS:
+        row = [label]
+        for runs in studies.values():
+            values = [v for seed in seeds_of(runs, spec) if (v := cell_value(runs[(spec, seed)], strategy)) is not None]
+            row.append(fmt_cell(values))
+        rows.append(row)
+    sizes = []
+    for study, runs in studies.items():
+        any_run = next(iter(runs.values()))
+        sizes.append(f"{study.name}: n = {any_run.report['splits']['test']['size']}")
+        half = single_run_halfwidth(runs)
+        if half is not None:
+            sizes[-1] += f", ±{100 * half:.1f}"
+    rows.append(["test examples, 95% interval of one accuracy"] + [s.split(": ", 1)[1] for s in sizes])
+    return table(header, rows)
+
+
+def single_run_halfwidth(runs: dict[tuple[str, int], Run]) -> float | None:
+    """Half-width of the bootstrap interval of the fine-tuned model's test accuracy (one run)."""
+    key = next((k for k in sorted(runs) if k[0] == "finetune"), None) or next(
+        (k for k in sorted(runs) if k[0] == "ensemble"), None
+    )
+    if key is None:
+        return None
+    correct = runs[key].correct("full")
+    lo, hi = bootstrap([correct], lambda gs: float(gs[0].mean()))
+    return (hi - lo) / 2
+
+
+def pairs_table(studies: dict[Study, dict[tuple[str, int], Run]]) -> str:
+    header = ["difference (points)"] + [s.name for s in studies]
+    rows = []
+    for label, a, b in PAIRS:
+        row = [label]
+        for runs in studies.values():
+            got = paired_difference(runs, a, b)
+            if got is None:
+                row.append("–")
+                continue
+            diff, lo, hi, n, sa, sb = got
+            text = f"{100 * diff:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+            if lo > 0 or hi < 0:
+                text = f"**{text}**"
+            row.append(f"{text}<br>{n} seed{'s' if n > 1 else ''}, {sa:.2f}x vs {sb:.2f}x")
+        rows.append(row)
+    return table(header, rows)
+
+
+def k_table(studies: dict[Study, dict[tuple[str, int], Run]]) -> str:
+    header = ["k"] + [s.name for s in studies]
+    rows = []
+    for k in KS:
+        row = [f"voting, k = {k:g}"]
+        for runs in studies.values():
+            values = [
+                v for seed in seeds_of(runs, "ensemble") if (v := select_in_band(runs[("ensemble", seed)], "voting", k))
+            ]
+            row.append(fmt_cell(values))
+        rows.append(row)
+    for label, strategy in (("patience", "patience"), ("entropy", "entropy")):
+        row = [label]
+        for runs in studies.values():
+            values = [v for seed in seeds_of(runs, "ensemble") if (v := cell_value(runs[("ensemble", seed)], strategy))]
+            row.append(fmt_cell(values))
+        rows.append(row)
+    for label, strategy in (("vote of all exits (no early exit)", "voting"), ("last exit (no early exit)", "full")):
+        row = [label]
+        for runs in studies.values():
+            seeds = seeds_of(runs, "ensemble")
+            if strategy == "full":
+                values = [v for seed in seeds if (v := cell_value(runs[("ensemble", seed)], "full"))]
+            else:
+                # every sample at the last layer: the prediction is the vote of all exits
+                values = [(all_exits_vote(runs[("ensemble", seed)]), 1.0) for seed in seeds]
+            row.append(fmt_cell(values))
+        rows.append(row)
+    return table(header, rows)
+
+
+def all_exits_vote(run: Run) -> float:
+    """Voting with a threshold no sample reaches early: all exit at the last layer with the vote of all exits."""
+    return max(m for s, m in run.test_points("voting") if s == 1.0)
+
+
+def curves(run: Run) -> dict[str, list[tuple[float, float]]]:
+    out = {"entropy": run.test_points("entropy"), "patience": run.test_points("patience")}
+    out["voting"] = run.test_points("voting")
+    for k in KS:
+        out[f"voting k={k:g}"] = run.test_points("voting", k)
+    return out
+
+
+def crossover_table(studies: dict[Study, dict[tuple[str, int], Run]]) -> str:
+    header = ["ours: voting − other (points)", *(f"≥ {s:g}x" for s in SPEEDUPS)]
+    rows = []
+    for study, runs in studies.items():
+        seeds = seeds_of(runs, "ensemble")
+        if not seeds:
+            continue
+        for other in ("entropy", "patience"):
+            row = [f"{study.name}: voting − {other}"]
+            for s in SPEEDUPS:
+                diffs = []
+                for seed in seeds:
+                    c = curves(runs[("ensemble", seed)])
+                    diffs.append(envelope(c["voting"], s) - envelope(c[other], s))
+                finite = [d for d in diffs if not np.isnan(d)]
+                row.append(f"{100 * statistics.mean(finite):+.1f}" if len(finite) == len(diffs) else "–")
+            rows.append(row)
+    return table(header, rows)
+
+
+def lambda_runs(results: Path, main: dict[tuple[str, int], Run]) -> dict[float, Run]:
+    out: dict[float, Run] = {}
+    folder = results / LAMBDA_FOLDER
+    for lam in LAMBDAS:
+        runs = load_folder(folder / f"lam{lam:g}")
+        if ("ensemble", 0) in runs:
+            out[lam] = runs[("ensemble", 0)]
+        elif lam == 0.3 and ("ensemble", 0) in main:
+            out[lam] = main[("ensemble", 0)]
+    for lam, run in out.items():
+        got = float(json.loads((run.path / "config.json").read_text(encoding="utf-8"))["lam"])
+        if abs(got - lam) > 1e-9:
+            raise StudyError(f"{run.path}/config.json has lambda {got}, expected {lam}")
+    return out
+
+
+def lambda_table(runs: dict[float, Run]) -> str:
+    if not runs:
+        return "(no lambda runs committed)"
+    layers = next(iter(runs.values())).report["num_layers"]
+    header = ["lambda", *(f"exit {i}" for i in range(1, layers + 1)), "patience", "voting", "entropy", "oracle"]
+    rows = []
+    for lam, run in sorted(runs.items()):
+        per_layer = run.report["splits"]["test"]["per_layer"][run.metric]
+        row = [f"{lam:g}", *(f"{100 * v:.1f}" for v in per_layer)]
+        for strategy in ("patience", "voting", "entropy", "oracle"):
+            v = cell_value(run, strategy)
+            row.append("–" if v is None else f"{100 * v[0]:.1f} ({v[1]:.2f}x)")
+        rows.append(row)
+    return table(header, rows)
+
+
+def timing_table(studies: dict[Study, dict[tuple[str, int], Run]], lam: dict[float, Run]) -> str:
+    header = ["study", "method", "runs", "training s (mean)", "steps", "train / dev / test examples"]
+    rows = []
+    total = 0.0
+    for study, runs in studies.items():
+        for spec in dict.fromkeys(s for s, _ in sorted(runs)):
+            chosen = [runs[(spec, seed)] for seed in seeds_of(runs, spec)]
+            seconds = [r.train["seconds"] for r in chosen]
+            total += sum(seconds)
+            steps = sum(stage["steps"] for stage in chosen[0].train["stages"])
+            cfg = chosen[0].train["config"]
+            sizes = json.loads((chosen[0].path / "data.json").read_text(encoding="utf-8"))["sizes"]
+            rows.append(
+                [
+                    study.name,
+                    spec,
+                    str(len(chosen)),
+                    f"{statistics.mean(seconds):.0f}",
+                    str(steps),
+                    f"{sizes['train']} / {sizes.get('dev', 0)} / {sizes.get('test', 0)}, {cfg['epochs']} epochs",
+                ]
+            )
+    extra = [r for lam_value, r in sorted(lam.items()) if lam_value != 0.3]
+    if extra:
+        seconds = [r.train["seconds"] for r in extra]
+        total += sum(seconds)
+        rows.append(
+            ["tweets-binary lambda sweep", "ensemble", str(len(extra)), f"{statistics.mean(seconds):.0f}", "", ""]
+        )
+    rows.append(["all", "", "", f"{total / 3600:.2f} h in all", "", ""])
+    return table(header, rows)
+
+
+# ----------------------------------------------------------------------------------------- figures
+
+
+def plot_crossover(studies: dict[Study, dict[tuple[str, int], Run]], path: Path) -> None:
+    from layerexit.analysis import pyplot, save_figure
+
+    plt = pyplot()
+    shown = [(s, r) for s, r in studies.items() if seeds_of(r, "ensemble")]
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.3 * len(shown), 3.2), dpi=90, squeeze=False)
+    grid = np.linspace(1.0, 3.0, 41)
+    styles = {
+        "entropy": ("C3", "-"),
+        "patience": ("C2", "-"),
+        "voting k=0": ("C0", "-"),
+        "voting k=0.25": ("C0", "--"),
+        "voting k=0.5": ("C0", "-."),
+        "voting k=0.75": ("C0", ":"),
+    }
+    for ax, (study, runs) in zip(axes[0], shown, strict=True):
+        per_seed = [curves(runs[("ensemble", seed)]) for seed in seeds_of(runs, "ensemble")]
+        for name, (color, style) in styles.items():
+            ys = np.array([[envelope(c[name], s) for s in grid] for c in per_seed])
+            ax.plot(grid, 100 * ys.mean(axis=0), style, color=color, lw=1.3, label=f"ours + {name}")
+        pabee = [curves(runs[("pabee", seed)])["patience"] for seed in seeds_of(runs, "pabee")]
+        if pabee:
+            ys = np.array([[envelope(c, s) for s in grid] for c in pabee])
+            ax.plot(grid, 100 * ys.mean(axis=0), "-", color="0.5", lw=1, label="PABEE + patience")
+        ax.axvspan(*runs[("ensemble", seeds_of(runs, "ensemble")[0])].report["band"], color="0.93", zorder=0)
+        ax.set_title(f"{study.name} ({len(per_seed)} seeds)", fontsize=9)
+        ax.set_xlabel("speed-up at least")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("best test accuracy (%)")
+    axes[0][0].legend(fontsize=6, loc="lower left")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_lambda(runs: dict[float, Run], path: Path) -> None:
+    from layerexit.analysis import pyplot, save_figure
+
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=90)
+    grid = np.linspace(1.0, 3.0, 41)
+    for i, (lam, run) in enumerate(sorted(runs.items())):
+        color = f"C{i}"
+        per_layer = run.report["splits"]["test"]["per_layer"][run.metric]
+        left.plot(
+            range(1, len(per_layer) + 1), [100 * v for v in per_layer], "o-", color=color, ms=3, label=f"λ={lam:g}"
+        )
+        c = curves(run)
+        right.plot(grid, [100 * envelope(c["voting"], s) for s in grid], "-", color=color, label=f"λ={lam:g} voting")
+        right.plot(grid, [100 * envelope(c["patience"], s) for s in grid], ":", color=color)
+    left.set_xlabel("exit")
+    left.set_ylabel("test accuracy (%)")
+    left.set_title("each exit alone", fontsize=9)
+    right.set_xlabel("speed-up at least")
+    right.set_title("voting (solid), patience (dotted)", fontsize=9)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------- document
+
+
+def generate(results: Path) -> tuple[dict[str, str], dict[Study, dict[tuple[str, int], Run]], dict[float, Run]]:
+    studies = {s: runs for s in STUDIES if (runs := load_study(s, results))}
+    if not studies:
+        raise StudyError(f"no committed study under {results}")
+    main_runs = studies.get(STUDIES[0], {})
+    lam = lambda_runs(results, main_runs)
+    tables = {
+        "main": main_table(studies),
+        "pairs": pairs_table(studies),
+        "k": k_table(studies),
+        "crossover": crossover_table(studies),
+        "lambda": lambda_table(lam),
+        "timing": timing_table(studies, lam),
+    }
+    return tables, studies, lam
+
+
+BLOCK = re.compile(r"(<!-- study:(?P<name>[a-z]+) -->\n)(?P<body>.*?)(<!-- /study:(?P=name) -->)", re.S)
+
+
+def fill(doc: str, tables: dict[str, str], where: Path) -> str:
+    found = {m.group("name") for m in BLOCK.finditer(doc)}
+    missing = sorted(set(tables) - found)
+    if missing:
+        raise StudyError(
+            f"{where} has no block for {', '.join(missing)} (write <!-- study:NAME --> <!-- /study:NAME -->)"
+        )
+    unknown = sorted(found - set(tables))
+    if unknown:
+        raise StudyError(f"{where} has blocks no table fills: {', '.join(unknown)}")
+    return BLOCK.sub(lambda m: m.group(1) + tables[m.group("name")] + "\n" + m.group(4), doc)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="do not write; fail if the document differs")
+    parser.add_argument("--doc", type=Path, default=DOC)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    try:
+        tables, studies, lam = generate(args.results)
+        if not args.doc.is_file():
+            raise StudyError(f"{args.doc} does not exist")
+        doc = args.doc.read_text(encoding="utf-8")
+        new = fill(doc, tables, args.doc)
+    except StudyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        if new != doc:
+            stale = [m.group("name") for m in BLOCK.finditer(doc) if tables[m.group("name")] + "\n" != m.group("body")]
+            print(f"{args.doc} is stale: tables {', '.join(stale)} differ from the committed reports", file=sys.stderr)
+            print("run: python scripts/study.py", file=sys.stderr)
+            return 1
+        print(f"{args.doc}: {len(tables)} tables match the committed reports")
+        return 0
+    tmp = args.doc.with_name(args.doc.name + ".tmp")
+    tmp.write_text(new, encoding="utf-8")
+    tmp.replace(args.doc)
+    figures = args.results / "figures"
+    figures.mkdir(exist_ok=True)
+    plot_crossover(studies, figures / "crossover.png")
+    if lam:
+        plot_lambda(lam, figures / "lambda.png")
+    print(f"wrote {args.doc} ({len(tables)} tables) and {figures}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
