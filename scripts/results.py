@@ -2,9 +2,12 @@
 
     python scripts/results.py collect runs/compare-tweets-binary docs/results/tweets-binary-minilm
     python scripts/results.py build docs/results/tweets-binary-minilm      # prints the markdown table
+    python scripts/results.py refresh runs/compare-tweets-binary docs/results/tweets-binary-minilm
 
-`collect` keeps, per run, config.json, data.json, train_summary.json, eval/report.json and
-eval/points.csv and eval/exit_layers.csv (never weights or stored probabilities), plus the comparison's compare.* files.
+`collect` keeps, per run, config.json, data.json, train_summary.json, eval/report.json,
+eval/points.csv and eval/exit_layers.csv (never weights or stored probabilities), plus the
+comparison's compare.* files. `refresh` copies the run files again (after `layerexit evaluate`
+replayed a run) for the runs the committed folder already lists, keeping its own compare.* files.
 `build` recomputes the table from the per-run reports alone, with `layerexit.compare.summarise`.
 """
 
@@ -43,6 +46,19 @@ def collect(source: Path, dest: Path) -> None:
         print(f"{key}: {target}")
 
 
+def refresh(source: Path, dest: Path) -> None:
+    summary = json.loads((dest / "compare.json").read_text(encoding="utf-8"))
+    for key, run in summary["runs"].items():
+        name = Path(run).name
+        for file in RUN_FILES:
+            if not (source / name / file).is_file():
+                raise SystemExit(f"error: {source / name / file} is missing ({key} of {dest}/compare.json)")
+        for file in RUN_FILES:
+            (dest / name / file).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / name / file, dest / name / file)
+        print(f"{key}: {dest / name}")
+
+
 def build(folder: Path) -> str:
     summary = json.loads((folder / "compare.json").read_text(encoding="utf-8"))
     reports = {}
@@ -61,11 +77,16 @@ def main() -> int:
     c = sub.add_parser("collect")
     c.add_argument("source", type=Path)
     c.add_argument("dest", type=Path)
+    r = sub.add_parser("refresh")
+    r.add_argument("source", type=Path)
+    r.add_argument("dest", type=Path)
     b = sub.add_parser("build")
     b.add_argument("folder", type=Path)
     args = parser.parse_args()
     if args.command == "collect":
         collect(args.source, args.dest)
+    elif args.command == "refresh":
+        refresh(args.source, args.dest)
     else:
         print(build(args.folder))
     return 0
