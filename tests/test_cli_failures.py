@@ -153,3 +153,14 @@ def test_safetensors_io_errors_become_os_errors(tmp_path: Path, monkeypatch: pyt
         atomic.save_safetensors({"a": torch.zeros(1)}, tmp)
     assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_help_gives_each_default_once(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: 'minilm-l6')" in text and "(default: 0.3)" in text
+    assert "(default: True)" in text  # a boolean option
+    assert "(default: 'minilm-l6') (default" not in text
+    assert "(default: True) (default" not in text and "(default: 0.3) (default" not in text

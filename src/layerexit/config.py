@@ -174,12 +174,14 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
             continue
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         hint = hints[f.name]
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
-        if hint is bool:
+        help_text = f.metadata.get("help", "").replace("%", "%%")
+        if hint is bool:  # BooleanOptionalAction adds "(default: ...)" itself
             parser.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text
             )
             continue
+        # once, whatever the formatter: ArgumentDefaultsHelpFormatter adds nothing when %(default) is there
+        help_text += " (default: %(default)r)"
         choices = f.metadata.get("choices")
         if typing.get_origin(hint) is Literal:
             choices = typing.get_args(hint)
