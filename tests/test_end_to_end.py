@@ -270,6 +270,24 @@ def test_predict_from_arguments_file_and_stdin(
     for line in lines:
         assert line["label"] in ("neg", "pos") and 1 <= line["exit_layer"] <= 4 and line["latency_ms"] > 0
 
+    # texts may also come after the options, or on both sides of them
+    assert (
+        main(["predict", str(trained_run), "--strategy", "patience(patience=1)", "alpha good beta", "bad gamma"]) == 0
+    )
+    after = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(a["text"], a["label"]) for a in after] == [(b["text"], b["label"]) for b in lines]
+    assert (
+        main(["predict", str(trained_run), "alpha good beta", "--strategy", "patience(patience=1)", "bad gamma"]) == 0
+    )
+    assert [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()] == [
+        "alpha good beta",
+        "bad gamma",
+    ]
+    with pytest.raises(SystemExit):
+        main(["predict", str(trained_run), "--strategy", "patience(patience=1)", "x", "--no-such-option"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" in err and "--no-such-option" in err
+
     inputs = tmp_path / "inputs.jsonl"
     inputs.write_text('{"sentence": "good alpha"}\n{"sentence": ""}\n{"sentence": "bad"}\n')
     assert main(["predict", str(trained_run), "--file", str(inputs), "--text-column", "sentence"]) == 0

@@ -439,7 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras and args.command == "predict" and not any(e.startswith("-") for e in extras):
+        args.texts = [*args.texts, *extras]  # texts written after the options: argparse leaves them over
+    elif extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         _check_limits(args)
