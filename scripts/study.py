@@ -82,6 +82,7 @@ MAIN_ROWS = (
     ("ours + patience", "ensemble", "patience"),
     ("ours + voting", "ensemble", "voting"),
     ("ours + entropy", "ensemble", "entropy"),
+    ("ours + hybrid (vote or entropy)", "ensemble", "hybrid"),
     ("ours, full depth", "ensemble", "full"),
     ("ours, oracle", "ensemble", "oracle"),
 )
