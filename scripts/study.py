@@ -84,7 +84,9 @@ MAIN_ROWS = (
     ("ours + entropy", "ensemble", "entropy"),
     ("ours + hybrid (vote or entropy)", "ensemble", "hybrid"),
     ("ours, full depth", "ensemble", "full"),
+    ("PABEE, full depth", "pabee", "full"),
     ("ours, oracle", "ensemble", "oracle"),
+    ("PABEE, oracle", "pabee", "oracle"),
 )
 # paired differences: (label, (method, column), (method, column)); columns are exit_layers.csv's <name>_pred
 PAIRS = (
