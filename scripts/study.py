@@ -394,6 +394,35 @@ def crossover_table(studies: dict[Study, dict[tuple[str, int], Run]]) -> str:
     return table(header, rows)
 
 
+MATCHED = (
+    ("ours + voting − PABEE + patience", ("ensemble", "voting"), ("pabee", "patience")),
+    ("ours + entropy − PABEE + patience", ("ensemble", "entropy"), ("pabee", "patience")),
+)
+
+
+def matched_table(studies: dict[Study, dict[tuple[str, int], Run]]) -> str:
+    """Two methods at matched speed-up: the best test accuracy of each among settings at least s
+    times faster than the full model (the same optimistic choice for both), difference averaged over
+    the seeds both have."""
+    header = ["difference (points)", *(f"≥ {s:g}x" for s in SPEEDUPS)]
+    rows = []
+    for study, runs in studies.items():
+        for label, a, b in MATCHED:
+            seeds = sorted(set(seeds_of(runs, a[0])) & set(seeds_of(runs, b[0])))
+            if not seeds:
+                continue
+            row = [f"{study.name}: {label}"]
+            for s in SPEEDUPS:
+                diffs = [
+                    envelope(runs[(a[0], seed)].test_points(a[1]), s)
+                    - envelope(runs[(b[0], seed)].test_points(b[1]), s)
+                    for seed in seeds
+                ]
+                row.append("–" if any(np.isnan(d) for d in diffs) else f"{100 * statistics.mean(diffs):+.1f}")
+            rows.append(row)
+    return table(header, rows)
+
+
 def lambda_runs(results: Path, main: dict[tuple[str, int], Run]) -> dict[float, Run]:
     out: dict[float, Run] = {}
     folder = results / LAMBDA_FOLDER
@@ -537,6 +566,7 @@ def generate(results: Path) -> tuple[dict[str, str], dict[Study, dict[tuple[str,
         "pairs": pairs_table(studies),
         "k": k_table(studies),
         "crossover": crossover_table(studies),
+        "matched": matched_table(studies),
         "lambda": lambda_table(lam),
         "timing": timing_table(studies, lam),
     }
