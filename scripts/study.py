@@ -474,7 +474,8 @@ def timing_table(studies: dict[Study, dict[tuple[str, int], Run]], lam: dict[flo
                     str(len(chosen)),
                     f"{statistics.mean(seconds):.0f}",
                     str(steps),
-                    f"{sizes['train']} / {sizes.get('dev', 0)} / {sizes.get('test', 0)}, {cfg['epochs']} epochs",
+                    f"{sizes['train']} / {sizes.get('dev', 0)} / {sizes.get('test', 0)}, "
+                    + (f"{cfg['epochs']} epochs" if cfg["epochs"] != 1 else "1 epoch"),
                 ]
             )
     extra = [r for lam_value, r in sorted(lam.items()) if lam_value != 0.3]
