@@ -305,31 +305,15 @@ def test_predict_from_arguments_file_and_stdin(
     assert "needs labels" in capsys.readouterr().err
 
 
+def _bench(run: Path, out: Path, samples: str, batch_sizes: list[str], *extra: str) -> int:
+    """`layerexit bench` with a fixed static strategy, one repeat and one thread (fast, deterministic exits)."""
+    fixed = ["--strategy", "static(layer=2)", "--repeats", "1", "--threads", "1", "--output", str(out), "--quiet"]
+    return main(["bench", str(run), *fixed, "--samples", samples, "--batch-sizes", *batch_sizes, *extra])
+
+
 def test_bench_writes_both_speedups(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.json"
-    assert (
-        main(
-            [
-                "bench",
-                str(trained_run),
-                "--strategy",
-                "static(layer=2)",
-                "--samples",
-                "24",
-                "--batch-sizes",
-                "1",
-                "8",
-                "--repeats",
-                "1",
-                "--threads",
-                "1",
-                "--output",
-                str(out),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert _bench(trained_run, out, "24", ["1", "8"]) == 0
     results = json.loads(out.read_text())
     for size in ("1", "8"):
         entry = results["batch_sizes"][size]
@@ -390,32 +374,7 @@ def test_onnx_export_evaluate_predict_and_bench(
     assert [(p["label"], p["exit_layer"]) for p in with_torch] == [(p["label"], p["exit_layer"]) for p in with_onnx]
 
     out = tmp_path / "bench.json"
-    assert (
-        main(
-            [
-                "bench",
-                str(trained_run),
-                "--strategy",
-                "static(layer=2)",
-                "--samples",
-                "16",
-                "--batch-sizes",
-                "1",
-                "4",
-                "--repeats",
-                "1",
-                "--threads",
-                "1",
-                "--runtime",
-                "torch",
-                "onnx",
-                "--output",
-                str(out),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert _bench(trained_run, out, "16", ["1", "4"], "--runtime", "torch", "onnx") == 0
     entry = json.loads(out.read_text())["batch_sizes"]["1"]
     assert {"full", "early_exit", "onnx_full", "onnx_early_exit"} <= set(entry)
     assert entry["onnx_early_exit_vs_onnx_full"] > 0
