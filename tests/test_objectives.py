@@ -84,7 +84,7 @@ def test_stage_losses_are_the_documented_formulas() -> None:
     logits = torch.randn(4, 8, 3, generator=g)
     labels = torch.randint(0, 3, (8,), generator=g)
     ensemble = objectives.build("ensemble", 4, lam=0.3, weighting="linear", drop_last_diversity=True)[0]
-    div_w = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    div_w = torch.tensor([0.1, 0.2, 0.3, 0.0])  # beta_i = alpha_i = i / 10, beta_L = 0
     expected = losses.relevancy(logits, labels, losses.layer_weights(4, "linear")) - 0.3 * losses.diversity(
         logits, div_w
     )
@@ -105,3 +105,35 @@ def test_stage_losses_are_the_documented_formulas() -> None:
     teacher = logits[-1].softmax(-1)
     kl = sum((teacher * (teacher.log() - logits[i].log_softmax(-1))).sum(-1).mean() for i in range(3))
     assert fastbert_distil.loss(logits, labels).item() == pytest.approx(float(kl), rel=1e-5)
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "linear"])
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_lambda_weighs_each_exits_diversity_against_its_own_relevancy(weighting: str, drop_last: bool) -> None:
+    """One scale: the ensemble loss is sum_i alpha_i (CE(x_i, y) - lambda min_j CE(x_i, x_j)), so lambda is
+    the same per-exit trade-off under uniform and linear weights (the paper's Eq. 22 needs lambda < 1)."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 16, 3, generator=g)
+    labels = torch.randint(0, 3, (16,), generator=g)
+    lam = 0.2
+    alpha, beta = objectives.ensemble_weights(5, weighting, drop_last)  # type: ignore[arg-type]
+    assert torch.equal(beta[:-1], alpha[:-1]) and float(beta[-1]) == (0.0 if drop_last else float(alpha[-1]))
+    loss = objectives.build("ensemble", 5, lam=lam, weighting=weighting, drop_last_diversity=drop_last)[0].loss
+    q = logits.log_softmax(-1)  # (L, B, C)
+    x = q.exp()
+    expected = 0.0
+    for i in range(5):
+        ce_label = -q[i].gather(1, labels[:, None]).mean()
+        div = min(float(-(x[j] * q[i]).sum(-1).mean()) for j in range(i)) if i else 0.0
+        keep = 0.0 if (drop_last and i == 4) else 1.0
+        expected += float(alpha[i]) * (float(ce_label) - lam * keep * div)
+    assert loss(logits, labels).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_auto_weighting_is_linear_except_for_albert() -> None:
+    from layerexit.train import resolve_weighting
+
+    assert resolve_weighting(TrainConfig(), "bert") == "linear"
+    assert resolve_weighting(TrainConfig(), "mpnet") == "linear"
+    assert resolve_weighting(TrainConfig(), "albert") == "uniform"
+    assert resolve_weighting(TrainConfig(weighting="uniform"), "bert") == "uniform"

@@ -39,8 +39,12 @@ class TrainConfig:
     output: str = option("", "run folder to create (default: runs/<task>-<model>-<objective>-seed<seed>)")
     objective: str = option("ensemble", "training method", choices=OBJECTIVES)
     lam: float = option(0.3, "diversity weight lambda of the ensemble objective (paper: 0.1-0.5)", flag="--lambda")
-    weighting: Literal["uniform", "linear"] = option(
-        "uniform", "relevancy weights of the ensemble objective: uniform (ALBERT) or linear i/sum(i) (BERT, PABEE)"
+    weighting: Literal["auto", "uniform", "linear"] = option(
+        "auto",
+        "exit weights alpha of the ensemble objective: uniform (the paper's choice for ALBERT) or linear i/sum(i) "
+        "(BERT, PABEE); auto = uniform for ALBERT, linear for every other encoder. The diversity weights beta "
+        "follow alpha (beta_i = alpha_i, beta_L = 0 by default), so lambda weighs exit i's diversity term against "
+        "its own relevancy term under either weighting",
     )
     drop_last_diversity: bool = option(True, "beta_L = 0: no diversity term on the last exit")
     detach_teacher: bool = option(True, "the earlier exit is a fixed target in the diversity term")
@@ -69,6 +73,9 @@ class TrainConfig:
     text_pair_column: str = option("", "column of the second text of a pair, for data files")
     label_column: str = option("label", "column of the label, for data files")
     seed: int = option(0, "random seed (weights of the exits, data order, dropout)")
+    data_seed: int = option(
+        0, "seed of the --max-train / --max-eval subsets: runs that differ only in --seed see the same examples"
+    )
     threads: int = option(0, "torch threads (0: torch's default)")
     log_every: int = option(20, "log the training loss every this many steps")
     exit_dropout: float = option(0.1, "dropout inside the exits (the encoder keeps its own)")
@@ -97,6 +104,7 @@ class TrainConfig:
             (self.threads >= 0, "--threads must be >= 0"),
             (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
             (0 <= self.seed < 2**32, f"--seed must be in [0, 2**32), got {self.seed}"),
+            (0 <= self.data_seed < 2**32, f"--data-seed must be in [0, 2**32), got {self.data_seed}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (0 <= self.exit_dropout < 1, f"--exit-dropout must be in [0, 1), got {self.exit_dropout}"),
             (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
@@ -125,7 +133,7 @@ class TrainConfig:
             label_column=self.label_column,
             max_train=self.max_train or None,
             max_eval=self.max_eval or None,
-            seed=self.seed,
+            seed=self.data_seed,
         )
 
     def slug(self) -> str:
@@ -220,6 +228,8 @@ def load_train_config(path: Path) -> TrainConfig:
         raise LayerExitError(f"{path}: cannot read the run configuration ({err})") from None
     if not isinstance(data, dict):
         raise LayerExitError(f"{path}: expected a JSON object")
+    if isinstance(data, dict) and "data_seed" not in data and "seed" in data:
+        data["data_seed"] = data["seed"]  # runs written before --data-seed drew their subsets with --seed
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:

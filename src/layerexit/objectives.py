@@ -68,10 +68,7 @@ def ensemble_loss(
     min_over: losses.MinOver,
 ) -> Tensor:
     num_layers = logits.shape[0]
-    rel_w = losses.layer_weights(num_layers, weighting, logits.device)
-    div_w = torch.ones(num_layers, device=logits.device)
-    if drop_last_diversity:
-        div_w[-1] = 0.0
+    rel_w, div_w = ensemble_weights(num_layers, weighting, drop_last_diversity, logits.device)
     return losses.ensemble(
         logits,
         labels,
@@ -81,6 +78,23 @@ def ensemble_loss(
         detach_target=detach_target,
         min_over=min_over,
     )
+
+
+def ensemble_weights(
+    num_layers: int, weighting: losses.Weighting, drop_last_diversity: bool, device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
+    """alpha (relevancy) and beta (diversity) of the ensemble objective, on one scale.
+
+    The paper's analysis of lambda (Eq. 15-22) holds per exit: exit i sees ``beta_i / alpha_i`` as its
+    lambda. So beta_i = alpha_i for i < L (and beta_L = 0 when the last exit's diversity is dropped),
+    and ``lambda`` means the same under ``uniform`` (alpha_i = 1) and ``linear`` (alpha_i = i / sum_j j)
+    weights: the diversity term of exit i weighs ``lambda`` times its relevancy term.
+    """
+    alpha = losses.layer_weights(num_layers, weighting, device)  # (L,)
+    beta = alpha.clone()  # (L,)
+    if drop_last_diversity:
+        beta[-1] = 0.0
+    return alpha, beta
 
 
 def build(

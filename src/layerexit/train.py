@@ -41,6 +41,14 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+def resolve_weighting(config: TrainConfig, model_type: str) -> losses.Weighting:
+    """``auto``: uniform exit weights for ALBERT (one layer shared across depth), linear i / sum(i) for
+    every other encoder: the paper's recipe (its Appendix A.4 found uniform weights poor on BERT)."""
+    if config.weighting != "auto":
+        return config.weighting
+    return "uniform" if model_type == "albert" else "linear"
+
+
 def resolve_pooling(config: TrainConfig, encoder_path: str) -> str:
     """``auto``: mean pooling for sentence-transformers encoders (trained with it), else the first token.
 
@@ -127,7 +135,7 @@ def train(config: TrainConfig, *, progress: bool = True, resume: bool = False) -
             config.objective,
             model.num_layers,
             lam=config.lam,
-            weighting=config.weighting,
+            weighting=resolve_weighting(config, model.backbone.model.config.model_type),
             drop_last_diversity=config.drop_last_diversity,
             detach_target=config.detach_teacher,
             min_over=config.min_over,
