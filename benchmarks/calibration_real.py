@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from layerexit import calibrate
-from layerexit.evaluate import load_probs
+from layerexit.evaluation import calibrate
+from layerexit.evaluation.evaluate import load_probs
 
 
 def main() -> None:

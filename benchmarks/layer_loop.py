@@ -17,8 +17,8 @@ from transformers import AutoModel
 from layerexit import strategies
 from layerexit.assets import resolve_encoder
 from layerexit.backbones import wrap
-from layerexit.inference import early_exit_forward
 from layerexit.model import EarlyExitModel, ExitConfig
+from layerexit.runtime.loop import early_exit_forward
 
 
 def main() -> None:

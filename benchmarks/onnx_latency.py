@@ -4,7 +4,7 @@ Rows, all measured in one run on the same inputs, interleaved round by round (ea
 row of a phase once on the same input, in a shuffled order):
 
 * PyTorch full model: the Hugging Face ``AutoModel`` forward and the last exit head;
-* PyTorch early exit: :func:`layerexit.inference.early_exit_forward` at each static layer;
+* PyTorch early exit: :func:`layerexit.runtime.loop.early_exit_forward` at each static layer;
 * ORT full graph: ``full.onnx``, the plain full model a user would deploy on ONNX Runtime;
 * ORT early exit at ``Static(layer=n)`` for each ``--static`` n (``--int8``: the same on int8 graphs);
 * ORT full graph with ONNX Runtime's default session options, in its own phase (its idle threads spin
@@ -37,9 +37,9 @@ import onnxruntime
 import torch
 
 from layerexit import strategies
-from layerexit.inference import early_exit_forward
 from layerexit.model import EarlyExitModel, ExitConfig
-from layerexit.onnx_backend import MANIFEST_NAME, OnnxEarlyExitModel, export_onnx
+from layerexit.runtime.loop import early_exit_forward
+from layerexit.runtime.onnx_runtime import MANIFEST_NAME, OnnxEarlyExitModel, export_onnx
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 

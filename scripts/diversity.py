@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from layerexit.evaluate import load_probs
+from layerexit.evaluation.evaluate import load_probs
 from layerexit.strategies import Voting
 
 

@@ -493,7 +493,7 @@ def timing_table(studies: dict[Study, dict[tuple[str, int], Run]], lam: dict[flo
 
 
 def plot_crossover(studies: dict[Study, dict[tuple[str, int], Run]], path: Path) -> None:
-    from layerexit.analysis import pyplot, save_figure
+    from layerexit.evaluation.analysis import pyplot, save_figure
 
     plt = pyplot()
     shown = [(s, r) for s, r in studies.items() if seeds_of(r, "ensemble")]
@@ -527,7 +527,7 @@ def plot_crossover(studies: dict[Study, dict[tuple[str, int], Run]], path: Path)
 
 
 def plot_lambda(runs: dict[float, Run], path: Path) -> None:
-    from layerexit.analysis import pyplot, save_figure
+    from layerexit.evaluation.analysis import pyplot, save_figure
 
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=90)

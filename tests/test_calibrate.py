@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from layerexit import calibrate, strategies
-from layerexit.calibrate import Choice, GridReplay
+from layerexit import strategies
 from layerexit.errors import LayerExitError
+from layerexit.evaluation import calibrate
+from layerexit.evaluation.calibrate import Choice, GridReplay
+from layerexit.evaluation.sweep import FAMILIES, default_grid
 from layerexit.strategies import Entropy, Static, Voting
-from layerexit.sweep import FAMILIES, default_grid
 
 
 def synthetic(

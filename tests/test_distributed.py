@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from layerexit.cli import main
-from layerexit.distributed import Runtime, launch
+from layerexit.training.distributed import Runtime, launch
 
 from .runs import assets, on_cpu, summary, train_args, weights
 

@@ -17,12 +17,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from layerexit import checkpoint, strategies
+from layerexit import strategies
 from layerexit.config import TrainConfig, load_train_config
 from layerexit.data import _LAYOUTS, load_task
 from layerexit.errors import LayerExitError
-from layerexit.evaluate import load_probs
+from layerexit.evaluation.evaluate import load_probs
 from layerexit.model import EarlyExitModel
+from layerexit.training import checkpoint
 
 from .conftest import tiny_model
 

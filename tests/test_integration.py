@@ -11,10 +11,10 @@ import torch
 from layerexit import strategies
 from layerexit.assets import package_dir
 from layerexit.cli import main
-from layerexit.evaluate import load_run_split
-from layerexit.inference import early_exit_forward
+from layerexit.evaluation.evaluate import load_run_split
 from layerexit.model import EarlyExitModel
 from layerexit.predictor import Predictor
+from layerexit.runtime.loop import early_exit_forward
 
 pytestmark = [
     pytest.mark.integration,
@@ -66,7 +66,7 @@ def test_minilm_online_equals_offline(run: Path) -> None:
     loaded = load_run_split(run, "test", model, limit=48)
     assert loaded is not None
     encoded, pad_id = loaded
-    from layerexit.encoding import collate
+    from layerexit.data.encoding import collate
 
     batch = collate(encoded, list(range(48)), pad_id)
     with torch.inference_mode():

@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from layerexit import strategies
 from layerexit.errors import LayerExitError
-from layerexit.inference import early_exit_forward
 from layerexit.model import EarlyExitModel, ExitConfig
+from layerexit.runtime.loop import early_exit_forward
 
 from .conftest import ARCHITECTURES, random_batch, tiny_model
 
@@ -189,7 +189,7 @@ def test_temperatures_scale_probabilities_and_survive_saving(tmp_path: Path) -> 
 
 
 def test_fitted_temperature_lowers_dev_nll() -> None:
-    from layerexit.train import fit_temperature
+    from layerexit.training.loop import fit_temperature
 
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 3, (400,), generator=g)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerexit import losses, objectives
+from layerexit import losses
 from layerexit.config import TrainConfig
 from layerexit.model import EarlyExitModel
-from layerexit.train import _parameter_groups
+from layerexit.training import objectives
+from layerexit.training.loop import _parameter_groups
 
 from .conftest import random_batch, tiny_model
 
@@ -131,7 +132,7 @@ def test_lambda_weighs_each_exits_diversity_against_its_own_relevancy(weighting:
 
 
 def test_auto_weighting_is_linear_except_for_albert() -> None:
-    from layerexit.train import resolve_weighting
+    from layerexit.training.loop import resolve_weighting
 
     assert resolve_weighting(TrainConfig(), "bert") == "linear"
     assert resolve_weighting(TrainConfig(), "mpnet") == "linear"

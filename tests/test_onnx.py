@@ -17,9 +17,9 @@ pytest.importorskip("onnxruntime")
 
 from layerexit import strategies
 from layerexit.errors import LayerExitError
-from layerexit.inference import early_exit_forward
 from layerexit.model import EarlyExitModel
-from layerexit.onnx_backend import MANIFEST_NAME, OnnxEarlyExitModel, export_dir_for, export_onnx
+from layerexit.runtime.loop import early_exit_forward
+from layerexit.runtime.onnx_runtime import MANIFEST_NAME, OnnxEarlyExitModel, export_dir_for, export_onnx
 
 from .conftest import ARCHITECTURES, random_batch, tiny_model
 from .test_model import CANDIDATES, _peaked, _varied

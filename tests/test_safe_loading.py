@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from layerexit.config import TrainConfig, load_train_config, save_config
 from layerexit.errors import LayerExitError
-from layerexit.evaluate import load_probs, save_probs
+from layerexit.evaluation.evaluate import load_probs, save_probs
 from layerexit.model import EarlyExitModel
 
 from .conftest import tiny_model

@@ -2,9 +2,9 @@
 
 from layerexit import losses, strategies
 from layerexit.errors import LayerExitError
-from layerexit.inference import early_exit_forward
 from layerexit.model import EarlyExitModel, ExitConfig
 from layerexit.predictor import Predictor
+from layerexit.runtime.loop import early_exit_forward
 
 __version__ = "0.1.0"
 __all__ = [

@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 
 from layerexit.config import TrainConfig, add_arguments, from_namespace, given_options, objective_help
 from layerexit.errors import LayerExitError
-from layerexit.sweep import FAMILIES
+from layerexit.evaluation.sweep import FAMILIES
 
 
 def _families(text: str) -> list[str]:
@@ -26,12 +26,12 @@ def _families(text: str) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from layerexit.distributed import is_main_process, launch
-    from layerexit.train import train
+    from layerexit.training.distributed import is_main_process, launch
+    from layerexit.training.loop import train
 
     config = from_namespace(TrainConfig, args)
     if args.resume:
-        from layerexit.checkpoint import resume_config
+        from layerexit.training.checkpoint import resume_config
 
         run = Path(config.output or Path("runs") / config.run_name())
         config = resume_config(run, config, given_options(TrainConfig, args.argv))
@@ -70,7 +70,7 @@ def _evaluate(
     reuse: bool = True,
     runtime: str = "torch",
 ) -> int:
-    from layerexit.evaluate import eval_dir, evaluate_run, format_report
+    from layerexit.evaluation.evaluate import eval_dir, evaluate_run, format_report
 
     report = evaluate_run(
         run, splits=splits, families=families, batch_size=batch_size, progress=progress, reuse=reuse, runtime=runtime
@@ -123,7 +123,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _onnx_model(run: Path, quantized: bool, threads: int | None) -> Any:
-    from layerexit.onnx_backend import OnnxEarlyExitModel, export_dir_for
+    from layerexit.runtime.onnx_runtime import OnnxEarlyExitModel, export_dir_for
 
     folder = export_dir_for(run, quantize=quantized)
     if not folder.is_dir():
@@ -133,8 +133,8 @@ def _onnx_model(run: Path, quantized: bool, threads: int | None) -> Any:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from layerexit.bench import BenchInputs, bench, format_bench, write_json
-    from layerexit.evaluate import check_finished, load_run_split
+    from layerexit.evaluation.bench import BenchInputs, bench, format_bench, write_json
+    from layerexit.evaluation.evaluate import check_finished, load_run_split
     from layerexit.model import EarlyExitModel
     from layerexit.predictor import default_strategy
     from layerexit.strategies import parse
@@ -175,9 +175,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from layerexit.encoding import load_tokenizer
+    from layerexit.data.encoding import load_tokenizer
     from layerexit.model import EarlyExitModel
-    from layerexit.onnx_backend import export_dir_for, export_onnx
+    from layerexit.runtime.onnx_runtime import export_dir_for, export_onnx
 
     run = Path(args.run)
     model = EarlyExitModel.from_pretrained(run)
@@ -188,8 +188,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from layerexit import calibrate
-    from layerexit.evaluate import split_probs
+    from layerexit.evaluation import calibrate
+    from layerexit.evaluation.evaluate import split_probs
 
     if (args.target_speedup is None) == (args.max_drop is None):
         raise LayerExitError("give either --target-speedup or --max-drop (with --confidence)")
@@ -242,7 +242,7 @@ def calibrate_table(choices: Sequence, checks: Sequence, calib_split: str, test_
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from layerexit.compare import DEFAULT_METHODS, compare, format_table, parse_method
+    from layerexit.evaluation.compare import DEFAULT_METHODS, compare, format_table, parse_method
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(DEFAULT_METHODS)
     for spec in methods:
@@ -258,7 +258,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from layerexit.analysis import analyze_run
+    from layerexit.evaluation.analysis import analyze_run
 
     for path in analyze_run(Path(args.run), split=args.split):
         print(f"wrote {path}")

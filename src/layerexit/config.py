@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from layerexit.errors import LayerExitError
-from layerexit.objectives import OBJECTIVE_HELP, OBJECTIVES
+from layerexit.training.objectives import OBJECTIVE_HELP, OBJECTIVES
 
 
 def option(default: Any, help: str, flag: str | None = None, choices: tuple[str, ...] | None = None) -> Any:

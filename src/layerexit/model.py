@@ -135,7 +135,7 @@ class ExitHead(nn.Module):
 
 class EarlyExitModel(nn.Module):
     """An encoder with one exit per layer. ``forward`` runs every layer (training, offline replay);
-    :mod:`layerexit.inference` runs only the layers each sample needs."""
+    :mod:`layerexit.runtime.loop` runs only the layers each sample needs."""
 
     def __init__(self, backbone: Backbone, config: ExitConfig) -> None:
         super().__init__()

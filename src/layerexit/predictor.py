@@ -20,10 +20,10 @@ from typing import Any
 import torch
 
 from layerexit import strategies
-from layerexit.encoding import collate, encode, load_tokenizer
+from layerexit.data.encoding import collate, encode, load_tokenizer
 from layerexit.errors import LayerExitError
-from layerexit.inference import early_exit_forward
 from layerexit.model import EarlyExitModel
+from layerexit.runtime.loop import early_exit_forward
 
 
 @dataclass
@@ -46,7 +46,7 @@ def default_strategy(run_dir: Path) -> tuple[strategies.Strategy, str]:
     on dev by ``layerexit evaluate``. Returns it with a word on where it came from."""
     calibration = run_dir / "calibration.json"
     if calibration.is_file():
-        from layerexit.calibrate import load_choice
+        from layerexit.evaluation.calibrate import load_choice
 
         chosen = load_choice(run_dir)
         if chosen is not None:
@@ -79,7 +79,7 @@ class Predictor:
         source: str = "given",
         onnx: Any = None,
     ) -> None:
-        """``onnx``: an :class:`layerexit.onnx_backend.OnnxEarlyExitModel` to run instead of PyTorch."""
+        """``onnx``: an :class:`layerexit.runtime.onnx_runtime.OnnxEarlyExitModel` to run instead of PyTorch."""
         if strategy.needs_labels:
             raise LayerExitError(f"strategy {strategy.name!r} needs labels and cannot be used for prediction")
         self.model = model.eval()
@@ -105,7 +105,7 @@ class Predictor:
         run = Path(run_dir)
         if not (run / "layerexit.json").is_file():
             raise LayerExitError(f"{run} is not a layerexit run folder (layerexit.json missing)")
-        from layerexit.evaluate import check_finished
+        from layerexit.evaluation.evaluate import check_finished
 
         check_finished(run)
         if threads:
@@ -122,7 +122,7 @@ class Predictor:
         model = EarlyExitModel.from_pretrained(run)
         onnx = None
         if runtime != "torch":
-            from layerexit.onnx_backend import OnnxEarlyExitModel, export_dir_for
+            from layerexit.runtime.onnx_runtime import OnnxEarlyExitModel, export_dir_for
 
             if runtime not in ("onnx", "onnx-int8"):
                 raise LayerExitError(f"unknown runtime {runtime!r}; expected torch, onnx or onnx-int8")

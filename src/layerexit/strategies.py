@@ -3,7 +3,7 @@
 A strategy sees only the exits computed so far. Its one primitive is :meth:`Strategy.step`, which
 takes the probabilities of layer ``l`` for the samples still running and says which of them exit
 now and what each would predict. :meth:`Strategy.replay` (offline, over stored probabilities of
-every layer) and online inference (:mod:`layerexit.inference`, which drops exited rows) both
+every layer) and online inference (:mod:`layerexit.runtime.loop`, which drops exited rows) both
 drive ``step``, so they give the same exit layer and prediction for every sample by construction.
 
 Layers are counted from 1; a sample that no rule lets out exits at the last layer L.

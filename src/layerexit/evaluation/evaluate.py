@@ -23,11 +23,11 @@ from tqdm.auto import tqdm
 
 from layerexit import metrics
 from layerexit.atomic import replacing, save_safetensors, write_json
-from layerexit.encoding import Encoded, batches
+from layerexit.data.encoding import Encoded, batches
 from layerexit.errors import LayerExitError
+from layerexit.evaluation.sweep import FAMILIES, Point, default_grid, evaluate_point, paper_band, select_in_band, sweep
 from layerexit.model import EarlyExitModel
 from layerexit.strategies import Static
-from layerexit.sweep import FAMILIES, Point, default_grid, evaluate_point, paper_band, select_in_band, sweep
 
 EVAL_DIR = "eval"
 
@@ -163,7 +163,7 @@ def write_exit_layers_csv(
 
 def plot_tradeoff(points: list[Point], report: dict[str, Any], split: str, path: Path, title: str) -> None:
     """Metric against speed-up: each family's Pareto front, the static models, the full model, the oracle."""
-    from layerexit.analysis import pyplot, save_figure
+    from layerexit.evaluation.analysis import pyplot, save_figure
 
     plt = pyplot()
 
@@ -243,7 +243,7 @@ def evaluate_run(
     """Evaluate a trained run folder; writes ``<run>/eval/`` (``eval-onnx``, ``eval-onnx-int8`` for the
     exported graphs) and returns the report."""
     from layerexit.config import load_train_config
-    from layerexit.train import DATA_INFO
+    from layerexit.training.loop import DATA_INFO
 
     run = Path(run_dir)
     if not (run / "config.json").is_file() or not (run / "layerexit.json").is_file():
@@ -365,7 +365,7 @@ def split_probs(
         probs = collect_probs(model, encoded, batch_size, pad_id, progress=progress)
     else:
         if "onnx" not in cache:
-            from layerexit.onnx_backend import OnnxEarlyExitModel, export_dir_for
+            from layerexit.runtime.onnx_runtime import OnnxEarlyExitModel, export_dir_for
 
             folder = export_dir_for(run, quantize=runtime == "onnx-int8")
             if not folder.is_dir():
@@ -386,8 +386,8 @@ def load_run_split(
 ) -> tuple[Encoded, int] | None:
     """A split of a run's task, tokenised as in training: (encoded, pad id). None if absent and not required."""
     from layerexit.config import load_train_config
-    from layerexit.encoding import load_tokenizer
-    from layerexit.train import encode_split
+    from layerexit.data.encoding import load_tokenizer
+    from layerexit.training.loop import encode_split
 
     config = load_train_config(run / "config.json")
     task = config.load_task()
@@ -405,8 +405,8 @@ def load_run_split(
 
 def check_finished(run: Path) -> None:
     """Refuse a run whose training was interrupted: its weights are not the final ones."""
-    from layerexit.checkpoint import CHECKPOINT_DIR
-    from layerexit.train import SUMMARY
+    from layerexit.training.checkpoint import CHECKPOINT_DIR
+    from layerexit.training.loop import SUMMARY
 
     if not (run / SUMMARY).is_file() and any((run / (CHECKPOINT_DIR + s)).exists() for s in ("", ".old")):
         raise LayerExitError(

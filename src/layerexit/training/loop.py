@@ -1,4 +1,4 @@
-"""The one training loop. Methods differ only in their stages (:mod:`layerexit.objectives`)."""
+"""The one training loop. Methods differ only in their stages (:mod:`layerexit.training.objectives`)."""
 
 from __future__ import annotations
 
@@ -16,14 +16,15 @@ from typing import Any, BinaryIO
 import torch
 from tqdm.auto import tqdm
 
-from layerexit import checkpoint, losses, objectives
+from layerexit import losses
 from layerexit.atomic import write_text
 from layerexit.config import TrainConfig, save_config
-from layerexit.distributed import Runtime
-from layerexit.encoding import Encoded, collate, encode, load_tokenizer
+from layerexit.data.encoding import Encoded, collate, encode, load_tokenizer
 from layerexit.errors import LayerExitError
-from layerexit.evaluate import collect_probs, per_layer_scores
+from layerexit.evaluation.evaluate import collect_probs, per_layer_scores
 from layerexit.model import EarlyExitModel, check_state
+from layerexit.training import checkpoint, objectives
+from layerexit.training.distributed import Runtime
 
 TRAIN_LOG = "train_log.jsonl"
 SUMMARY = "train_summary.json"
@@ -338,7 +339,7 @@ def fit_stage(
     """Train one stage for ``config.epochs`` epochs; keep the checkpoint with the best dev score.
 
     Each optimizer step takes ``grad_accum`` batches of ``batch_size`` rows; every batch is shared
-    out among the processes (:mod:`layerexit.distributed`). Returns the stage's result on process 0.
+    out among the processes (:mod:`layerexit.training.distributed`). Returns the stage's result on process 0.
     """
     config, runtime = run.config, run.runtime
     model.to(runtime.device)

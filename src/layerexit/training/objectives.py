@@ -1,7 +1,7 @@
 """Training methods as data: each is a list of stages the one training loop runs in turn.
 
 A stage names its loss over the logits of every exit, ``(L, B, C)``, which parameters it trains,
-and how deep the forward pass must go. The loop in :mod:`layerexit.train` knows nothing about
+and how deep the forward pass must go. The loop in :mod:`layerexit.training.loop` knows nothing about
 any particular method.
 """
 

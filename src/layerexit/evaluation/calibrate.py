@@ -32,8 +32,8 @@ from torch import Tensor
 
 from layerexit import metrics, strategies
 from layerexit.errors import LayerExitError
+from layerexit.evaluation.sweep import FAMILIES, default_grid
 from layerexit.strategies import Static, Strategy
-from layerexit.sweep import FAMILIES, default_grid
 
 Mode = Literal["speedup", "risk"]
 Loss = Literal["disagreement", "accuracy_drop"]

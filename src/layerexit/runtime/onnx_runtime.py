@@ -18,7 +18,7 @@ An export folder holds
 Inputs a graph does not use are pruned by the exporter (BERT's embeddings ignore the padding mask);
 the manifest records each graph's actual inputs and the runtime feeds exactly those.
 
-:class:`OnnxEarlyExitModel` mirrors :func:`layerexit.inference.early_exit_forward`: the decision
+:class:`OnnxEarlyExitModel` mirrors :func:`layerexit.runtime.loop.early_exit_forward`: the decision
 after each layer is the same ``strategy.step`` on the same probabilities, exited rows are dropped and
 trailing padding is trimmed, so exits and predictions equal the PyTorch path's.
 
@@ -46,8 +46,8 @@ from torch import Tensor, nn
 from layerexit import __version__
 from layerexit.backbones import AlbertBackbone, BertLikeBackbone, DistilBertBackbone
 from layerexit.errors import LayerExitError
-from layerexit.inference import ExitResult
 from layerexit.model import EarlyExitModel, ExitConfig
+from layerexit.runtime.loop import ExitResult
 from layerexit.strategies import Strategy, select_state
 
 MANIFEST_NAME = "onnx_manifest.json"
@@ -696,7 +696,7 @@ class OnnxEarlyExitModel:
     ) -> ExitResult:
         """Run one batch, each row stopping at the layer ``strategy`` lets it out.
 
-        Same semantics as :func:`layerexit.inference.early_exit_forward`: exited rows are dropped
+        Same semantics as :func:`layerexit.runtime.loop.early_exit_forward`: exited rows are dropped
         before the next layer and trailing padding shared by the remaining rows is cut.
         """
         if strategy.needs_labels:

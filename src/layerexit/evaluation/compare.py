@@ -20,9 +20,9 @@ from typing import Any
 
 from layerexit.config import TrainConfig
 from layerexit.errors import LayerExitError
-from layerexit.evaluate import evaluate_run, pareto_front
-from layerexit.objectives import OBJECTIVES
-from layerexit.sweep import FAMILIES
+from layerexit.evaluation.evaluate import evaluate_run, pareto_front
+from layerexit.evaluation.sweep import FAMILIES
+from layerexit.training.objectives import OBJECTIVES
 
 DEFAULT_METHODS = ("finetune", "static:3", "static:4", "deebert", "fastbert", "pabee", "righttool", "ensemble")
 NATIVE = {
@@ -71,7 +71,7 @@ def compare(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train (or reuse) every (method, seed), evaluate, and write ``compare.{json,csv,md,png}``."""
-    from layerexit.train import train
+    from layerexit.training.loop import train
 
     parsed = [(spec, *parse_method(spec)) for spec in methods]
     output.mkdir(parents=True, exist_ok=True)
@@ -216,7 +216,7 @@ def write_csv(summary: dict[str, Any], path: Path) -> None:
 def plot_compare(reports: dict[tuple[str, int], dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
     """Metric against speed-up on the report split: each method's own strategy (plus ours with
     patience), static models as squares, the fine-tuned full model as a dashed line. First seed."""
-    from layerexit.analysis import pyplot, save_figure
+    from layerexit.evaluation.analysis import pyplot, save_figure
 
     plt = pyplot()
 

@@ -19,8 +19,8 @@ from torch import Tensor
 
 from layerexit import strategies
 from layerexit.errors import LayerExitError
-from layerexit.evaluate import EVAL_DIR, load_probs
-from layerexit.sweep import VOTING_KS
+from layerexit.evaluation.evaluate import EVAL_DIR, load_probs
+from layerexit.evaluation.sweep import VOTING_KS
 
 
 def pyplot() -> Any:

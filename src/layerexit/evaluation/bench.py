@@ -3,7 +3,7 @@
 Rows measured for each batch size:
 * ``full``: the plain Hugging Face encoder forward (its own fused path) and the final exit, which is
   what a user would deploy without early exit;
-* ``early_exit``: :func:`layerexit.inference.early_exit_forward` with the chosen strategy.
+* ``early_exit``: :func:`layerexit.runtime.loop.early_exit_forward` with the chosen strategy.
 
 Speed-ups: ``layer_speedup`` is the paper's L / mean exit layer; ``wallclock_speedup`` is the full
 model's total time over early exit's total time for the same inputs (medians over repeats);
@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from layerexit.encoding import Encoded, collate
-from layerexit.inference import early_exit_forward
+from layerexit.data.encoding import Encoded, collate
 from layerexit.model import EarlyExitModel
+from layerexit.runtime.loop import early_exit_forward
 from layerexit.strategies import Strategy
 
 Batch = dict[str, Tensor]

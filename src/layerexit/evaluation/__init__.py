@@ -1,0 +1,1 @@
+"""Evaluation: offline replay of every strategy, calibration, benchmarks, comparisons and figures."""
