@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from layerexit.evaluation import calibrate
-from layerexit.evaluation.evaluate import load_probs
+from layerexit.run_folder import load_probs
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from layerexit.evaluation.evaluate import load_probs
+from layerexit.run_folder import load_probs
 from layerexit.strategies import Voting
 
 

@@ -21,8 +21,8 @@ from layerexit import strategies
 from layerexit.config import TrainConfig, load_train_config
 from layerexit.data import _LAYOUTS, load_task
 from layerexit.errors import LayerExitError
-from layerexit.evaluation.evaluate import load_probs
 from layerexit.model import EarlyExitModel
+from layerexit.run_folder import load_probs
 from layerexit.training import checkpoint
 
 from .conftest import tiny_model

@@ -85,6 +85,20 @@ def test_minilm_online_equals_offline(run: Path) -> None:
 
 def test_minilm_predictor(run: Path) -> None:
     predictor = Predictor.from_run(run)
-    out = predictor.predict(["I love this so much, best day ever", "worst service, I hate it"], batch_size=2)
-    assert [p.num_layers for p in out] == [6, 6]
-    assert all(1 <= p.exit_layer <= 6 and 0 < p.probability <= 1 for p in out)
+    texts = ["I love this so much, best day ever", "worst service, I hate it", "ok", "the food was cold again"]
+    out = predictor.predict(texts, batch_size=2)
+    assert [p.num_layers for p in out] == [6] * len(texts)
+    # each input leaves where offline replay of the run's own strategy says, with that exit's label and probability
+    encoded = predictor.encode(texts)
+    from layerexit.data.encoding import collate
+
+    batch = collate(encoded, list(range(len(texts))), predictor.pad_id)
+    with torch.inference_mode():
+        probs = predictor.model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")).probs
+    exit_layer, prediction = predictor.strategy.replay(probs)
+    assert [p.exit_layer for p in out] == exit_layer.tolist()
+    assert [p.label_id for p in out] == prediction.tolist()
+    assert [p.label for p in out] == [predictor.label_names[i] for i in prediction.tolist()]
+    for i, p in enumerate(out):
+        expected = float(probs[exit_layer[i] - 1, i, prediction[i]])
+        assert p.probability == pytest.approx(expected, abs=1e-5)

@@ -18,15 +18,18 @@ pytest.importorskip("onnxruntime")
 from layerexit import strategies
 from layerexit.errors import LayerExitError
 from layerexit.model import EarlyExitModel
-from layerexit.runtime.loop import early_exit_forward
-from layerexit.runtime.onnx_runtime import MANIFEST_NAME, OnnxEarlyExitModel, export_dir_for, export_onnx
+from layerexit.run_folder import RunFolder
+from layerexit.runtime.loop import all_exits, early_exit, early_exit_forward
+from layerexit.runtime.onnx_export import export_onnx
+from layerexit.runtime.onnx_format import MANIFEST_NAME
+from layerexit.runtime.onnx_runtime import OnnxRuntime
 
 from .conftest import ARCHITECTURES, random_batch, tiny_model
 from .test_model import CANDIDATES, _peaked, _varied
 
 PARITY = 1e-4
 
-Exported = tuple[EarlyExitModel, OnnxEarlyExitModel, Path]
+Exported = tuple[EarlyExitModel, OnnxRuntime, Path]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Export
         if arch not in cache:
             model = _peaked(tiny_model(arch, num_labels=3))
             folder = export_onnx(model, tmp_path_factory.mktemp(arch))
-            cache[arch] = model, OnnxEarlyExitModel.load(folder, threads=1), folder
+            cache[arch] = model, OnnxRuntime.load(folder, threads=1), folder
         return cache[arch]
 
     return get
@@ -58,12 +61,12 @@ def test_every_exit_matches_pytorch_with_padding(arch: str, exported: Callable[[
             mask = left_padded
         with torch.no_grad():
             reference = model(ids, mask).probs  # (L, B, C)
-        probs = runtime.forward_all(ids, mask)
+        probs = all_exits(runtime, ids, mask)
         assert probs.shape == reference.shape
         torch.testing.assert_close(probs, reference, atol=PARITY, rtol=0)
-        torch.testing.assert_close(runtime.full_forward(ids, mask), reference[-1], atol=PARITY, rtol=0)
+        torch.testing.assert_close(runtime.full(ids, mask), reference[-1], atol=PARITY, rtol=0)
         # numpy inputs work the same
-        torch.testing.assert_close(runtime.forward_all(ids.numpy(), mask.numpy()), probs)
+        torch.testing.assert_close(all_exits(runtime, ids.numpy(), mask.numpy()), probs)
 
 
 def test_token_type_ids_reach_the_graph(exported: Callable[[str], Exported]) -> None:
@@ -72,8 +75,8 @@ def test_token_type_ids_reach_the_graph(exported: Callable[[str], Exported]) -> 
     types = (torch.arange(9)[None, :] >= 4).long().expand(4, 9) * mask
     with torch.no_grad():
         reference = model(ids, mask, types).probs
-    torch.testing.assert_close(runtime.forward_all(ids, mask, types), reference, atol=PARITY, rtol=0)
-    assert not torch.allclose(runtime.forward_all(ids, mask), reference, atol=PARITY)
+    torch.testing.assert_close(all_exits(runtime, ids, mask, types), reference, atol=PARITY, rtol=0)
+    assert not torch.allclose(all_exits(runtime, ids, mask), reference, atol=PARITY)
 
 
 @pytest.mark.parametrize("arch", ["bert", "mpnet"])
@@ -87,14 +90,14 @@ def test_early_exit_equals_pytorch_batched_and_one_by_one(
         strategy = _varied(name, model(ids, mask).probs)
 
     reference = early_exit_forward(model, strategy, ids, mask)
-    batched = runtime.early_exit(strategy, ids, mask)
+    batched = early_exit(runtime, strategy, ids, mask)
     assert torch.equal(batched.exit_layer, reference.exit_layer)
     assert torch.equal(batched.prediction, reference.prediction)
     assert batched.layers_run == reference.layers_run
     torch.testing.assert_close(batched.probs, reference.probs, atol=PARITY, rtol=0)
     for row in range(ids.shape[0]):
         n = int(mask[row].sum())
-        single = runtime.early_exit(strategy, ids[row : row + 1, :n], mask[row : row + 1, :n])
+        single = early_exit(runtime, strategy, ids[row : row + 1, :n], mask[row : row + 1, :n])
         assert single.exit_layer.item() == reference.exit_layer[row].item()
         assert single.prediction.item() == reference.prediction[row].item()
 
@@ -120,7 +123,7 @@ def test_exited_rows_are_dropped_and_padding_trimmed(
         strategy = _varied("entropy", model(ids, mask).probs)
     calls: list[tuple[int, int]] = []
     monkeypatch.setattr(runtime, "_layers", [_CountingSession(s, calls) for s in runtime._layers])
-    result = runtime.early_exit(strategy, ids, mask)
+    result = early_exit(runtime, strategy, ids, mask)
     assert len(calls) == int(result.exit_layer.max())
     lengths = mask.sum(1)
     for layer, (rows, length) in enumerate(calls, start=1):
@@ -129,10 +132,10 @@ def test_exited_rows_are_dropped_and_padding_trimmed(
         assert length == (13 if layer == 1 else int(lengths[running].max()))
 
     calls.clear()
-    runtime.early_exit(strategies.Static(layer=1), ids[:1], mask[:1])
+    early_exit(runtime, strategies.Static(layer=1), ids[:1], mask[:1])
     assert calls == [(1, 13)]
     calls.clear()
-    untrimmed = runtime.early_exit(strategy, ids, mask, trim_padding=False)
+    untrimmed = early_exit(runtime, strategy, ids, mask, trim_padding=False)
     assert {length for _, length in calls} == {13}
     assert torch.equal(untrimmed.exit_layer, result.exit_layer)
 
@@ -141,11 +144,11 @@ def test_strategy_that_needs_labels_is_refused(exported: Callable[[str], Exporte
     _, runtime, _ = exported("bert")
     ids, mask = random_batch()
     with pytest.raises(ValueError, match="needs labels"):
-        runtime.early_exit(strategies.Oracle(), ids, mask)
+        early_exit(runtime, strategies.Oracle(), ids, mask)
     with pytest.raises(LayerExitError, match="differ in shape"):
-        runtime.forward_all(ids, mask[:, :-1])
+        all_exits(runtime, ids, mask[:, :-1])
     with pytest.raises(LayerExitError, match="shape"):
-        runtime.forward_all(ids[0], mask[0])
+        all_exits(runtime, ids[0], mask[0])
 
 
 def test_manifest_round_trip_and_tokenizer(tmp_path: Path) -> None:
@@ -155,9 +158,9 @@ def test_manifest_round_trip_and_tokenizer(tmp_path: Path) -> None:
     tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
     model = tiny_model("distilbert", num_labels=2)
     model.config.label_names = ["neg", "pos"]
-    folder = export_onnx(model, export_dir_for(tmp_path / "run"), tokenizer=tokenizer, fuse=False)
+    folder = export_onnx(model, RunFolder(tmp_path / "run").export_dir(), tokenizer=tokenizer, fuse=False)
     assert folder == tmp_path / "run" / "onnx"
-    assert export_dir_for(tmp_path / "run", quantize=True).name == "onnx-int8"
+    assert RunFolder(tmp_path / "run").export_dir("onnx-int8").name == "onnx-int8"
 
     files = sorted(p.name for p in folder.iterdir())
     assert files == sorted(
@@ -170,7 +173,7 @@ def test_manifest_round_trip_and_tokenizer(tmp_path: Path) -> None:
     assert manifest["layers"][0]["inputs"] == ["hidden", "attention_mask"]
     assert all(g["fused_ops"] == {} and g["probe_error"] < 1e-5 for g in [*manifest["layers"], manifest["full"]])
 
-    runtime = OnnxEarlyExitModel.load(folder)
+    runtime = OnnxRuntime.load(folder)
     assert runtime.config == model.config
     assert (runtime.num_layers, runtime.num_labels, runtime.quantized) == (4, 2, False)
     assert runtime.tokenizer_path is not None
@@ -189,16 +192,16 @@ def test_damaged_or_missing_files_are_refused(tmp_path: Path, exported: Callable
         return folder
 
     with pytest.raises(LayerExitError, match="no such folder"):
-        OnnxEarlyExitModel.load(tmp_path / "absent")
+        OnnxRuntime.load(tmp_path / "absent")
     folder = damaged("no-manifest")
     (folder / MANIFEST_NAME).unlink()
     with pytest.raises(LayerExitError, match="is missing"):
-        OnnxEarlyExitModel.load(folder)
+        OnnxRuntime.load(folder)
 
     folder = damaged("bad-json")
     (folder / MANIFEST_NAME).write_text("{not json")
     with pytest.raises(LayerExitError, match="not valid JSON"):
-        OnnxEarlyExitModel.load(folder)
+        OnnxRuntime.load(folder)
 
     cases: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         ("version", lambda m: m.update(format_version=99), "format version"),
@@ -215,20 +218,20 @@ def test_damaged_or_missing_files_are_refused(tmp_path: Path, exported: Callable
         change(edited)
         (folder / MANIFEST_NAME).write_text(json.dumps(edited))
         with pytest.raises(LayerExitError, match=message):
-            OnnxEarlyExitModel.load(folder)
+            OnnxRuntime.load(folder)
 
     folder = damaged("missing-layer")
     (folder / "layer_3.onnx").unlink()
     with pytest.raises(LayerExitError, match=r"layer_3\.onnx is missing"):
-        OnnxEarlyExitModel.load(folder)
+        OnnxRuntime.load(folder)
 
     folder = damaged("truncated")
     data = (folder / "layer_2.onnx").read_bytes()
     (folder / "layer_2.onnx").write_bytes(data[: len(data) // 2])
     with pytest.raises(LayerExitError, match="do not match the manifest"):
-        OnnxEarlyExitModel.load(folder)
+        OnnxRuntime.load(folder)
     with pytest.raises(LayerExitError, match="ONNX Runtime cannot load it"):
-        OnnxEarlyExitModel.load(folder, verify=False)
+        OnnxRuntime.load(folder, verify=False)
 
 
 def test_export_refuses_what_it_cannot_export(tmp_path: Path) -> None:
@@ -249,7 +252,7 @@ def test_quantized_export_loads_and_runs(tmp_path: Path) -> None:
 
     model = _peaked(tiny_model("bert"), scale=2.0)
     folder = export_onnx(model, tmp_path, quantize=True)
-    runtime = OnnxEarlyExitModel.load(folder)
+    runtime = OnnxRuntime.load(folder)
     manifest = json.loads((folder / MANIFEST_NAME).read_text())
     assert runtime.quantized and manifest["quantized"] is True
     assert 0 < manifest["layers"][0]["probe_error"] < 0.1  # recorded, not enforced, for int8 graphs
@@ -260,10 +263,10 @@ def test_quantized_export_loads_and_runs(tmp_path: Path) -> None:
     ids, mask = random_batch(batch=8, length=12, seed=6)
     with torch.no_grad():
         reference = model(ids, mask).probs
-    probs = runtime.forward_all(ids, mask)
+    probs = all_exits(runtime, ids, mask)
     torch.testing.assert_close(probs.sum(-1), torch.ones(4, 8))
     assert (probs - reference).abs().max() < 0.05  # int8 weights: close, not equal
-    result = runtime.early_exit(strategies.Patience(patience=1), ids, mask)
+    result = early_exit(runtime, strategies.Patience(patience=1), ids, mask)
     offline = strategies.Patience(patience=1).replay(probs)
     assert torch.equal(result.exit_layer, offline[0]) and torch.equal(result.prediction, offline[1])
 
@@ -280,7 +283,7 @@ def test_minilm_export_parity(tmp_path: Path) -> None:
     encoder = AutoModel.from_pretrained(minilm.get_model_path(), local_files_only=True)
     encoder.pooler = None
     model = EarlyExitModel(wrap(encoder), ExitConfig(backbone="minilm-l6", num_labels=2, dropout=0.0)).eval()
-    runtime = OnnxEarlyExitModel.load(export_onnx(model, tmp_path), threads=2)
+    runtime = OnnxRuntime.load(export_onnx(model, tmp_path), threads=2)
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 30000, (4, 32), generator=g)
@@ -288,9 +291,9 @@ def test_minilm_export_parity(tmp_path: Path) -> None:
     ids = ids * mask
     with torch.no_grad():
         reference = model(ids, mask).probs
-    torch.testing.assert_close(runtime.forward_all(ids, mask), reference, atol=PARITY, rtol=0)
-    torch.testing.assert_close(runtime.full_forward(ids, mask), reference[-1], atol=PARITY, rtol=0)
+    torch.testing.assert_close(all_exits(runtime, ids, mask), reference, atol=PARITY, rtol=0)
+    torch.testing.assert_close(runtime.full(ids, mask), reference[-1], atol=PARITY, rtol=0)
     strategy = strategies.Static(layer=4)
-    result = runtime.early_exit(strategy, ids, mask)
+    result = early_exit(runtime, strategy, ids, mask)
     assert result.layers_run == 4
     assert torch.equal(result.prediction, early_exit_forward(model, strategy, ids, mask).prediction)

@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from layerexit.config import TrainConfig, load_train_config, save_config
 from layerexit.errors import LayerExitError
-from layerexit.evaluation.evaluate import load_probs, save_probs
 from layerexit.model import EarlyExitModel
+from layerexit.run_folder import load_probs, save_probs
 
 from .conftest import tiny_model
 

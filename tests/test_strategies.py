@@ -191,3 +191,26 @@ def test_parse_and_validation() -> None:
     ]:
         with pytest.raises(LayerExitError, match=message):
             strategies.parse(bad)
+
+
+@pytest.mark.parametrize("num_layers", [6, 12])
+@pytest.mark.parametrize("num_classes", [2, 5])
+def test_every_default_setting_round_trips_exactly(num_layers: int, num_classes: int) -> None:
+    """Run folders store strategies as text: ``parse(str(s))`` must be ``s`` itself, float for float,
+    so the setting calibration certified is the one predict, bench and Predictor.from_run run."""
+    from layerexit.evaluation.sweep import default_grid
+
+    grid = default_grid(num_layers, num_classes)
+    assert len(grid) > 100
+    for setting in grid:
+        back = strategies.parse(str(setting))
+        assert back == setting and str(back) == str(setting), setting
+        assert all(type(a) is type(b) for a, b in zip(back.params().values(), setting.params().values(), strict=True))
+
+
+def test_awkward_floats_round_trip() -> None:
+    for value in (2 / 5**0.5, 1e-17, 0.1 + 0.2, 1 / 3, 123456789.123456789, 5e-324):
+        s = strategies.Hybrid(k=0.5, threshold=value, entropy_threshold=value / 7)
+        assert strategies.parse(str(s)) == s
+    assert str(strategies.Entropy(threshold=0.3, normalized=False)) == "entropy(threshold=0.3, normalized=False)"
+    assert str(strategies.Voting(k=0.0, threshold=4.0)) == "voting(k=0, threshold=4)"

@@ -1,4 +1,5 @@
-"""Crash-safe writes: a file is either its old whole self or its new whole self, never half of either.
+"""Run-folder I/O: crash-safe writes (a file is its old whole self or its new whole self, never half of
+either) and the one reader of JSON objects with a clear error.
 
 Every writer goes through :func:`replacing`: the content goes to ``<name>.tmp`` next to the target,
 is flushed to disk (fsync), and only then renamed over the target (``os.replace`` is atomic on one
@@ -8,11 +9,12 @@ temporary file is removed when Python is still alive to do it, and ignored other
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -84,3 +86,30 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A CSV file (the standard module's dialect: quoted where needed, UTF-8), written atomically."""
+    with replacing(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def read_json_object(path: Path, what: str, *, advice: str = "") -> dict[str, Any]:
+    """The JSON object stored at ``path``, or a :class:`LayerExitError` that names the file and what it
+    should have been (``what``: "a run configuration", "an evaluation report", ...); ``advice`` is
+    appended to the message (e.g. "; rerun `layerexit evaluate`")."""
+    from layerexit.errors import LayerExitError
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LayerExitError(f"{path}: cannot read {what}: the file is missing{advice}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise LayerExitError(f"{path}: cannot read {what} ({err}){advice}") from None
+    except json.JSONDecodeError as err:
+        raise LayerExitError(f"{path}: not valid JSON ({err}); cannot read {what}{advice}") from None
+    if not isinstance(data, dict):
+        raise LayerExitError(f"{path}: expected a JSON object ({what}), got {type(data).__name__}{advice}")
+    return data

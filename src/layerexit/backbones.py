@@ -15,6 +15,8 @@ internals fails there, loudly, and nowhere else.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -58,6 +60,36 @@ class Backbone(nn.Module):
     def uses_token_type_ids(self) -> bool:
         return int(getattr(self.config, "type_vocab_size", 0) or 0) > 0
 
+    @property
+    def num_heads(self) -> int:
+        """Attention heads per layer (0 if the config does not say)."""
+        return int(getattr(self.config, "num_attention_heads", 0) or getattr(self.config, "n_heads", 0) or 0)
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest input, in tokens, the position embeddings cover (None: no limit stated)."""
+        positions = getattr(self.config, "max_position_embeddings", None)
+        return positions if isinstance(positions, int) else None
+
+    fusable: bool = False
+    """Whether the attention is the plain pattern ONNX Runtime's transformer optimizer fuses (BERT-like,
+    ALBERT, DistilBERT; not MPNet's or DeBERTa's relative-position attention)."""
+
+    @contextmanager
+    def eager_attention(self) -> Iterator[None]:
+        """Run attention as plain MatMul/Softmax (as for tracing: the pattern ONNX Runtime fuses), then
+        restore the encoder's own attention implementation."""
+        before = getattr(self.config, "_attn_implementation", None)
+        can_switch = getattr(self.model, "_can_set_attn_implementation", lambda: False)()
+        switch = before not in (None, "eager") and can_switch
+        if switch:
+            self.model.set_attn_implementation("eager")
+        try:
+            yield
+        finally:
+            if switch:
+                self.model.set_attn_implementation(before)
+
     def embed(self, input_ids: Tensor, padding_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
@@ -88,6 +120,7 @@ class BertLikeBackbone(Backbone):
     """BERT, RoBERTa, ELECTRA, XLM-R, CamemBERT and other ``encoder.layer`` models."""
 
     model_types = ("bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie", "roberta-prelayernorm")
+    fusable = True
 
     def embed(self, input_ids: Tensor, padding_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
         kwargs: dict[str, Tensor] = {"input_ids": input_ids}
@@ -105,6 +138,7 @@ class AlbertBackbone(Backbone):
     """ALBERT: layer i is the i-th application of a shared layer group."""
 
     model_types = ("albert",)
+    fusable = True
 
     def embed(self, input_ids: Tensor, padding_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
         hidden = self.model.embeddings(input_ids, token_type_ids=token_type_ids)
@@ -118,6 +152,7 @@ class AlbertBackbone(Backbone):
 
 class DistilBertBackbone(Backbone):
     model_types = ("distilbert",)
+    fusable = True
 
     @property
     def num_layers(self) -> int:
@@ -205,6 +240,13 @@ _BACKBONES: tuple[type[Backbone], ...] = (
 
 def supported_model_types() -> list[str]:
     return sorted(t for cls in _BACKBONES for t in cls.model_types)
+
+
+def without_pooler(encoder: Any) -> Any:
+    """The encoder with its pooler removed: the exits pool for themselves, so it is never used or saved."""
+    if getattr(encoder, "pooler", None) is not None:
+        encoder.pooler = None
+    return encoder
 
 
 def wrap(model: PreTrainedModel) -> Backbone:

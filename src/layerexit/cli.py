@@ -8,11 +8,12 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from layerexit.config import TrainConfig, add_arguments, from_namespace, given_options, objective_help
 from layerexit.errors import LayerExitError
 from layerexit.evaluation.sweep import FAMILIES
+from layerexit.runtime.base import RUNTIMES
 
 
 def _families(text: str) -> list[str]:
@@ -70,25 +71,24 @@ def _evaluate(
     reuse: bool = True,
     runtime: str = "torch",
 ) -> int:
-    from layerexit.evaluation.evaluate import eval_dir, evaluate_run, format_report
+    from layerexit.evaluation.evaluate import evaluate_run, format_report
+    from layerexit.run_folder import RunFolder
 
+    folder = RunFolder(run)
     report = evaluate_run(
-        run, splits=splits, families=families, batch_size=batch_size, progress=progress, reuse=reuse, runtime=runtime
+        folder, splits=splits, families=families, batch_size=batch_size, progress=progress, reuse=reuse, runtime=runtime
     )
     print(format_report(report))
-    if runtime != "torch":
-        reference = run / eval_dir("torch") / "report.json"
-        if reference.is_file():
-            torch_report = json.loads(reference.read_text(encoding="utf-8"))
-            metric, split = report["metric"], report["report_split"]
-            before = torch_report["splits"][split]["full_model"][metric]
-            after = report["splits"][split]["full_model"][metric]
-            print(
-                f"\nfull model {metric} on {split}: PyTorch {before:.4f}, {runtime} {after:.4f} "
-                f"(change {100 * (after - before):+.2f} points)"
-            )
-    out = run / eval_dir(runtime)
-    print(f"\nwrote {out}/report.json, points.csv, exit_layers.csv, tradeoff.png")
+    if runtime != "torch" and folder.report_file("torch").is_file():
+        torch_report = folder.report("torch")
+        metric, split = report["metric"], report["report_split"]
+        before = torch_report["splits"][split]["full_model"][metric]
+        after = report["splits"][split]["full_model"][metric]
+        print(
+            f"\nfull model {metric} on {split}: PyTorch {before:.4f}, {runtime} {after:.4f} "
+            f"(change {100 * (after - before):+.2f} points)"
+        )
+    print(f"\nwrote {folder.eval_dir(runtime)}/report.json, points.csv, exit_layers.csv, tradeoff.png")
     return 0
 
 
@@ -122,83 +122,66 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _onnx_model(run: Path, quantized: bool, threads: int | None) -> Any:
-    from layerexit.runtime.onnx_runtime import OnnxEarlyExitModel, export_dir_for
-
-    folder = export_dir_for(run, quantize=quantized)
-    if not folder.is_dir():
-        flag = " --quantize" if quantized else ""
-        raise LayerExitError(f"{folder} does not exist; run `layerexit export {run}{flag}` first")
-    return OnnxEarlyExitModel.load(folder, threads=threads)
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
-    from layerexit.evaluation.bench import BenchInputs, bench, format_bench, write_json
-    from layerexit.evaluation.evaluate import check_finished, load_run_split
+    from layerexit.evaluation.bench import BenchInputs, bench, format_bench
+    from layerexit.evaluation.evaluate import load_run_split
     from layerexit.model import EarlyExitModel
     from layerexit.predictor import default_strategy
+    from layerexit.run_folder import RunFolder
+    from layerexit.runtime import load_runtime
+    from layerexit.runtime.torch_runtime import TorchRuntime
     from layerexit.strategies import parse
 
-    run = Path(args.run)
-    check_finished(run)
-    model = EarlyExitModel.from_pretrained(run)
+    run = RunFolder(args.run).require(config=True).require_finished()
+    model = EarlyExitModel.from_pretrained(run.path)
     strategy = parse(args.strategy) if args.strategy else default_strategy(run)[0]
     loaded = load_run_split(run, args.split, model, limit=args.samples)
     assert loaded is not None
     encoded, pad_id = loaded
-    extra = {}
-    if "onnx" in args.runtime:
-        onnx = _onnx_model(run, args.quantized, args.threads)
-        extra = {
-            "onnx_full": lambda b: onnx.full_forward(b["input_ids"], b["attention_mask"], b.get("token_type_ids")),
-            "onnx_early_exit": lambda b: onnx.early_exit(
-                strategy, b["input_ids"], b["attention_mask"], b.get("token_type_ids")
-            ),
-        }
+    others = [load_runtime(run, name, threads=args.threads) for name in dict.fromkeys(args.runtime) if name != "torch"]
     results = bench(
-        model,
+        TorchRuntime(model),
         strategy,
         BenchInputs(encoded, pad_id),
         batch_sizes=args.batch_sizes,
         repeats=args.repeats,
         threads=args.threads,
         progress=not args.quiet,
-        extra_rows=extra,
+        others=others,
     )
     results["run"] = str(run)
     results["split"] = args.split
     print(format_bench(results))
-    out = Path(args.output) if args.output else run / "bench.json"
-    write_json(results, out)
+    out = run.write_json(Path(args.output) if args.output else run.bench_file, results)
     print(f"\nwrote {out}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from layerexit.data.encoding import load_tokenizer
     from layerexit.model import EarlyExitModel
-    from layerexit.runtime.onnx_runtime import export_dir_for, export_onnx
+    from layerexit.run_folder import RunFolder
+    from layerexit.runtime.onnx_export import export_onnx
 
-    run = Path(args.run)
-    model = EarlyExitModel.from_pretrained(run)
-    out = Path(args.output) if args.output else export_dir_for(run, quantize=args.quantize)
-    export_onnx(model, out, opset=args.opset, quantize=args.quantize, tokenizer=load_tokenizer(run / "backbone"))
+    run = RunFolder(args.run).require()
+    model = EarlyExitModel.from_pretrained(run.path)
+    out = Path(args.output) if args.output else run.export_dir(args.runtime)
+    quantize = args.runtime == "onnx-int8"
+    export_onnx(model, out, opset=args.opset, quantize=quantize, tokenizer=run.tokenizer())
     print(f"wrote {out} (embeddings, {model.num_layers} layer+exit graphs, the full model, onnx_manifest.json)")
     return 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from layerexit.evaluation import calibrate
-    from layerexit.evaluation.evaluate import split_probs
+    from layerexit.evaluation.evaluate import SplitSource
+    from layerexit.run_folder import RunFolder
 
     if (args.target_speedup is None) == (args.max_drop is None):
         raise LayerExitError("give either --target-speedup or --max-drop (with --confidence)")
-    run = Path(args.run)
-    if not (run / "layerexit.json").is_file():
-        raise LayerExitError(f"{run} is not a layerexit run folder (layerexit.json missing)")
-    cache: dict = {}
-    calib = split_probs(run, args.calibration_split, progress=not args.quiet, cache=cache)
-    test = split_probs(run, args.test_split, progress=not args.quiet, cache=cache, required=False)
+    run = RunFolder(args.run).require(config=True)
+    source = SplitSource(run, progress=not args.quiet)
+    calib = source.probs(args.calibration_split)
+    test = source.probs(args.test_split, required=False)
     assert calib is not None
     probs, labels = calib
     if args.target_speedup is not None:
@@ -210,7 +193,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     checks = [calibrate.check_on_test(c, *test) for c in choices] if test is not None else []
     default = calibrate.pick_default(choices)
     path = calibrate.save_choice(
-        run,
+        run.path,
         choices,
         default=default,
         checks=checks,
@@ -332,9 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--fresh", action="store_true", help="recompute stored probabilities instead of reusing them")
     evaluate.add_argument(
         "--runtime",
-        choices=["torch", "onnx", "onnx-int8"],
+        choices=RUNTIMES,
         default="torch",
-        help="evaluate the PyTorch model or the exported ONNX graphs (int8 after export --quantize)",
+        help="evaluate the PyTorch model or the graphs `layerexit export --runtime onnx|onnx-int8` wrote",
     )
 
     predict = command(
@@ -354,9 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     predict.add_argument(
         "--runtime",
-        choices=["torch", "onnx", "onnx-int8"],
+        choices=RUNTIMES,
         default="torch",
-        help="run the PyTorch model or the graphs written by `layerexit export` (--quantize: int8)",
+        help="run the PyTorch model or the graphs `layerexit export --runtime onnx|onnx-int8` wrote",
     )
 
     bench_cmd = command("bench", cmd_bench, "Measure early exit against the full model on the clock, in one run")
@@ -371,11 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument(
         "--runtime",
         nargs="+",
-        choices=["torch", "onnx"],
+        choices=RUNTIMES,
         default=["torch"],
-        help="also measure the exported ONNX graphs (full model and early exit) with onnx",
+        help="runtimes to measure (full model and early exit on each; PyTorch is always the baseline), "
+        "e.g. --runtime torch onnx onnx-int8",
     )
-    bench_cmd.add_argument("--quantized", action="store_true", help="use the int8 export for the onnx rows")
 
     export = command(
         "export",
@@ -383,8 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
         "Export a run as ONNX graphs (embeddings, each layer fused with its exit, the full model) for ONNX Runtime",
     )
     export.add_argument("run", help="run folder written by `layerexit train`")
-    export.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
-    export.add_argument("--quantize", action="store_true", help="int8 dynamic quantization (writes RUN/onnx-int8)")
+    export.add_argument(
+        "--runtime",
+        choices=RUNTIMES[1:],
+        default="onnx",
+        help="the ONNX Runtime graphs to write: onnx (fp32, RUN/onnx) or onnx-int8 (int8 dynamic quantization, "
+        "RUN/onnx-int8)",
+    )
     export.add_argument("--opset", type=int, default=17, help="ONNX opset")
     export.add_argument("--output", default="", help="folder to write (default: RUN/onnx or RUN/onnx-int8)")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import types
@@ -222,13 +221,10 @@ def save_config(config: Any, path: Path) -> None:
 
 
 def load_train_config(path: Path) -> TrainConfig:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LayerExitError(f"{path}: cannot read the run configuration ({err})") from None
-    if not isinstance(data, dict):
-        raise LayerExitError(f"{path}: expected a JSON object")
-    if isinstance(data, dict) and "data_seed" not in data and "seed" in data:
+    from layerexit.atomic import read_json_object
+
+    data = read_json_object(path, "the run configuration")
+    if "data_seed" not in data and "seed" in data:
         data["data_seed"] = data["seed"]  # runs written before --data-seed drew their subsets with --seed
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(data) - known)

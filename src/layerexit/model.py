@@ -6,7 +6,6 @@ classifier after layer L is the model's ordinary final classifier: exiting at L 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -17,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from layerexit.atomic import fsync_path, replacing, save_safetensors, write_json
-from layerexit.backbones import Backbone, wrap
+from layerexit.atomic import fsync_path, read_json_object, replacing, save_safetensors, write_json
+from layerexit.backbones import Backbone, without_pooler, wrap
 from layerexit.errors import LayerExitError
 
 HeadKind = Literal["mlp", "linear"]
@@ -180,7 +179,7 @@ class EarlyExitModel(nn.Module):
 
         path = resolve_encoder(name_or_path)
         try:
-            encoder = _drop_pooler(AutoModel.from_pretrained(path, use_safetensors=True))  # never a pickle
+            encoder = without_pooler(AutoModel.from_pretrained(path, use_safetensors=True))  # never a pickle
         except OSError as err:
             raise LayerExitError(f"cannot load encoder {name_or_path!r}: {err}") from None
         if seed is not None:
@@ -248,9 +247,13 @@ class EarlyExitModel(nn.Module):
         for needed in (config_path, weights_path, folder / BACKBONE_DIR / "config.json"):
             if not needed.is_file():
                 raise LayerExitError(f"{folder} is not a saved layerexit model: {needed.name} is missing")
-        config = ExitConfig.from_dict(_read_json(config_path), source=str(config_path))
+        config = ExitConfig.from_dict(
+            read_json_object(config_path, "the exits' configuration"), source=str(config_path)
+        )
         backbone_path = folder / BACKBONE_DIR / "config.json"
-        _read_json(backbone_path)  # a truncated or damaged file gets a plain message
+        read_json_object(
+            backbone_path, "the encoder's configuration"
+        )  # a truncated or damaged file gets a plain message
         try:
             backbone_config = AutoConfig.from_pretrained(folder / BACKBONE_DIR)
         except Exception as err:  # transformers raises many types for a config it cannot use
@@ -269,7 +272,7 @@ class EarlyExitModel(nn.Module):
         def build(device: str) -> EarlyExitModel:
             with torch.device(device):
                 try:
-                    encoder = _drop_pooler(AutoModel.from_config(backbone_config))
+                    encoder = without_pooler(AutoModel.from_config(backbone_config))
                     return cls(wrap(encoder), replace(config, temperatures=list(config.temperatures)))
                 except LayerExitError:
                     raise
@@ -317,13 +320,6 @@ def _header(path: Path) -> dict[str, Tensor]:
     return {k: torch.empty(shape, dtype=_DTYPES[dtype], device="meta") for k, (shape, dtype) in declared.items()}
 
 
-def _drop_pooler(encoder: Any) -> Any:
-    """The exits pool for themselves; the encoder's own pooler is never used, so it is not kept."""
-    if getattr(encoder, "pooler", None) is not None:
-        encoder.pooler = None
-    return encoder
-
-
 def check_state(model: EarlyExitModel, state: dict[str, Tensor], path: Path) -> None:
     """Refuse weights that are not exactly this model's: other exits, labels, names, shapes or kinds."""
     _check_counts(state, model.num_layers, model.num_labels, path)
@@ -355,13 +351,3 @@ def _check_counts(state: dict[str, Tensor], num_layers: int, num_labels: int, pa
         raise LayerExitError(
             f"{path}: the weights are for {final.shape[0]} labels, the configuration says {num_labels}"
         )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LayerExitError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise LayerExitError(f"{path}: expected a JSON object")
-    return data

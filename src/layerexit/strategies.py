@@ -84,10 +84,13 @@ class Strategy(ABC):
         return asdict(self)
 
     def __str__(self) -> str:
-        """``name(param=value, ...)``, parameters left at their defaults omitted; :func:`parse` reads it back."""
+        """``name(param=value, ...)``, parameters left at their defaults omitted; :func:`parse` reads it back
+        exactly: a float is written as its shortest round-tripping ``repr`` (``1.7888543819998317``, not
+        ``1.78885``; a whole number without its ``.0``), so ``parse(str(s)) == s`` for every setting and a
+        stored setting is the one that runs."""
         defaults = {f.name: f.default for f in fields(self)}
         args = ", ".join(
-            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+            f"{k}={_exact(v)}" if isinstance(v, float) else f"{k}={v}"
             for k, v in self.params().items()
             if defaults.get(k, MISSING) is MISSING or defaults[k] != v
         )
@@ -251,6 +254,13 @@ class Oracle(Strategy):
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (Entropy, MaxProb, Patience, Voting, Hybrid, Static, Oracle)
 }
+
+
+def _exact(value: float) -> str:
+    """The shortest text that reads back as exactly ``value``: ``2``, ``0.5``, ``1.7888543819998317``."""
+    if value.is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return repr(value)
 
 
 def _non_negative(name: str, value: float) -> None:

@@ -97,3 +97,15 @@ def batches(
         batch = collate(encoded, rows, pad_id)
         batch["index"] = torch.tensor(rows, dtype=torch.long)
         yield batch
+
+
+def encode_split(tokenizer: Any, examples: Sequence[Any], max_length: int, token_types: bool) -> Encoded:
+    """Tokenise a split's examples (``text``, ``text_pair``, ``label``) as training and evaluation do."""
+    return encode(
+        tokenizer,
+        [e.text for e in examples],
+        [e.text_pair for e in examples] if any(e.text_pair is not None for e in examples) else None,
+        [e.label for e in examples],
+        max_length=max_length,
+        token_types=token_types,
+    )

@@ -10,37 +10,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from layerexit import strategies
 from layerexit.errors import LayerExitError
-from layerexit.evaluation.evaluate import EVAL_DIR, load_probs
+from layerexit.evaluation.figures import pyplot, save_figure
 from layerexit.evaluation.sweep import VOTING_KS
-
-
-def pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig: Any, path: Path) -> None:
-    """Write a PNG atomically (temporary file, then rename) and free the figure."""
-    from layerexit.atomic import replacing
-
-    try:
-        with replacing(path) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        pyplot().close(fig)
+from layerexit.run_folder import RunFolder
 
 
 def voting_values(probs: Tensor, k: float) -> Tensor:
@@ -113,15 +92,14 @@ def plot_voting_values(probs: Tensor, path: Path) -> None:
     save_figure(fig, path)
 
 
-def analyze_run(run: Path, split: str = "test") -> list[Path]:
+def analyze_run(run_dir: Path | RunFolder, split: str = "test") -> list[Path]:
     """Write the three figures into ``<run>/eval/``; returns their paths."""
-    out = run / EVAL_DIR
-    stored = out / f"probs_{split}.safetensors"
-    report_path = out / "report.json"
-    if not stored.is_file() or not report_path.is_file():
+    run = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)
+    out = run.eval_dir()
+    if not run.probs_file(split).is_file() or not run.report_file().is_file():
         raise LayerExitError(f"{run} has no evaluation of split {split!r}; run `layerexit evaluate {run}` first")
-    probs, labels = load_probs(stored)
-    report = json.loads(report_path.read_text(encoding="utf-8"))
+    probs, labels = run.read_probs(split)
+    report = run.report()
     settings = {f: e["setting"] for f, e in report["selected"].items() if e is not None and f != "static"}
     written = []
     if settings:
@@ -129,9 +107,10 @@ def analyze_run(run: Path, split: str = "test") -> list[Path]:
         written.append(out / "exit_distribution.png")
     plot_voting_values(probs, out / "voting_values.png")
     written.append(out / "voting_values.png")
-    for counts_file in sorted(run.glob("closest_exit_*.json")):
-        counts = json.loads(counts_file.read_text(encoding="utf-8"))["counts"]
-        stage = counts_file.stem.removeprefix("closest_exit_")
+    for stage, counts_file in run.closest_exit_files().items():
+        counts = run.read_json(counts_file, "closest-exit counts").get("counts")
+        if not isinstance(counts, list):
+            raise LayerExitError(f"{counts_file}: no 'counts' list")
         if sum(map(sum, counts)):
             target = out / f"closest_exit_{stage}.png"
             plot_closest_exit(counts, target, stage)

@@ -3,7 +3,9 @@
 Rows measured for each batch size:
 * ``full``: the plain Hugging Face encoder forward (its own fused path) and the final exit, which is
   what a user would deploy without early exit;
-* ``early_exit``: :func:`layerexit.runtime.loop.early_exit_forward` with the chosen strategy.
+* ``early_exit``: the exit loop (:func:`layerexit.runtime.loop.early_exit`) with the chosen strategy;
+* ``onnx_full`` / ``onnx_early_exit`` and ``onnx_int8_full`` / ``onnx_int8_early_exit``: the same two on
+  each further runtime given (ONNX Runtime fp32, int8), each with its own early-exit-vs-full ratio.
 
 Speed-ups: ``layer_speedup`` is the paper's L / mean exit layer; ``wallclock_speedup`` is the full
 model's total time over early exit's total time for the same inputs (medians over repeats);
@@ -12,14 +14,12 @@ their ratio is what the exits, the decision and the Python loop cost.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,8 +27,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from layerexit.data.encoding import Encoded, collate
-from layerexit.model import EarlyExitModel
-from layerexit.runtime.loop import early_exit_forward
+from layerexit.runtime.base import Runtime
+from layerexit.runtime.loop import ExitResult, early_exit
 from layerexit.strategies import Strategy
 
 Batch = dict[str, Tensor]
@@ -44,16 +44,6 @@ class BenchInputs:
         return [
             collate(self.encoded, list(range(s, min(s + batch_size, n))), self.pad_id) for s in range(0, n, batch_size)
         ]
-
-
-@torch.inference_mode()
-def full_forward(model: EarlyExitModel, batch: Batch) -> Tensor:
-    """The plain model: the encoder's own forward, then the final exit. Returns the predictions (B,)."""
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if "token_type_ids" in batch:
-        kwargs["token_type_ids"] = batch["token_type_ids"]
-    hidden = model.backbone.model(**kwargs).last_hidden_state  # (B, T, H)
-    return model.exits[-1](hidden, batch["attention_mask"]).argmax(-1)
 
 
 def _time_pass(fn: Callable[[Batch], Any], batches: Sequence[Batch]) -> list[float]:
@@ -72,8 +62,13 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return ordered[index]
 
 
+def row_prefix(runtime: Runtime) -> str:
+    """``""`` for PyTorch (rows ``full``, ``early_exit``), ``onnx_`` / ``onnx_int8_`` for the others."""
+    return "" if runtime.name == "torch" else runtime.name.replace("-", "_") + "_"
+
+
 def bench(
-    model: EarlyExitModel,
+    runtime: Runtime,
     strategy: Strategy,
     inputs: BenchInputs,
     *,
@@ -82,20 +77,22 @@ def bench(
     warmup: int = 5,
     threads: int = 2,
     progress: bool = True,
-    extra_rows: dict[str, Callable[[Batch], Any]] | None = None,
+    others: Sequence[Runtime] = (),
 ) -> dict[str, Any]:
-    """Measure every row at every batch size; passes alternate between rows to share the machine's drift."""
+    """Measure the full model and early exit on ``runtime`` (the PyTorch baseline) and on each of
+    ``others``, at every batch size; passes alternate between rows to share the machine's drift."""
     torch.set_num_threads(threads)
-    model.eval()
-    ee = lambda b: early_exit_forward(model, strategy, b["input_ids"], b["attention_mask"], b.get("token_type_ids"))  # noqa: E731
-    rows: dict[str, Callable[[Batch], Any]] = {"full": lambda b: full_forward(model, b), "early_exit": ee}
-    rows.update(extra_rows or {})
+    rows: dict[str, Callable[[Batch], Any]] = {}
+    for rt in (runtime, *others):
+        prefix = row_prefix(rt)
+        rows[f"{prefix}full"] = _full_row(rt)
+        rows[f"{prefix}early_exit"] = _early_exit_row(rt, strategy)
     # exit layers come from one early-exit pass (they do not depend on the batch size)
-    exit_layers = torch.cat([ee(b).exit_layer for b in inputs.batches(32)])
-    layer_speedup = model.num_layers / float(exit_layers.float().mean())
+    exit_layers = torch.cat([_early_exit_row(runtime, strategy)(b).exit_layer for b in inputs.batches(32)])
+    layer_speedup = runtime.num_layers / float(exit_layers.float().mean())
     results: dict[str, Any] = {
         "strategy": str(strategy),
-        "num_layers": model.num_layers,
+        "num_layers": runtime.num_layers,
         "samples": len(inputs.encoded),
         "mean_tokens": round(statistics.mean(len(x) for x in inputs.encoded.input_ids), 1),
         "threads": torch.get_num_threads(),
@@ -131,8 +128,10 @@ def bench(
                 if name != "full":
                     entry[f"{name}_wallclock_speedup"] = round(totals["full"] / totals[name], 4)
             entry["wallclock_speedup"] = entry["early_exit_wallclock_speedup"]
-            if "onnx_full" in totals and "onnx_early_exit" in totals:
-                entry["onnx_early_exit_vs_onnx_full"] = round(totals["onnx_full"] / totals["onnx_early_exit"], 4)
+            for rt in others:
+                prefix = row_prefix(rt)
+                ratio = totals[f"{prefix}full"] / totals[f"{prefix}early_exit"]
+                entry[f"{prefix}early_exit_vs_{prefix}full"] = round(ratio, 4)
             entry["wallclock_over_layer"] = round(entry["wallclock_speedup"] / layer_speedup, 4)
             results["batch_sizes"][str(batch_size)] = entry
     bar.close()
@@ -160,8 +159,10 @@ def format_bench(results: dict[str, Any]) -> str:
                 f"{batch_size:>5}  {name:<16} {row['median_ms']:>10.2f} {row['p90_ms']:>9.2f} "
                 f"{row['throughput_per_s']:>9.1f} {speed:>11} {layers:>7} {ratio:>6}"
             )
-        if "onnx_early_exit_vs_onnx_full" in entry:
-            lines.append(f"{'':>5}  onnx early exit vs onnx full model: {entry['onnx_early_exit_vs_onnx_full']:.2f}x")
+        for key, value in entry.items():
+            if key.endswith("_full") and "_vs_" in key:
+                name = key.split("_early_exit_vs_")[0].replace("_", "-")
+                lines.append(f"{'':>5}  {name} early exit vs {name} full model: {value:.2f}x")
     lines.append("")
     lines.append(
         "median/p90: per batch; wall-clock: full model's total time / this row's; layers: L / mean exit layer;"
@@ -170,7 +171,9 @@ def format_bench(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_json(results: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+def _full_row(runtime: Runtime) -> Callable[[Batch], Any]:
+    return lambda b: runtime.full(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
+
+
+def _early_exit_row(runtime: Runtime, strategy: Strategy) -> Callable[[Batch], ExitResult]:
+    return lambda b: early_exit(runtime, strategy, b["input_ids"], b["attention_mask"], b.get("token_type_ids"))

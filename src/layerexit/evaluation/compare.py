@@ -9,8 +9,6 @@ comparison continues where it stopped.
 from __future__ import annotations
 
 import csv
-import json
-import os
 import statistics
 import sys
 from collections.abc import Sequence
@@ -18,10 +16,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from layerexit import atomic
 from layerexit.config import TrainConfig
 from layerexit.errors import LayerExitError
 from layerexit.evaluation.evaluate import evaluate_run, pareto_front
 from layerexit.evaluation.sweep import FAMILIES
+from layerexit.run_folder import RunFolder
 from layerexit.training.objectives import OBJECTIVES
 
 DEFAULT_METHODS = ("finetune", "static:3", "static:4", "deebert", "fastbert", "pabee", "righttool", "ensemble")
@@ -59,7 +59,7 @@ def parse_method(spec: str, num_layers: int | None = None) -> tuple[str, int]:
 
 
 def run_is_complete(run: Path) -> bool:
-    return (run / "train_summary.json").is_file() and (run / "eval" / "report.json").is_file()
+    return RunFolder(run).is_complete()
 
 
 def compare(
@@ -93,12 +93,12 @@ def compare(
                 _say(f"{run.name}: training", progress)
                 train(config, progress=progress)
             evaluate_run(run, progress=progress)
-    reports = {key: json.loads((run / "eval" / "report.json").read_text(encoding="utf-8")) for key, run in runs.items()}
+    reports = {key: RunFolder(run).report() for key, run in runs.items()}
     summary = summarise(reports, [p[0] for p in parsed], list(seeds))
     summary["config"] = asdict(base)
     summary["runs"] = {f"{spec}/seed{seed}": str(run) for (spec, seed), run in runs.items()}
-    _write(output / "compare.json", json.dumps(summary, indent=2) + "\n")
-    _write(output / "compare.md", format_table(summary) + "\n")
+    atomic.write_json(output / "compare.json", summary)
+    atomic.write_text(output / "compare.md", format_table(summary) + "\n")
     write_csv(summary, output / "compare.csv")
     plot_compare(reports, summary, output / "compare.png")
     return summary
@@ -192,31 +192,19 @@ def format_table(summary: dict[str, Any]) -> str:
 
 
 def write_csv(summary: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["method", "strategy", "mean", "std", "speedup", "n_seeds", "settings"])
-        for spec, row in summary["cells"].items():
-            for strategy, cell in row.items():
-                if cell is not None:
-                    writer.writerow(
-                        [
-                            spec,
-                            strategy,
-                            cell["mean"],
-                            cell["std"],
-                            cell["speedup"],
-                            len(cell["values"]),
-                            cell["settings"],
-                        ]
-                    )
-    os.replace(tmp, path)
+    rows = [
+        [spec, strategy, cell["mean"], cell["std"], cell["speedup"], len(cell["values"]), cell["settings"]]
+        for spec, row in summary["cells"].items()
+        for strategy, cell in row.items()
+        if cell is not None
+    ]
+    atomic.write_csv(path, ["method", "strategy", "mean", "std", "speedup", "n_seeds", "settings"], rows)
 
 
 def plot_compare(reports: dict[tuple[str, int], dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
     """Metric against speed-up on the report split: each method's own strategy (plus ours with
     patience), static models as squares, the fine-tuned full model as a dashed line. First seed."""
-    from layerexit.evaluation.analysis import pyplot, save_figure
+    from layerexit.evaluation.figures import pyplot, save_figure
 
     plt = pyplot()
 
@@ -279,17 +267,11 @@ def _labels(ax: Any) -> list[str]:
 
 def _family_points(run: Path, family: str, metric: str, split: str) -> list[tuple[float, float]]:
     points = []
-    with (run / "eval" / "points.csv").open(encoding="utf-8") as f:
+    with RunFolder(run).points_file().open(encoding="utf-8") as f:
         for row in csv.DictReader(f):
             if row["split"] == split and row["strategy"] == family:
                 points.append((float(row["speedup"]), float(row[metric])))
     return points
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _say(message: str, progress: bool) -> None:

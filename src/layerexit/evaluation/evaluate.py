@@ -9,30 +9,26 @@ split), ``exit_layers.csv`` (per-sample exits of the selected settings), ``probs
 
 from __future__ import annotations
 
-import csv
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from layerexit import metrics
-from layerexit.atomic import replacing, save_safetensors, write_json
-from layerexit.data.encoding import Encoded, batches
+from layerexit.atomic import write_csv
+from layerexit.data.encoding import Encoded, encode_split
 from layerexit.errors import LayerExitError
 from layerexit.evaluation.sweep import FAMILIES, Point, default_grid, evaluate_point, paper_band, select_in_band, sweep
 from layerexit.model import EarlyExitModel
+from layerexit.run_folder import RunFolder
+from layerexit.runtime import load_runtime, loop
+from layerexit.runtime.base import Runtime
+from layerexit.runtime.torch_runtime import TorchRuntime
 from layerexit.strategies import Static
 
-EVAL_DIR = "eval"
 
-
-@torch.inference_mode()
 def collect_probs(
     model: EarlyExitModel,
     data: Encoded,
@@ -42,21 +38,13 @@ def collect_probs(
     progress: bool = False,
     depth: int | None = None,
 ) -> Tensor:
-    """Every exit's probabilities for every example, in input order: (L, N, C)."""
+    """Every exit's probabilities for every example on the PyTorch runtime, in input order: (L, N, C).
+    The model's train/eval mode is restored afterwards (training evaluates dev between epochs)."""
     was_training = model.training
-    model.eval()
-    depth = depth or model.num_layers
-    out = torch.zeros(depth, len(data), model.num_labels)
-    device = next(model.parameters()).device
-    bar = tqdm(total=len(data), desc="evaluating", disable=not progress, leave=False)
-    for batch in batches(data, batch_size, pad_id, by_length=True):
-        inputs = {k: v.to(device) for k, v in batch.items() if k != "index"}
-        logits = model(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"), depth=depth).logits
-        out[:, batch["index"]] = logits.float().softmax(-1).cpu()  # (depth, b, C)
-        bar.update(len(batch["index"]))
-    bar.close()
-    model.train(was_training)
-    return out
+    try:
+        return loop.collect_probs(TorchRuntime(model), data, batch_size, pad_id, progress=progress, depth=depth)
+    finally:
+        model.train(was_training)
 
 
 def per_layer_scores(probs: Tensor, labels: Tensor, metric: str) -> list[float]:
@@ -133,10 +121,7 @@ def write_points_csv(points: dict[str, list[Point]], path: Path) -> None:
             row = {"split": split, **pt.row()}
             rows.append(row)
             keys += [k for k in row if k not in keys]
-    with replacing(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(path, keys, [[row.get(k, "") for k in keys] for row in rows])
 
 
 def write_exit_layers_csv(
@@ -151,19 +136,19 @@ def write_exit_layers_csv(
     oracle = next(pt for pt in points[split] if pt.strategy.name == "oracle")
     chosen["oracle"] = oracle
     chosen["full"] = evaluate_point(Static(layer=probs.shape[0]), probs, labels)
-    with replacing(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["index", "label"] + [f"{name}_{what}" for name in chosen for what in ("exit", "pred")])
-        for i in range(labels.numel()):
-            row: list[Any] = [i, int(labels[i])]
-            for pt in chosen.values():
-                row += [int(pt.exit_layer[i]), int(pt.prediction[i])]
-            writer.writerow(row)
+    header = ["index", "label"] + [f"{name}_{what}" for name in chosen for what in ("exit", "pred")]
+    rows = []
+    for i in range(labels.numel()):
+        row: list[Any] = [i, int(labels[i])]
+        for pt in chosen.values():
+            row += [int(pt.exit_layer[i]), int(pt.prediction[i])]
+        rows.append(row)
+    write_csv(path, header, rows)
 
 
 def plot_tradeoff(points: list[Point], report: dict[str, Any], split: str, path: Path, title: str) -> None:
     """Metric against speed-up: each family's Pareto front, the static models, the full model, the oracle."""
-    from layerexit.evaluation.analysis import pyplot, save_figure
+    from layerexit.evaluation.figures import pyplot, save_figure
 
     plt = pyplot()
 
@@ -205,33 +190,8 @@ def pareto_front(xy: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return sorted(front)
 
 
-def save_probs(path: Path, probs: Tensor, labels: Tensor) -> None:
-    with replacing(path) as tmp:
-        save_safetensors({"probs": probs.contiguous(), "labels": labels.contiguous()}, tmp)
-
-
-def load_probs(path: Path) -> tuple[Tensor, Tensor]:
-    try:
-        data = load_file(str(path))
-        probs, labels = data["probs"], data["labels"]
-    except Exception as err:  # safetensors and KeyError both mean a damaged file
-        raise LayerExitError(f"{path}: cannot read stored probabilities ({err})") from None
-    if (
-        probs.dim() != 3
-        or not probs.is_floating_point()
-        or labels.dim() != 1
-        or labels.is_floating_point()
-        or labels.numel() != probs.shape[1]
-    ):
-        raise LayerExitError(
-            f"{path}: stored probabilities have the wrong shapes ({tuple(probs.shape)}, {tuple(labels.shape)}); "
-            "evaluate with --fresh"
-        )
-    return probs, labels
-
-
 def evaluate_run(
-    run_dir: str | Path,
+    run_dir: str | Path | RunFolder,
     *,
     splits: Sequence[str] = ("dev", "test"),
     families: Sequence[str] = FAMILIES,
@@ -242,40 +202,25 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate a trained run folder; writes ``<run>/eval/`` (``eval-onnx``, ``eval-onnx-int8`` for the
     exported graphs) and returns the report."""
-    from layerexit.config import load_train_config
-    from layerexit.training.loop import DATA_INFO
-
-    run = Path(run_dir)
-    if not (run / "config.json").is_file() or not (run / "layerexit.json").is_file():
-        raise LayerExitError(f"{run} is not a layerexit run folder (config.json or layerexit.json missing)")
-    check_finished(run)
-    config = load_train_config(run / "config.json")
-    out = run / eval_dir(runtime)
-    out.mkdir(exist_ok=True)
+    run = RunFolder(run_dir) if not isinstance(run_dir, RunFolder) else run_dir
+    run.require(config=True).require_finished()
+    config = run.config()
+    out = run.eval_dir(runtime)
     probs: dict[str, Tensor] = {}
     labels: dict[str, Tensor] = {}
     seconds: dict[str, float] = {}
-    cache: dict[str, Any] = {}
+    source = SplitSource(run, runtime, batch_size=batch_size, progress=progress)
     for split in splits:
         started = time.perf_counter()
-        loaded = split_probs(
-            run,
-            split,
-            batch_size=batch_size,
-            progress=progress,
-            reuse=reuse,
-            required=split != "test",
-            cache=cache,
-            runtime=runtime,
-        )
+        loaded = source.probs(split, reuse=reuse, required=split != "test")
         if loaded is None:
             continue
         probs[split], labels[split] = loaded
-        if cache:
+        if not source.reused:
             seconds[split] = round(time.perf_counter() - started, 2)
     if not probs:
         raise LayerExitError(f"nothing to evaluate in {run}: none of the splits {list(splits)} exist")
-    info = _read_data_info(run / DATA_INFO)
+    info = run.data_info()
     num_classes = len(info["label_names"])
     for split, p in probs.items():
         if p.shape[-1] != num_classes:
@@ -298,11 +243,11 @@ def evaluate_run(
     report["model"] = config.model
     report["objective"] = config.objective
     report["runtime"] = runtime
-    report["forward_seconds"] = _carried_seconds(out / "report.json", seconds)
-    _write_json(out / "report.json", report)
-    write_points_csv(points, out / "points.csv")
+    report["forward_seconds"] = _carried_seconds(run, runtime, seconds)
+    run.write_json(run.report_file(runtime), report)
+    write_points_csv(points, run.points_file(runtime))
     write_exit_layers_csv(
-        report, points, probs[report_split], labels[report_split], report_split, out / "exit_layers.csv"
+        report, points, probs[report_split], labels[report_split], report_split, run.exit_layers_file(runtime)
     )
     plot_tradeoff(
         points[report_split],
@@ -316,80 +261,79 @@ def evaluate_run(
     return report
 
 
-def _carried_seconds(previous: Path, seconds: dict[str, float]) -> dict[str, float]:
+def _carried_seconds(run: RunFolder, runtime: str, seconds: dict[str, float]) -> dict[str, float]:
     """Forward-pass times of this evaluation; a split replayed from stored probabilities keeps the
     time measured when they were computed."""
-    if previous.is_file():
+    if run.report_file(runtime).is_file():
         try:
-            old = json.loads(previous.read_text(encoding="utf-8")).get("forward_seconds", {})
-        except (OSError, ValueError):
+            old = run.read_json(run.report_file(runtime), "an evaluation report").get("forward_seconds", {})
+        except LayerExitError:
             old = {}
         if isinstance(old, dict):
             return {**{k: v for k, v in old.items() if isinstance(v, int | float)}, **seconds}
     return seconds
 
 
-def eval_dir(runtime: str) -> str:
-    """Where a runtime's evaluation goes inside a run folder."""
-    if runtime not in ("torch", "onnx", "onnx-int8"):
-        raise LayerExitError(f"unknown runtime {runtime!r}; expected torch, onnx or onnx-int8")
-    return EVAL_DIR if runtime == "torch" else f"{EVAL_DIR}-{runtime}"
+class SplitSource:
+    """Per-layer probabilities (L, N, C) and labels of a run's splits on one runtime: stored in the run's
+    eval folder after the first forward pass and read back from there afterwards. The model, tokenizer
+    and runtime are loaded once, on first need."""
+
+    def __init__(self, run: RunFolder, runtime: str = "torch", *, batch_size: int = 64, progress: bool = False):
+        self.run = run
+        self.runtime_name = runtime
+        self.batch_size = batch_size
+        self.progress = progress
+        self.reused = False
+        self._model: EarlyExitModel | None = None
+        self._runtime: Runtime | None = None
+
+    @property
+    def model(self) -> EarlyExitModel:
+        if self._model is None:
+            self._model = EarlyExitModel.from_pretrained(self.run.path)
+        return self._model
+
+    def probs(self, split: str, *, reuse: bool = True, required: bool = True) -> tuple[Tensor, Tensor] | None:
+        stored = self.run.probs_file(split, self.runtime_name)
+        self.reused = reuse and stored.is_file()
+        if self.reused:
+            return self.run.read_probs(split, self.runtime_name)
+        loaded = load_run_split(self.run, split, self.model, required=required)
+        if loaded is None:
+            return None
+        encoded, pad_id = loaded
+        if self._runtime is None:
+            self._runtime = load_runtime(self.run, self.runtime_name, model=self.model)
+        probs = loop.collect_probs(self._runtime, encoded, self.batch_size, pad_id, progress=self.progress)
+        self.run.write_probs(split, probs, encoded.labels, self.runtime_name)
+        return probs, encoded.labels
 
 
 def split_probs(
-    run: Path,
+    run: str | Path | RunFolder,
     split: str,
     *,
     batch_size: int = 64,
     progress: bool = False,
     reuse: bool = True,
     required: bool = True,
-    cache: dict[str, Any] | None = None,
     runtime: str = "torch",
 ) -> tuple[Tensor, Tensor] | None:
-    """Per-layer probabilities (L, N, C) and labels of a run's split: stored in ``<run>/eval/`` (or
-    ``eval-onnx``, ``eval-onnx-int8`` for the exported graphs) after the first forward pass and read back
-    from there afterwards. ``cache`` keeps the loaded model between calls."""
-    stored = run / eval_dir(runtime) / f"probs_{split}.safetensors"
-    if reuse and stored.is_file():
-        return load_probs(stored)
-    cache = {} if cache is None else cache
-    if "model" not in cache:
-        cache["model"] = EarlyExitModel.from_pretrained(run)
-    model = cache["model"]
-    loaded = load_run_split(run, split, model, required=required)
-    if loaded is None:
-        return None
-    encoded, pad_id = loaded
-    if runtime == "torch":
-        probs = collect_probs(model, encoded, batch_size, pad_id, progress=progress)
-    else:
-        if "onnx" not in cache:
-            from layerexit.runtime.onnx_runtime import OnnxEarlyExitModel, export_dir_for
-
-            folder = export_dir_for(run, quantize=runtime == "onnx-int8")
-            if not folder.is_dir():
-                raise LayerExitError(f"{folder} does not exist; run `layerexit export {run}` first")
-            cache["onnx"] = OnnxEarlyExitModel.load(folder)
-        probs = torch.zeros(model.num_layers, len(encoded), model.num_labels)
-        for batch in batches(encoded, batch_size, pad_id, by_length=True):
-            probs[:, batch["index"]] = cache["onnx"].forward_all(
-                batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
-            )  # (L, b, C)
-    stored.parent.mkdir(exist_ok=True)
-    save_probs(stored, probs, encoded.labels)
-    return probs, encoded.labels
+    """One split's per-layer probabilities and labels (see :class:`SplitSource`)."""
+    folder = run if isinstance(run, RunFolder) else RunFolder(run)
+    return SplitSource(folder, runtime, batch_size=batch_size, progress=progress).probs(
+        split, reuse=reuse, required=required
+    )
 
 
 def load_run_split(
-    run: Path, split: str, model: EarlyExitModel, *, required: bool = True, limit: int = 0
+    run_dir: RunFolder | Path, split: str, model: EarlyExitModel, *, required: bool = True, limit: int = 0
 ) -> tuple[Encoded, int] | None:
     """A split of a run's task, tokenised as in training: (encoded, pad id). None if absent and not required."""
-    from layerexit.config import load_train_config
-    from layerexit.data.encoding import load_tokenizer
-    from layerexit.training.loop import encode_split
+    run = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)
 
-    config = load_train_config(run / "config.json")
+    config = run.config()
     task = config.load_task()
     examples = task.splits.get(split)
     if not examples:
@@ -398,35 +342,9 @@ def load_run_split(
         raise LayerExitError(f"task {task.name!r} has no {split!r} split; available: {sorted(task.splits)}")
     if limit:
         examples = examples[:limit]
-    tokenizer = load_tokenizer(run / "backbone")
+    tokenizer = run.tokenizer()
     encoded = encode_split(tokenizer, examples, config.max_length, model.backbone.uses_token_type_ids)
     return encoded, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
-def check_finished(run: Path) -> None:
-    """Refuse a run whose training was interrupted: its weights are not the final ones."""
-    from layerexit.training.checkpoint import CHECKPOINT_DIR
-    from layerexit.training.loop import SUMMARY
-
-    if not (run / SUMMARY).is_file() and any((run / (CHECKPOINT_DIR + s)).exists() for s in ("", ".old")):
-        raise LayerExitError(
-            f"training of {run} did not finish ({SUMMARY} missing); finish it with "
-            f"`layerexit train --resume --output {run}`"
-        )
-
-
-def _read_data_info(path: Path) -> dict[str, Any]:
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LayerExitError(f"{path}: cannot read the run's data description ({err})") from None
-    if not isinstance(info, dict) or not all(k in info for k in ("label_names", "metric", "task")):
-        raise LayerExitError(f"{path}: not a run's data description (label_names, metric, task expected)")
-    return info
-
-
-def _write_json(path: Path, data: Any) -> None:
-    write_json(path, data)
 
 
 def format_report(report: dict[str, Any]) -> str:

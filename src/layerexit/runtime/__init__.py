@@ -1,1 +1,37 @@
-"""Running a trained model: one runtime protocol (PyTorch, ONNX Runtime fp32 and int8) and one exit loop."""
+"""Running a trained model: one runtime protocol (PyTorch, ONNX Runtime fp32 and int8) and one exit loop.
+
+* :mod:`layerexit.runtime.base`: the protocol (``embed``, ``layer``, ``take``, ``join``, ``full``) and
+  the runtime names;
+* :mod:`layerexit.runtime.loop`: the exit loop every caller uses (``early_exit``, ``all_exits``,
+  ``collect_probs``);
+* :mod:`layerexit.runtime.torch_runtime`, :mod:`layerexit.runtime.onnx_runtime`: the implementations;
+  :mod:`layerexit.runtime.onnx_export` writes what the ONNX one loads.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from layerexit.runtime.base import RUNTIMES, Rows, Runtime, parse_runtime
+
+if TYPE_CHECKING:
+    from layerexit.model import EarlyExitModel
+    from layerexit.run_folder import RunFolder
+
+__all__ = ["RUNTIMES", "Rows", "Runtime", "load_runtime", "parse_runtime"]
+
+
+def load_runtime(
+    run: RunFolder, name: str, *, model: EarlyExitModel | None = None, threads: int | None = None
+) -> Runtime:
+    """The runtime ``name`` for a saved run: its PyTorch model (``model`` if already loaded), or the ONNX
+    graphs `layerexit export` wrote into it (``threads``: ONNX Runtime intra-op threads per session)."""
+    name = parse_runtime(name)
+    if name == "torch":
+        from layerexit.model import EarlyExitModel
+        from layerexit.runtime.torch_runtime import TorchRuntime
+
+        return TorchRuntime(model if model is not None else EarlyExitModel.from_pretrained(run.path))
+    from layerexit.runtime.onnx_runtime import OnnxRuntime
+
+    return OnnxRuntime.load(run.require_export(name), threads=threads)

@@ -32,11 +32,11 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from layerexit.atomic import fsync_path, save_safetensors
+from layerexit.atomic import fsync_path, read_json_object, save_safetensors
 from layerexit.config import TrainConfig, load_train_config
 from layerexit.errors import LayerExitError
+from layerexit.run_folder import RunFolder
 
-CHECKPOINT_DIR = "checkpoint"
 FORMAT_VERSION = 1
 STATE = "state.json"
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", STATE)
@@ -171,9 +171,9 @@ def save(
     rng: dict[str, Tensor],
 ) -> Path:
     """Write ``<run>/checkpoint/`` atomically (process 0 only; ``rng`` holds every process's generators)."""
-    tmp = run_dir / (CHECKPOINT_DIR + ".tmp")
-    final = run_dir / CHECKPOINT_DIR
-    old = run_dir / (CHECKPOINT_DIR + ".old")
+    tmp = RunFolder(run_dir).checkpoint_dir(".tmp")
+    final = RunFolder(run_dir).checkpoint_dir()
+    old = RunFolder(run_dir).checkpoint_dir(".old")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -206,9 +206,9 @@ def save(
 
 def remove(run_dir: Path) -> None:
     """Drop the checkpoint once the run is finished (train_summary.json written)."""
-    for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old", CHECKPOINT_DIR + ".tmp"):
-        if (run_dir / name).exists():
-            shutil.rmtree(run_dir / name)
+    for suffix in ("", ".old", ".tmp"):
+        if RunFolder(run_dir).checkpoint_dir(suffix).exists():
+            shutil.rmtree(RunFolder(run_dir).checkpoint_dir(suffix))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +230,7 @@ def _differences(a: TrainConfig, b: TrainConfig) -> list[str]:
 def resume_config(run_dir: Path, config: TrainConfig, given: dict[str, Any]) -> TrainConfig:
     """The configuration to resume with: the run's saved one, where the command line may leave options
     out; an option it gives must agree with the run, except those in ``RESUME_FREE``."""
-    path = run_dir / "config.json"
+    path = RunFolder(run_dir).config_file
     if not path.is_file():
         return config
     saved = load_train_config(path)
@@ -253,17 +253,17 @@ def find(run_dir: Path, config: TrainConfig, world_size: int) -> Checkpoint | st
         return None
     if not run_dir.is_dir():
         raise LayerExitError(f"{run_dir} is not a folder")
-    config_path = run_dir / "config.json"
+    config_path = RunFolder(run_dir).config_file
     if not config_path.is_file():
         raise LayerExitError(f"{run_dir} is not a layerexit run folder (config.json missing); nothing to resume")
     saved = load_train_config(config_path)
     diffs = _differences(saved, config)
     if diffs:
         raise LayerExitError(f"cannot resume {run_dir} with other options: {'; '.join(diffs)}")
-    if (run_dir / "train_summary.json").is_file():
+    if RunFolder(run_dir).training_finished():
         return FINISHED
-    for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old"):
-        folder = run_dir / name
+    for suffix in ("", ".old"):
+        folder = RunFolder(run_dir).checkpoint_dir(suffix)
         if folder.is_dir():
             return load(folder, config, world_size)
     return None
@@ -275,12 +275,7 @@ def load(folder: Path, config: TrainConfig, world_size: int) -> Checkpoint:
         if not (folder / name).is_file():
             raise LayerExitError(f"{folder} is an incomplete checkpoint: {name} is missing")
     path = folder / STATE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LayerExitError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(state, dict):
-        raise LayerExitError(f"{path}: expected a JSON object")
+    state = read_json_object(path, "a checkpoint's training state")
     expected = {
         "format",
         "position",

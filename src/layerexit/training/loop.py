@@ -19,16 +19,13 @@ from tqdm.auto import tqdm
 from layerexit import losses
 from layerexit.atomic import write_text
 from layerexit.config import TrainConfig, save_config
-from layerexit.data.encoding import Encoded, collate, encode, load_tokenizer
+from layerexit.data.encoding import Encoded, collate, encode_split, load_tokenizer
 from layerexit.errors import LayerExitError
 from layerexit.evaluation.evaluate import collect_probs, per_layer_scores
 from layerexit.model import EarlyExitModel, check_state
+from layerexit.run_folder import RunFolder
 from layerexit.training import checkpoint, objectives
 from layerexit.training.distributed import Runtime
-
-TRAIN_LOG = "train_log.jsonl"
-SUMMARY = "train_summary.json"
-DATA_INFO = "data.json"
 
 
 def seed_everything(seed: int) -> None:
@@ -61,17 +58,6 @@ def resolve_pooling(config: TrainConfig, encoder_path: str) -> str:
     folder = Path(encoder_path)
     sentence_transformer = (folder / "modules.json").is_file() or (folder / "1_Pooling").is_dir()
     return "mean" if sentence_transformer else "first"
-
-
-def encode_split(tokenizer: Any, examples: list[Any], max_length: int, token_types: bool) -> Encoded:
-    return encode(
-        tokenizer,
-        [e.text for e in examples],
-        [e.text_pair for e in examples] if any(e.text_pair is not None for e in examples) else None,
-        [e.label for e in examples],
-        max_length=max_length,
-        token_types=token_types,
-    )
 
 
 def train(config: TrainConfig, *, progress: bool = True, resume: bool = False) -> Path:
@@ -122,8 +108,8 @@ def train(config: TrainConfig, *, progress: bool = True, resume: bool = False) -
             label_names=list(task.label_names),
             dropout=config.exit_dropout,
         )
-    positions = getattr(model.backbone.model.config, "max_position_embeddings", None)
-    if isinstance(positions, int) and config.max_length > positions:
+    positions = model.backbone.max_positions
+    if positions is not None and config.max_length > positions:
         raise LayerExitError(f"--max-length {config.max_length} exceeds the encoder's {positions} positions")
     token_types = model.backbone.uses_token_type_ids
     encoded = {
@@ -149,7 +135,7 @@ def train(config: TrainConfig, *, progress: bool = True, resume: bool = False) -
 
     if runtime.is_main and start is None:  # a resumed run's files stay as they are until it is under way
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.json")
+        save_config(config, RunFolder(run_dir).config_file)
         info = {
             "task": task.name,
             "label_names": list(task.label_names),
@@ -157,7 +143,7 @@ def train(config: TrainConfig, *, progress: bool = True, resume: bool = False) -
             "sizes": {k: len(v) for k, v in task.splits.items()},
             "info": task.info,
         }
-        write_text(run_dir / DATA_INFO, json.dumps(info, indent=2, default=str) + "\n")
+        write_text(RunFolder(run_dir).data_file, json.dumps(info, indent=2, default=str) + "\n")
     run = _Run(
         config=config,
         runtime=runtime,
@@ -189,7 +175,7 @@ def train(config: TrainConfig, *, progress: bool = True, resume: bool = False) -
     summary["seconds"] = round(run.elapsed(), 1)
     summary["processes"] = runtime.world
     summary["config"] = asdict(config)
-    write_text(run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    write_text(RunFolder(run_dir).summary_file, json.dumps(summary, indent=2) + "\n")
     checkpoint.remove(run_dir)
     return run_dir
 
@@ -239,7 +225,7 @@ class _Run:
     def log_file(self) -> BinaryIO:
         """``train_log.jsonl`` (process 0), opened on first use: after a resumed checkpoint proved sound."""
         if self._log is None:
-            self._log = _open_log(self.run_dir / TRAIN_LOG, self.log_offset)
+            self._log = _open_log(RunFolder(self.run_dir).train_log_file, self.log_offset)
         return self._log
 
     def close_log(self) -> None:
@@ -257,7 +243,7 @@ class _Run:
                 log.write((json.dumps(record) + "\n").encode("utf-8"))
                 log.flush()
             except OSError as err:
-                raise OSError(err.errno, err.strerror, str(self.run_dir / TRAIN_LOG)) from err
+                raise OSError(err.errno, err.strerror, str(RunFolder(self.run_dir).train_log_file)) from err
 
 
 def _open_log(path: Path, offset: int) -> BinaryIO:
@@ -465,7 +451,7 @@ def fit_stage(
     if not runtime.is_main:
         return {}
     write_text(
-        run.run_dir / f"closest_exit_{stage.name}.json",
+        RunFolder(run.run_dir).closest_exit_file(stage.name),
         json.dumps(
             {"counts": closest.tolist(), "note": "row i (1-based i+1): times exit j+1 was the closest earlier exit"}
         )
