@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from layerexit.cli import main
-from layerexit.training.distributed import Runtime, launch
+from layerexit.training.distributed import Processes, launch
 
 from .runs import assets, on_cpu, summary, train_args, weights
 
@@ -107,7 +107,7 @@ def test_fp16_without_a_gpu_is_refused_in_one_line(
 
 
 def test_shards_cover_each_batch_once() -> None:
-    runtime = Runtime()
+    runtime = Processes()
     for world in (1, 2, 3):
         for n in range(1, 9):
             rows = list(range(100, 100 + n))

@@ -132,7 +132,7 @@ def test_lambda_weighs_each_exits_diversity_against_its_own_relevancy(weighting:
 
 
 def test_auto_weighting_is_linear_except_for_albert() -> None:
-    from layerexit.training.loop import resolve_weighting
+    from layerexit.training.recipe import resolve_weighting
 
     assert resolve_weighting(TrainConfig(), "bert") == "linear"
     assert resolve_weighting(TrainConfig(), "mpnet") == "linear"

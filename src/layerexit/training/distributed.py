@@ -4,14 +4,14 @@ How a global batch is split and why the result equals a single process (up to fl
 
 * Every process draws the same shuffled order (one seeded generator), so all agree on the rows of
   each global batch of ``batch_size``; process ``r`` runs the forward pass on its contiguous share
-  (:meth:`Runtime.shard`).
-* The exits' logits of the whole batch are gathered on every process (:meth:`Runtime.gather_rows`),
+  (:meth:`Processes.shard`).
+* The exits' logits of the whole batch are gathered on every process (:meth:`Processes.gather_rows`),
   the other processes' rows as constants, so every process computes the loss of the *whole* batch,
   exactly as one process would. This matters for the ensemble objective: its diversity term takes a
   minimum over the batch-mean cross-entropy of each pair of exits, which is not a sum over rows and
   cannot be averaged across processes. Logits are tiny (L x B x C), so gathering them costs nothing.
 * Backpropagating the whole-batch loss from each process's own rows gives that process's share of
-  the gradient; the shares are summed across processes (:meth:`Runtime.sum_gradients`), which is the
+  the gradient; the shares are summed across processes (:meth:`Processes.sum_gradients`), which is the
   whole-batch gradient. No DistributedDataParallel wrapper: it averages rather than sums, cannot
   follow parameters that a stage leaves unused, and would need every process to have rows.
 * Dropout draws its masks per process, so bitwise-equal results need dropout off; with dropout the
@@ -52,7 +52,7 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-class Runtime:
+class Processes:
     """What the training loop needs from Accelerate: device, mixed precision, and collectives."""
 
     def __init__(self, mixed_precision: str = "no") -> None:

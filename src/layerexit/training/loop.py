@@ -6,7 +6,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -25,39 +24,13 @@ from layerexit.evaluation.evaluate import collect_probs, per_layer_scores
 from layerexit.model import EarlyExitModel, check_state
 from layerexit.run_folder import RunFolder
 from layerexit.training import checkpoint, objectives
-from layerexit.training.distributed import Runtime
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:  # numpy is a dependency, but seeding must not be what breaks
-        pass
-
-
-def resolve_weighting(config: TrainConfig, model_type: str) -> losses.Weighting:
-    """``auto``: uniform exit weights for ALBERT (one layer shared across depth), linear i / sum(i) for
-    every other encoder: the paper's recipe (its Appendix A.4 found uniform weights poor on BERT)."""
-    if config.weighting != "auto":
-        return config.weighting
-    return "uniform" if model_type == "albert" else "linear"
-
-
-def resolve_pooling(config: TrainConfig, encoder_path: str) -> str:
-    """``auto``: mean pooling for sentence-transformers encoders (trained with it), else the first token.
-
-    Measured on MiniLM-L6 (a sentence-transformer): first-token exits on layers 1-3 stayed at the
-    majority class after 2 epochs, mean-pooled ones learned (DESIGN.md section 1).
-    """
-    if config.pooling != "auto":
-        return config.pooling
-    folder = Path(encoder_path)
-    sentence_transformer = (folder / "modules.json").is_file() or (folder / "1_Pooling").is_dir()
-    return "mean" if sentence_transformer else "first"
+from layerexit.training.distributed import Processes
+from layerexit.training.recipe import (
+    calibrate_temperatures,
+    resolve_pooling,
+    resolve_weighting,
+    seed_everything,
+)
 
 
 def train(config: TrainConfig, *, progress: bool = True, resume: bool = False) -> Path:
@@ -70,7 +43,7 @@ def train(config: TrainConfig, *, progress: bool = True, resume: bool = False) -
     from layerexit.assets import resolve_encoder
 
     run_dir = Path(config.output or Path("runs") / config.run_name())
-    runtime = Runtime(config.mixed_precision)
+    runtime = Processes(config.mixed_precision)
     progress = progress and runtime.is_main
     start: checkpoint.Checkpoint | None = None
     if resume:
@@ -207,7 +180,7 @@ class _Run:
     """What the stages of one run share."""
 
     config: TrainConfig
-    runtime: Runtime
+    runtime: Processes
     run_dir: Path
     tokenizer: Any
     pad_id: int
@@ -254,34 +227,6 @@ def _open_log(path: Path, offset: int) -> BinaryIO:
     if path.exists():
         os.truncate(path, offset)
     return path.open("ab")
-
-
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 100) -> float:
-    """The temperature T minimising the dev NLL of softmax(logits / T) (Guo et al., 2017). logits: (N, C)."""
-    log_t = torch.zeros((), requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=steps)
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), labels)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return float(log_t.detach().exp())
-
-
-def calibrate_temperatures(
-    model: EarlyExitModel, dev: Encoded, config: TrainConfig, pad_id: int, run_dir: Path, tokenizer: Any
-) -> list[float]:
-    """RightTool: fit one temperature per exit on dev, store it in the saved model."""
-    model.set_temperatures([1.0] * model.num_layers)  # fitted on the raw logits, also when run again
-    probs = collect_probs(model, dev, config.eval_batch_size, pad_id)  # (L, N, C)
-    logits = probs.clamp_min(1e-12).log()  # equal to the logits up to a per-row constant
-    temperatures = [fit_temperature(layer_logits, dev.labels) for layer_logits in logits]
-    model.set_temperatures(temperatures)
-    model.save_pretrained(run_dir, tokenizer)
-    return [round(t, 4) for t in temperatures]
 
 
 def _parameter_groups(model: EarlyExitModel, stage: objectives.Stage, config: TrainConfig) -> list[dict[str, Any]]:
@@ -467,7 +412,7 @@ def fit_stage(
 
 
 def _optimizer_step(
-    runtime: Runtime,
+    runtime: Processes,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     params: list[torch.nn.Parameter],
@@ -532,7 +477,7 @@ def _restore(
     model: EarlyExitModel,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    runtime: Runtime,
+    runtime: Processes,
 ) -> None:
     check_state(model, saved.model, saved.path / "model.safetensors")
     model.load_state_dict(saved.model)
