@@ -29,20 +29,12 @@ from layerexit.runtime.torch_runtime import TorchRuntime
 from layerexit.strategies import Static
 
 
-def collect_probs(
-    model: EarlyExitModel,
-    data: Encoded,
-    batch_size: int,
-    pad_id: int,
-    *,
-    progress: bool = False,
-    depth: int | None = None,
-) -> Tensor:
-    """Every exit's probabilities for every example on the PyTorch runtime, in input order: (L, N, C).
-    The model's train/eval mode is restored afterwards (training evaluates dev between epochs)."""
+def collect_probs(model: EarlyExitModel, data: Encoded, batch_size: int, pad_id: int, **options: Any) -> Tensor:
+    """:func:`layerexit.runtime.loop.collect_probs` on the PyTorch runtime of ``model``, whose train/eval
+    mode is restored afterwards (training evaluates dev between epochs). (L, N, C), in input order."""
     was_training = model.training
     try:
-        return loop.collect_probs(TorchRuntime(model), data, batch_size, pad_id, progress=progress, depth=depth)
+        return loop.collect_probs(TorchRuntime(model), data, batch_size, pad_id, **options)
     finally:
         model.train(was_training)
 
