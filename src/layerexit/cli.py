@@ -208,14 +208,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def calibrate_table(choices: Sequence, checks: Sequence, calib_split: str, test_split: str) -> str:
     risk_mode = choices[0].mode == "risk"
     what = choices[0].loss if risk_mode else (choices[0].metric or "metric")
-    head = f"{'strategy':<9} {'setting':<52} {calib_split + ' speed-up':>15} {calib_split + ' ' + what:>22}"
+    width = max(52, *(len(str(c.strategy)) for c in choices))
+    head = f"{'strategy':<9} {'setting':<{width}} {calib_split + ' speed-up':>15} {calib_split + ' ' + what:>22}"
     if checks:
         head += f" {test_split + ' speed-up':>15} {test_split + ' ' + what:>22}"
     lines = [head]
     by_family = {c.family: c for c in checks}
     for c in choices:
         value = (c.risk if risk_mode else c.metric_value) or 0.0
-        line = f"{c.family:<9} {c.strategy!s:<52} {c.speedup:>14.2f}x {value:>22.4f}"
+        line = f"{c.family:<9} {c.strategy!s:<{width}} {c.speedup:>14.2f}x {value:>22.4f}"
         check = by_family.get(c.family)
         if check is not None:
             realised = (check.risk if risk_mode else check.metric_value) or 0.0

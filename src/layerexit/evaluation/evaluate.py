@@ -354,13 +354,14 @@ def format_report(report: dict[str, Any]) -> str:
     lo, hi = report["band"]
     lines.append("")
     lines.append(f"Best setting per strategy with speed-up in {lo:.1f}x-{hi:.1f}x, chosen on {sel}, reported on {rep}:")
-    lines.append(f"{'strategy':<10} {'setting':<52} {'speed-up':>9} {metric:>9}")
+    width = max(52, *(len(e["setting"]) for e in report["selected"].values() if e is not None))
+    lines.append(f"{'strategy':<10} {'setting':<{width}} {'speed-up':>9} {metric:>9}")
     for family, entry in report["selected"].items():
         if entry is None:
-            lines.append(f"{family:<10} {'(no setting in the band)':<52}")
+            lines.append(f"{family:<10} {'(no setting in the band)':<{width}}")
             continue
         shown = entry.get(rep, entry[sel])
-        lines.append(f"{family:<10} {entry['setting']:<52} {shown['speedup']:>8.2f}x {shown[metric]:>9.4f}")
+        lines.append(f"{family:<10} {entry['setting']:<{width}} {shown['speedup']:>8.2f}x {shown[metric]:>9.4f}")
     full = report["splits"][rep]["full_model"][metric]
-    lines.append(f"{'full':<10} {'all layers':<52} {1.0:>8.2f}x {full:>9.4f}")
+    lines.append(f"{'full':<10} {'all layers':<{width}} {1.0:>8.2f}x {full:>9.4f}")
     return "\n".join(lines)
