@@ -208,7 +208,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def calibrate_table(choices: Sequence, checks: Sequence, calib_split: str, test_split: str) -> str:
     risk_mode = choices[0].mode == "risk"
     what = choices[0].loss if risk_mode else (choices[0].metric or "metric")
-    width = max(52, *(len(str(c.strategy)) for c in choices))
+    width = max([52, *(len(str(c.strategy)) for c in choices)])
     head = f"{'strategy':<9} {'setting':<{width}} {calib_split + ' speed-up':>15} {calib_split + ' ' + what:>22}"
     if checks:
         head += f" {test_split + ' speed-up':>15} {test_split + ' ' + what:>22}"

@@ -354,7 +354,7 @@ def format_report(report: dict[str, Any]) -> str:
     lo, hi = report["band"]
     lines.append("")
     lines.append(f"Best setting per strategy with speed-up in {lo:.1f}x-{hi:.1f}x, chosen on {sel}, reported on {rep}:")
-    width = max(52, *(len(e["setting"]) for e in report["selected"].values() if e is not None))
+    width = max([52, *(len(e["setting"]) for e in report["selected"].values() if e is not None)])
     lines.append(f"{'strategy':<10} {'setting':<{width}} {'speed-up':>9} {metric:>9}")
     for family, entry in report["selected"].items():
         if entry is None:
