@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from layerexit import assets
-from layerexit.data import Example, TaskData, _normalise, builtin_tasks, load_task, task_from_hf
+from layerexit.data import Example, TaskData, builtin_tasks, load_task, task_from_hf
+from layerexit.data.tasks import _normalise
 from layerexit.errors import LayerExitError
 
 
