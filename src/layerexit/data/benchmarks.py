@@ -2,7 +2,8 @@
 AG News and TREC.
 
 Each layout fixes the file names, the columns and the label values, so these folders need no
-column options.
+column options. GLUE TSVs are read unquoted, one record per line (their texts hold stray quote
+characters), as the GLUE baselines read them; AG News CSVs are quoted.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from layerexit.data.builtin import _SNLI_LABELS
-from layerexit.data.tables import _column, _kind, _read_text, _table_rows
+from layerexit.data.tables import QUOTED, UNQUOTED, _column, _kind, _read_text, _table_rows
 from layerexit.data.tasks import _raw_label, _RawSplit
 from layerexit.errors import LayerExitError
 
@@ -230,7 +231,7 @@ def _cell(record: list[str], spec: str | int | tuple[int, ...], header_index: Ma
 
 def _read_layout_table(path: Path, text: str, layout: _Layout, raw: _RawSplit) -> None:
     delimiter = "\t" if layout.reader == "tsv" else ","
-    rows = _table_rows(path, text, delimiter)
+    rows = _table_rows(path, text, delimiter, UNQUOTED if layout.reader == "tsv" else QUOTED)
     if not rows:
         raise LayerExitError(f"{path}: the file is empty")
     header_index: dict[str, int] = {}

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from layerexit import assets
-from layerexit.data.tables import _column, _read_text, _table_rows
+from layerexit.data.tables import QUOTED, _column, _read_text, _table_rows
 from layerexit.data.tasks import DEV_FRACTION, Example, _hash_split, _normalise
 from layerexit.errors import LayerExitError
 
@@ -56,7 +56,7 @@ def _dedupe(items: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], Counte
 
 def _load_tweets(binary: bool) -> tuple[list[str], dict[str, list[Example]], dict[str, Any]]:
     path = assets.tweets_csv()
-    rows = _table_rows(path, _read_text(path, "latin-1"), ",")
+    rows = _table_rows(path, _read_text(path, "latin-1"), ",", QUOTED)
     header = rows[0][1]
     t = _column(header, "text", str(path), ",", "text column")
     y = _column(header, "sentiment", str(path), ",", "label column")

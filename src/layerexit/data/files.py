@@ -1,4 +1,12 @@
-"""The data users bring: CSV, TSV and JSONL files with named columns (keys), and inputs to predict."""
+"""The data users bring: CSV, TSV and JSONL files with named columns (keys), and inputs to predict.
+
+CSV and TSV files are read as pandas, R and spreadsheets write them: quoted fields (holding
+delimiters, tabs, line breaks, doubled quotes) are read whole, a leading unnamed row-index
+column (header cell empty or ``Unnamed: 0``) is ignored, and GLUE-style unquoted TSVs still read
+one record per line; :mod:`.tables` gives the rule that tells the two apart. Fields are kept as
+written (after stripping surrounding whitespace): nothing is unescaped, so ``&amp;`` stays
+``&amp;``, and R's ``NA`` is the text ``NA``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from layerexit.data.tables import _column, _read_text, _table_rows
+from layerexit.data.tables import AUTO, _column, _read_text, _table_rows
 from layerexit.data.tasks import TaskData, _finish, _index_labels, _merge_skipped, _raw_label, _RawSplit, _with_dev
 from layerexit.errors import LayerExitError
 
@@ -22,12 +30,29 @@ class _Columns:
     """None for inputs to predict, which have no label."""
 
 
+_INDEX_HEADERS = ("", "Unnamed: 0")
+"""Header cells of a leading row-index column: pandas ``to_csv`` writes an empty one (``Unnamed: 0``
+once the file has been read back and written again without its index), R ``write.csv`` ``""``."""
+
+
+def _has_index_column(header: list[str], cols: _Columns) -> bool:
+    """Whether the first column is an unnamed row index (not one of the columns asked for)."""
+    first = header[0].strip()
+    return len(header) > 1 and first in _INDEX_HEADERS and first not in (cols.text, cols.pair, cols.label)
+
+
 def _read_table_file(path: Path, text: str, delimiter: str, cols: _Columns) -> _RawSplit:
-    rows = _table_rows(path, text, delimiter)
+    rows = _table_rows(path, text, delimiter, AUTO)
     raw = _RawSplit(str(path), "line")
     if not rows:
         raise LayerExitError(f"{path}: the file is empty")
     header_line, header = rows[0]
+    if _has_index_column(header, cols):  # ignored: a row with nothing but its index is a blank row
+        rows = rows[:1] + [
+            (line, record)
+            for line, record in rows[1:]
+            if len(record) != len(header) or any(cell.strip() for cell in record[1:])
+        ]
     where = f"{path}, line {header_line}"
     t = _column(header, cols.text, where, delimiter, "text_column")
     p = None if cols.pair is None else _column(header, cols.pair, where, delimiter, "text_pair_column")
