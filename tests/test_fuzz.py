@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 from layerexit import strategies
 from layerexit.config import TrainConfig, load_train_config
-from layerexit.data import _LAYOUTS, load_task
+from layerexit.data import load_task
+from layerexit.data.benchmarks import _LAYOUTS
 from layerexit.errors import LayerExitError
 from layerexit.model import EarlyExitModel
 from layerexit.run_folder import load_probs
