@@ -48,8 +48,8 @@ def _card(value: str, key: str) -> str:
 
 
 def _json_script(element_id: str, data: Any) -> str:
-    """Data for the script, safe inside HTML: no "</" can close the element early."""
-    text = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/").replace("<!--", "<\\!--")
+    """Data for the script, safe inside HTML: every "<" escaped (valid JSON), so no text can close the element."""
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
     return f'<script type="application/json" id="{escape(element_id)}">{text}</script>'
 
 
