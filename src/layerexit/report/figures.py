@@ -63,6 +63,7 @@ def _layout(fig: Any, height: int, **kwargs: Any) -> Any:
         height=height,
         margin={"l": 60, "r": 20, "t": 50, "b": 50},
         template="plotly_white",
+        showlegend=True,  # also for a figure with one trace (a comparison of one method)
         legend={"font": {"size": 11}},
         hoverlabel={"align": "left"},
         **kwargs,

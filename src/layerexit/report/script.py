@@ -166,30 +166,32 @@ EXPLORER_JS = r"""
     const traces = names.map((n, c) => ({ x: layers, y: layers.map((l) => prob(i, l, c)), name: "p(" + n + ")",
       mode: "lines+markers", line: { color: palette[c % palette.length] },
       hovertemplate: "layer %{x}: p(" + n + ") %{y:.3f}<extra></extra>" }));
-    const ex = [], ey = [], et = [];
+    const ex = [], ey = [], et = [], ep = [];
     Object.keys(byLayer).forEach((l) => byLayer[l].forEach((name, j) => {
-      ex.push(+l); ey.push(1.06 + 0.09 * j); et.push(name);
+      ex.push(+l); ey.push(1.06 + 0.09 * j); et.push(name); ep.push(+l === L ? "middle left" : "middle right");
     }));
-    traces.push({ x: ex, y: ey, text: et, mode: "markers+text", textposition: "middle right", name: "exits here",
+    traces.push({ x: ex, y: ey, text: et, mode: "markers+text", textposition: ep, name: "exits here",
       marker: { symbol: "triangle-down", size: 9, color: "#333" },
       hovertemplate: "%{text} exits at layer %{x}<extra></extra>" });
     const stack = Math.max(0, ...Object.values(byLayer).map((v) => v.length));
     Plotly.react("input-probs", traces, layout("each layer's probability, and where each strategy exits",
-      { yaxis: { range: [0, 1.1 + 0.09 * stack], title: { text: "probability" } } }), config);
+      { yaxis: { range: [0, 1.1 + 0.09 * stack], title: { text: "probability" }, tickvals: [0, 0.25, 0.5, 0.75, 1] },
+        xaxis: { title: { text: "layer" }, dtick: 1, range: [0.7, L + 0.3] } }), config);
   }
   function drawVotes(voteRows, V) {
     const traces = names.map((n, c) => ({ type: "bar", x: layers, y: voteRows.map((v) => v[c]), name: "votes " + n,
       marker: { color: palette[c % palette.length], opacity: 0.55 },
       hovertemplate: "layer %{x}: %{y} votes " + n + "<extra></extra>" }));
-    traces.push({ x: layers, y: V, name: "V_l", mode: "lines+markers", line: { color: "#000", width: 2 },
-      hovertemplate: "V_%{x} = %{y:.4f}<extra></extra>" });
+    traces.push({ x: layers, y: V, name: "V<sub>l</sub>", mode: "lines+markers", line: { color: "#000", width: 2 },
+      hovertemplate: "V<sub>%{x}</sub> = %{y:.4f}<extra></extra>" });
     if (D.voting.threshold !== null)
       traces.push({ x: [1, L], y: [D.voting.threshold, D.voting.threshold], mode: "lines",
         name: "threshold " + D.voting.threshold,
         line: { color: "#d62728", dash: "dash" }, hovertemplate: D.voting.setting + "<extra></extra>" });
-    Plotly.react("input-votes", traces, layout("votes and V_l = max_c votes_c(l) / l^k, k = " + D.voting.k +
+    Plotly.react("input-votes", traces, layout("votes and V<sub>l</sub> = max<sub>c</sub> votes<sub>c</sub>(l) / " +
+      "l<sup>k</sup>, k = " + D.voting.k +
       (D.voting.setting ? " (" + D.voting.setting + ")" : ""),
-      { barmode: "stack", yaxis: { title: { text: "votes, V_l" } } }), config);
+      { barmode: "stack", yaxis: { title: { text: "votes, V<sub>l</sub>" } } }), config);
   }
 
   ["f-label", "f-correct", "f-strategy", "f-exit"].forEach((id) => el(id).addEventListener("change", apply));
