@@ -6,14 +6,15 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 ASSETS := $(VENV)/.assets
 DEMO_DIR ?= runs/demo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install assets test test-fast lint demo clean-demo
+.PHONY: install assets browser test test-fast lint demo clean-demo report
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev,onnx,distributed]"
+	$(BIN)/python -m pip install -q -e ".[dev,onnx,distributed,report]"
 	touch $@
 
 install: $(INSTALLED)
@@ -29,10 +30,15 @@ lint: $(INSTALLED)
 	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy
 
-test: $(ASSETS)
+# The report's browser test drives the system's Chromium (Playwright is only the driver; no browser download).
+browser:
+	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium)
+
+test: $(ASSETS) browser
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q
+	LAYEREXIT_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q
 
 test-fast: $(INSTALLED)
 	$(BIN)/python -m pytest -q -m "not integration and not slow"
@@ -41,3 +47,6 @@ demo: $(ASSETS)
 	rm -rf $(DEMO_DIR)
 	$(BIN)/layerexit train --model minilm-l6 --task tweets-binary --objective ensemble --lambda 0.3 \
 		--max-train 6000 --epochs 2 --batch-size 32 --max-length 64 --threads 2 --output $(DEMO_DIR)
+
+report: $(INSTALLED)
+	$(BIN)/layerexit report $(DEMO_DIR)

@@ -423,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--split", default="test", help="split of the stored probabilities to analyse")
 
     command("tasks", cmd_tasks, "List the built-in tasks")
+
+    from layerexit.report import add_command as add_report_command
+
+    add_report_command(command)
     return parser
 
 
