@@ -8,14 +8,15 @@ reloading the run's task from its ``config.json`` (the dev and test subsets are 
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
+from layerexit.atomic import read_json_object
 from layerexit.errors import LayerExitError
+from layerexit.run_folder import RunFolder
 
 EVAL_DIR = "eval"
 SERVING_WORDS = ("serve", "serving", "loadtest", "load_test", "load-test")
@@ -69,10 +70,7 @@ def is_compare(path: Path) -> bool:
 
 
 def read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LayerExitError(f"{path}: cannot read the {what} ({err})") from None
+    return read_json_object(path, f"the {what}")
 
 
 def read_points(path: Path) -> list[dict[str, Any]]:
@@ -105,11 +103,11 @@ def _check_run(path: Path) -> Path:
         raise LayerExitError(f"{path} does not exist")
     if not path.is_dir():
         raise LayerExitError(f"{path} is not a folder; give a run folder or a compare folder")
-    if not (path / "layerexit.json").is_file():
+    if not RunFolder(path).is_run():
         raise LayerExitError(
             f"{path} is not a layerexit run or compare folder (layerexit.json and compare.json missing)"
         )
-    out = path / EVAL_DIR
+    out = RunFolder(path).eval_dir()
     for name in ("report.json", "points.csv"):
         if not (out / name).is_file():
             raise LayerExitError(
@@ -121,25 +119,24 @@ def _check_run(path: Path) -> Path:
 def load_run(path: Path, split: str | None = None, *, texts: bool = True) -> RunSources:
     """Read an evaluated run. ``split``: the split whose inputs the explorer shows (default: the
     report split, test). ``texts``: reload the task to show the inputs' texts."""
-    from layerexit.evaluation.evaluate import load_probs
-
+    run = RunFolder(path)
     out = _check_run(path)
     report = read_json(out / "report.json", "evaluation report")
     if not isinstance(report, dict) or not {"metric", "splits", "selected", "report_split"} <= set(report):
         raise LayerExitError(f"{out / 'report.json'}: not an evaluation report (metric, splits, selected expected)")
     split = split or str(report["report_split"])
-    stored = out / f"probs_{split}.safetensors"
+    stored = run.probs_file(split)
     if not stored.is_file():
         raise LayerExitError(
             f"{path} has no stored probabilities of split {split!r} ({EVAL_DIR}/{stored.name} missing); "
             f"run `layerexit evaluate {path} --splits {split}`"
         )
-    probs, labels = load_probs(stored)
-    data = read_json(path / "data.json", "data description") if (path / "data.json").is_file() else {}
+    probs, labels = run.read_probs(split)
+    data = read_json(run.data_file, "data description") if run.data_file.is_file() else {}
     label_names = [str(n) for n in data.get("label_names", [])] if isinstance(data, dict) else []
     if len(label_names) != probs.shape[-1]:
         label_names = [str(c) for c in range(probs.shape[-1])]
-    config = read_json(path / "config.json", "configuration") if (path / "config.json").is_file() else {}
+    config = read_json(run.config_file, "configuration") if run.config_file.is_file() else {}
     sources = RunSources(
         path=path,
         report=report,
@@ -150,10 +147,10 @@ def load_run(path: Path, split: str | None = None, *, texts: bool = True) -> Run
         labels=labels,
         config=config if isinstance(config, dict) else {},
     )
-    if (path / "calibration.json").is_file():
-        sources.calibration = read_json(path / "calibration.json", "calibration")
-    if (path / "bench.json").is_file():
-        sources.bench = read_json(path / "bench.json", "benchmark")
+    if run.calibration_file.is_file():
+        sources.calibration = read_json(run.calibration_file, "calibration")
+    if run.bench_file.is_file():
+        sources.bench = read_json(run.bench_file, "benchmark")
     sources.serving = find_serving(path)
     if texts:
         load_texts(sources)
@@ -180,7 +177,7 @@ def load_texts(sources: RunSources) -> None:
     page goes without texts and says why."""
     from layerexit.config import load_train_config
 
-    config_path = sources.path / "config.json"
+    config_path = RunFolder(sources.path).config_file
     if not config_path.is_file():
         sources.notes.append("Texts unavailable: the run has no config.json to reload its task from.")
         return
@@ -219,11 +216,11 @@ def load_compare(path: Path) -> CompareSources:
         run = path / f"{spec.replace(':', '')}-seed{seed}"
         if not run.is_dir() and f"{spec}/seed{seed}" in recorded:
             run = Path(recorded[f"{spec}/seed{seed}"])
-        out = run / EVAL_DIR
-        if not (out / "report.json").is_file() or not (out / "points.csv").is_file():
+        folder = RunFolder(run)
+        if not folder.report_file().is_file() or not folder.points_file().is_file():
             notes.append(f"{spec}: no evaluated run at {run}; its curve is left out.")
             continue
         runs[spec] = run
-        reports[spec] = read_json(out / "report.json", "evaluation report")
-        points[spec] = read_points(out / "points.csv")
+        reports[spec] = folder.report()
+        points[spec] = read_points(folder.points_file())
     return CompareSources(path=path, summary=summary, reports=reports, points=points, runs=runs, notes=notes)
