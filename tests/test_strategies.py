@@ -191,3 +191,49 @@ def test_parse_and_validation() -> None:
     ]:
         with pytest.raises(LayerExitError, match=message):
             strategies.parse(bad)
+
+
+def _grid_as_of_issue_13(num_layers: int, num_classes: int) -> list[strategies.Strategy]:
+    """The default sweep as ``sweep.default_grid`` built it before the families were declared on the
+    strategy classes, spelled out: the declarations must give exactly these settings, in this order."""
+    from layerexit.strategies import Entropy, Hybrid, MaxProb, Patience, Static, Voting, voting_denominator
+
+    def voting_thresholds(k: float) -> list[float]:
+        layers = range(1, num_layers + 1)
+        return sorted({v / voting_denominator(layer, k) for layer in layers for v in range(1, layer + 1)})
+
+    low = 1.0 / num_classes
+    unit = torch.linspace(0.0, 1.0, 51).tolist()
+    return [
+        *(Entropy(threshold=round(t, 4)) for t in unit),
+        *(MaxProb(threshold=round(low + (1 - low) * t, 4)) for t in torch.linspace(0, 1, 51).tolist()),
+        *(Patience(patience=p) for p in range(1, num_layers)),
+        *(Voting(k=k, threshold=t) for k in (0.0, 0.25, 0.5, 0.75) for t in voting_thresholds(k)),
+        *(
+            Hybrid(k=0.5, threshold=t, entropy_threshold=e)
+            for t in voting_thresholds(0.5)
+            for e in (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+        ),
+        *(Static(layer=n) for n in range(1, num_layers + 1)),
+    ]
+
+
+@pytest.mark.parametrize("num_layers", [6, 12])
+@pytest.mark.parametrize("num_classes", [2, 5])
+def test_default_grid_is_pinned(num_layers: int, num_classes: int) -> None:
+    from layerexit.evaluation import sweep
+
+    assert sweep.FAMILIES == ("entropy", "maxprob", "patience", "voting", "hybrid", "static")
+    expected = _grid_as_of_issue_13(num_layers, num_classes)
+    grid = sweep.default_grid(num_layers, num_classes, sweep.FAMILIES)
+    assert [repr(s) for s in grid] == [repr(s) for s in expected]  # same classes, same exact floats
+    assert grid == expected
+    assert sweep.default_grid(num_layers, num_classes) == expected  # the default families are all of them
+    for family in sweep.FAMILIES:  # each family alone is its slice of the whole
+        assert sweep.default_grid(num_layers, num_classes, [family]) == [s for s in expected if s.name == family]
+    assert sweep.default_grid(num_layers, num_classes, ["static", "entropy"]) == [
+        *(s for s in expected if s.name == "static"),
+        *(s for s in expected if s.name == "entropy"),
+    ]
+    with pytest.raises(ValueError, match="unknown strategy family 'oracle'"):
+        sweep.default_grid(num_layers, num_classes, ["oracle"])
