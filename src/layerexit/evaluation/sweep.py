@@ -5,56 +5,33 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from layerexit import metrics
-from layerexit.strategies import (
-    Entropy,
-    Hybrid,
-    MaxProb,
-    Oracle,
-    Patience,
-    Static,
-    Strategy,
-    Voting,
-    voting_denominator,
-)
+from layerexit.strategies import FAMILIES, STRATEGIES, VOTING_KS, Oracle, Strategy, voting_thresholds
 
-FAMILIES = ("entropy", "maxprob", "patience", "voting", "hybrid", "static")
-VOTING_KS = (0.0, 0.25, 0.5, 0.75)
-
-
-def voting_thresholds(num_layers: int, k: float) -> list[float]:
-    """Every value V_l can take (votes / l**k for 1 <= votes <= l <= L): the exact grid, no gaps."""
-    values = {v / voting_denominator(layer, k) for layer in range(1, num_layers + 1) for v in range(1, layer + 1)}
-    return sorted(values)
+__all__ = [
+    "FAMILIES",
+    "VOTING_KS",
+    "Point",
+    "default_grid",
+    "evaluate_point",
+    "paper_band",
+    "select_in_band",
+    "sweep",
+    "voting_thresholds",
+]
 
 
 def default_grid(num_layers: int, num_classes: int, families: Iterable[str] = FAMILIES) -> list[Strategy]:
-    """A sweep that spans each strategy's whole range of speed-ups."""
+    """A sweep that spans each strategy's whole range of speed-ups: each family's
+    :meth:`~layerexit.strategies.Strategy.default_grid`, in the order of ``families``."""
     grid: list[Strategy] = []
     for family in families:
-        if family == "entropy":
-            grid += [Entropy(threshold=round(t, 4)) for t in torch.linspace(0.0, 1.0, 51).tolist()]
-        elif family == "maxprob":
-            low = 1.0 / num_classes
-            grid += [MaxProb(threshold=round(low + (1 - low) * t, 4)) for t in torch.linspace(0, 1, 51).tolist()]
-        elif family == "patience":
-            grid += [Patience(patience=p) for p in range(1, num_layers)]
-        elif family == "voting":
-            grid += [Voting(k=k, threshold=t) for k in VOTING_KS for t in voting_thresholds(num_layers, k)]
-        elif family == "hybrid":
-            entropy_grid = [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5]
-            grid += [
-                Hybrid(k=0.5, threshold=t, entropy_threshold=e)
-                for t in voting_thresholds(num_layers, 0.5)
-                for e in entropy_grid
-            ]
-        elif family == "static":
-            grid += [Static(layer=n) for n in range(1, num_layers + 1)]
-        else:
+        cls = STRATEGIES.get(family)
+        if cls is None or cls.family is None:
             raise ValueError(f"unknown strategy family {family!r}; known: {', '.join(FAMILIES)}")
+        grid += cls.default_grid(num_layers, num_classes)
     return grid
 
 
