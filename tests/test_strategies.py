@@ -237,3 +237,62 @@ def test_default_grid_is_pinned(num_layers: int, num_classes: int) -> None:
     ]
     with pytest.raises(ValueError, match="unknown strategy family 'oracle'"):
         sweep.default_grid(num_layers, num_classes, ["oracle"])
+
+
+def test_family_declarations_give_the_tables_they_replaced() -> None:
+    """Each fact about a family is declared once, on its class; these are the tables it replaced."""
+    from layerexit.evaluation import calibrate, compare
+
+    assert tuple(n for n in strategies.STRATEGIES if n != "oracle") == strategies.FAMILIES
+    assert strategies.Oracle.family is None
+    knobs = {f: (strategies.family_of(f).knob, strategies.family_of(f).slowest_first) for f in strategies.FAMILIES}
+    assert knobs == {  # calibration's chains: the knob and the sort that puts the slowest setting first
+        "entropy": ("threshold", +1),
+        "maxprob": ("threshold", -1),
+        "patience": ("patience", -1),
+        "voting": ("threshold", -1),
+        "hybrid": ("threshold", -1),
+        "static": ("layer", -1),
+    }
+    assert calibrate.CALIBRATABLE == strategies.FAMILIES
+    assert strategies.preferred_families() == ["voting", "hybrid", "patience", "entropy"]
+    styles = {f: strategies.family_of(f).style for f in strategies.FAMILIES}
+    assert {f: s.color for f, s in styles.items() if s.front} == {
+        "entropy": "C0",
+        "maxprob": "C1",
+        "patience": "C2",
+        "voting": "C3",
+        "hybrid": "C4",
+    }
+    assert styles["static"] == strategies.PlotStyle("0.4", marker="s", front=False, label="static (cut at layer n)")
+    assert compare.NATIVE == {
+        "deebert": "entropy",
+        "fastbert": "entropy",
+        "righttool": "maxprob",
+        "pabee": "patience",
+        "relevancy": "patience",
+        "ensemble": "voting",
+    }
+    with pytest.raises(LayerExitError, match="unknown strategy family 'oracle'"):
+        strategies.family_of("oracle")
+    with pytest.raises(LayerExitError, match="not a family"):
+        strategies.Oracle.default_grid(6, 2)
+
+
+def test_a_larger_knob_moves_every_exit_the_declared_way() -> None:
+    """The direction each family declares holds sample by sample along its default grid."""
+    from dataclasses import fields
+    from itertools import pairwise
+
+    probs = torch.softmax(3 * torch.randn(4, 100, 3, generator=torch.Generator().manual_seed(0)), -1)
+    for name in strategies.FAMILIES:
+        declared = strategies.family_of(name)
+        chains: dict[tuple, list[strategies.Strategy]] = {}
+        for s in strategies.STRATEGIES[name].default_grid(4, 3):
+            rest = tuple((f.name, getattr(s, f.name)) for f in fields(s) if f.name != declared.knob)
+            chains.setdefault(rest, []).append(s)
+        for chain in chains.values():
+            chain.sort(key=lambda s: getattr(s, declared.knob))
+            exits = [s.replay(probs)[0] for s in chain]
+            for smaller, larger in pairwise(exits):
+                assert bool((larger <= smaller).all() if declared.larger_exits_earlier else (larger >= smaller).all())

@@ -57,7 +57,7 @@ def default_strategy(run_dir: Path) -> tuple[strategies.Strategy, str]:
             selected = json.loads(report.read_text(encoding="utf-8"))["selected"]
         except (json.JSONDecodeError, KeyError) as err:
             raise LayerExitError(f"{report}: not a layerexit evaluation report ({err})") from None
-        for family in ("voting", "hybrid", "patience", "entropy"):
+        for family in strategies.preferred_families():
             if selected.get(family):
                 return strategies.parse(selected[family]["setting"]), f"selected on dev ({report})"
     raise LayerExitError(

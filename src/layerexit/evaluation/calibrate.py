@@ -33,7 +33,7 @@ from torch import Tensor
 from layerexit import metrics, strategies
 from layerexit.errors import LayerExitError
 from layerexit.evaluation.sweep import FAMILIES, default_grid
-from layerexit.strategies import Static, Strategy
+from layerexit.strategies import Static, Strategy, family_of
 
 Mode = Literal["speedup", "risk"]
 Loss = Literal["disagreement", "accuracy_drop"]
@@ -44,18 +44,11 @@ RELATIVE_TOLERANCE = 1e-9
 """A speed-up "reaches" a target when speed-up >= target * (1 - RELATIVE_TOLERANCE): float rounding
 of L / mean(exit layer) must not make an exact hit (e.g. 6 / 4.0 against 1.5) miss."""
 
-# The parameter that trades accuracy for speed in each family, and the sort direction that puts
-# the most conservative (slowest) setting first: +1 ascending, -1 descending. Settings that share
-# every other parameter form one chain; along a chain every sample's exit layer can only move
-# earlier, so the order is fixed by the grid alone, before any risk is looked at.
-_KNOBS: dict[str, tuple[str, int]] = {
-    "entropy": ("threshold", +1),
-    "maxprob": ("threshold", -1),
-    "patience": ("patience", -1),
-    "voting": ("threshold", -1),
-    "hybrid": ("threshold", -1),
-    "static": ("layer", -1),
-}
+CALIBRATABLE: tuple[str, ...] = tuple(f for f in FAMILIES if family_of(f).calibratable)
+"""The families whose settings calibration can order by the grid alone (:attr:`Family.calibratable`):
+settings that share every parameter but the family's knob form one chain, sorted along the knob
+(:attr:`Family.knob`, :attr:`Family.slowest_first`) so that every sample's exit layer can only move
+earlier, before any risk is looked at."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,15 +347,16 @@ def chains(grid: Sequence[Strategy], family: str) -> list[list[int]]:
     a chain, sorted along the knob so that each sample's exit layer can only move earlier. The
     order depends on the grid alone, never on data, as fixed-sequence testing requires.
     """
-    if family not in _KNOBS:
-        raise LayerExitError(f"strategy family {family!r} cannot be calibrated; known: {', '.join(_KNOBS)}")
+    if family not in CALIBRATABLE:
+        raise LayerExitError(f"strategy family {family!r} cannot be calibrated; known: {', '.join(CALIBRATABLE)}")
     return [list(chain) for chain in _chains(tuple(grid), family)]
 
 
 @functools.lru_cache(maxsize=32)
 def _chains(grid: tuple[Strategy, ...], family: str) -> tuple[tuple[int, ...], ...]:
     """:func:`chains`, cached: repeated calibrations over subsets of one replay share its grid."""
-    knob, direction = _KNOBS[family]
+    declared = family_of(family)
+    knob, direction = declared.knob, declared.slowest_first
     groups: dict[tuple[Any, ...], list[int]] = {}
     for index, strategy in enumerate(grid):
         if strategy.name != family:
@@ -795,8 +789,8 @@ def _replay(probs: Tensor | GridReplay, families: Sequence[str]) -> GridReplay:
     if isinstance(families, str):
         raise LayerExitError(f"families must be a list of names, got the text {families!r}")
     for family in families:
-        if family not in _KNOBS:
-            raise LayerExitError(f"strategy family {family!r} cannot be calibrated; known: {', '.join(_KNOBS)}")
+        if family not in CALIBRATABLE:
+            raise LayerExitError(f"strategy family {family!r} cannot be calibrated; known: {', '.join(CALIBRATABLE)}")
     if not families:
         raise LayerExitError("no strategy family to calibrate")
     if isinstance(probs, GridReplay):
