@@ -296,3 +296,30 @@ def test_a_larger_knob_moves_every_exit_the_declared_way() -> None:
             exits = [s.replay(probs)[0] for s in chain]
             for smaller, larger in pairwise(exits):
                 assert bool((larger <= smaller).all() if declared.larger_exits_earlier else (larger >= smaller).all())
+
+
+def test_band_selection_rule() -> None:
+    """The paper's rule, shared by evaluation and scripts/study.py: best score in the band (ends
+    included), ties to the faster setting, then to the first."""
+    from layerexit.evaluation.sweep import best_in_band, select_in_band, sweep
+
+    rows = [("a", 1.2, 0.95), ("b", 1.3, 0.90), ("c", 1.6, 0.92), ("d", 1.8, 0.92), ("e", 2.0, 0.91), ("f", 2.1, 0.99)]
+
+    def pick(band: tuple[float, float]) -> str | None:
+        best = best_in_band(rows, band, lambda r: r[1], lambda r: r[2])
+        return None if best is None else best[0]
+
+    assert pick((1.3, 2.0)) == "d"  # 0.92 twice: the faster
+    assert pick((1.3, 1.3)) == "b"  # both ends belong to the band
+    assert pick((1.0, 3.0)) == "f"
+    assert pick((2.2, 3.0)) is None
+    rows = [("x", 1.5, 0.9), ("y", 1.5, 0.9)]
+    assert pick((1.3, 2.0)) == "x"  # a full tie: the first
+    probs = torch.softmax(torch.randn(4, 50, 2, generator=torch.Generator().manual_seed(0)), -1)
+    labels = torch.randint(2, (50,), generator=torch.Generator().manual_seed(1))
+    points = sweep(probs, labels, [strategies.Static(layer=n) for n in (1, 2, 3, 4)])
+    chosen = select_in_band(points, "static", "accuracy", (1.3, 2.0))
+    assert chosen is not None and chosen.strategy in (strategies.Static(layer=2), strategies.Static(layer=3))
+    in_band = [p for p in points if p.strategy.name == "static" and 1.3 <= p.speedup <= 2.0]
+    assert chosen.scores["accuracy"] == max(p.scores["accuracy"] for p in in_band)
+    assert select_in_band(points, "voting", "accuracy", (1.3, 2.0)) is None

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from torch import Tensor
 
@@ -14,6 +15,7 @@ __all__ = [
     "FAMILIES",
     "VOTING_KS",
     "Point",
+    "best_in_band",
     "default_grid",
     "evaluate_point",
     "paper_band",
@@ -21,6 +23,8 @@ __all__ = [
     "sweep",
     "voting_thresholds",
 ]
+
+T = TypeVar("T")
 
 
 def default_grid(num_layers: int, num_classes: int, families: Iterable[str] = FAMILIES) -> list[Strategy]:
@@ -79,13 +83,25 @@ def sweep(
     return points
 
 
-def select_in_band(points: Sequence[Point], family: str, metric: str, band: tuple[float, float]) -> Point | None:
-    """The paper's selection: the best ``metric`` among a family's settings whose speed-up lies in
-    ``band``; ties go to the faster setting. None if no setting lands in the band."""
-    candidates = [p for p in points if p.strategy.name == family and band[0] <= p.speedup <= band[1]]
+def best_in_band(
+    settings: Iterable[T], band: Sequence[float], speedup: Callable[[T], float], score: Callable[[T], float]
+) -> T | None:
+    """The paper's selection rule on any record of a setting: the best ``score`` among the settings
+    whose ``speedup`` lies in ``band`` (both ends included); ties go to the faster setting, then to
+    the first. None if no setting lands in the band."""
+    low, high = band
+    candidates = [s for s in settings if low <= speedup(s) <= high]
     if not candidates:
         return None
-    return max(candidates, key=lambda p: (p.scores[metric], p.speedup))
+    return max(candidates, key=lambda s: (score(s), speedup(s)))
+
+
+def select_in_band(points: Sequence[Point], family: str, metric: str, band: tuple[float, float]) -> Point | None:
+    """The paper's selection (:func:`best_in_band`): the best ``metric`` among a family's settings
+    whose speed-up lies in ``band``; ties go to the faster setting. None if no setting lands in the band."""
+    return best_in_band(
+        (p for p in points if p.strategy.name == family), band, lambda p: p.speedup, lambda p: p.scores[metric]
+    )
 
 
 def paper_band(num_classes: int) -> tuple[float, float]:
