@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from layerexit.evaluation.sweep import best_in_band
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
 DOC = ROOT / "docs" / "results.md"
@@ -256,16 +258,12 @@ def envelope(points: Sequence[tuple[float, float]], at: float) -> float:
 
 
 def select_in_band(run: Run, strategy: str, k: float) -> tuple[float, float] | None:
-    """Voting with ``k`` fixed: the best dev setting in the band, reported on test (the paper's rule)."""
-    lo, hi = run.report["band"]
-    dev = [
-        r
-        for r in run.points
-        if r["split"] == "dev" and r["strategy"] == strategy and float(r["k"]) == k and lo <= float(r["speedup"]) <= hi
-    ]
-    if not dev:
+    """Voting with ``k`` fixed: the best dev setting in the band, reported on test (the paper's rule,
+    the library's own :func:`~layerexit.evaluation.sweep.best_in_band`)."""
+    dev = [r for r in run.points if r["split"] == "dev" and r["strategy"] == strategy and float(r["k"]) == k]
+    best = best_in_band(dev, run.report["band"], lambda r: float(r["speedup"]), lambda r: float(r[run.metric]))
+    if best is None:
         return None
-    best = max(dev, key=lambda r: (float(r[run.metric]), float(r["speedup"])))
     test = next(r for r in run.points if r["split"] == "test" and r["setting"] == best["setting"])
     return float(test[run.metric]), float(test["speedup"])
 

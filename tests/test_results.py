@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,13 @@ def test_results_script_rebuilds_the_committed_table(folder: Path) -> None:
         check=True,
     ).stdout
     assert out.strip() == (folder / "compare.md").read_text().strip()
-    assert "| ours (ensemble loss) |" in out
+    from layerexit.evaluation.compare import LABELS, parse_method
+
+    methods = json.loads((folder / "compare.json").read_text())["methods"]
+    for spec in methods:  # every method the comparison ran has its row
+        name = parse_method(spec)[0]
+        label = LABELS.get(name, spec) if name != "static" else spec
+        assert f"| {label}" in out, spec
 
 
 def test_there_is_a_committed_study() -> None:

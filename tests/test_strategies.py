@@ -214,3 +214,135 @@ def test_awkward_floats_round_trip() -> None:
         assert strategies.parse(str(s)) == s
     assert str(strategies.Entropy(threshold=0.3, normalized=False)) == "entropy(threshold=0.3, normalized=False)"
     assert str(strategies.Voting(k=0.0, threshold=4.0)) == "voting(k=0, threshold=4)"
+
+
+def _grid_as_of_issue_13(num_layers: int, num_classes: int) -> list[strategies.Strategy]:
+    """The default sweep as ``sweep.default_grid`` built it before the families were declared on the
+    strategy classes, spelled out: the declarations must give exactly these settings, in this order."""
+    from layerexit.strategies import Entropy, Hybrid, MaxProb, Patience, Static, Voting, voting_denominator
+
+    def voting_thresholds(k: float) -> list[float]:
+        layers = range(1, num_layers + 1)
+        return sorted({v / voting_denominator(layer, k) for layer in layers for v in range(1, layer + 1)})
+
+    low = 1.0 / num_classes
+    unit = torch.linspace(0.0, 1.0, 51).tolist()
+    return [
+        *(Entropy(threshold=round(t, 4)) for t in unit),
+        *(MaxProb(threshold=round(low + (1 - low) * t, 4)) for t in torch.linspace(0, 1, 51).tolist()),
+        *(Patience(patience=p) for p in range(1, num_layers)),
+        *(Voting(k=k, threshold=t) for k in (0.0, 0.25, 0.5, 0.75) for t in voting_thresholds(k)),
+        *(
+            Hybrid(k=0.5, threshold=t, entropy_threshold=e)
+            for t in voting_thresholds(0.5)
+            for e in (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+        ),
+        *(Static(layer=n) for n in range(1, num_layers + 1)),
+    ]
+
+
+@pytest.mark.parametrize("num_layers", [6, 12])
+@pytest.mark.parametrize("num_classes", [2, 5])
+def test_default_grid_is_pinned(num_layers: int, num_classes: int) -> None:
+    from layerexit.evaluation import sweep
+
+    assert sweep.FAMILIES == ("entropy", "maxprob", "patience", "voting", "hybrid", "static")
+    expected = _grid_as_of_issue_13(num_layers, num_classes)
+    grid = sweep.default_grid(num_layers, num_classes, sweep.FAMILIES)
+    assert [repr(s) for s in grid] == [repr(s) for s in expected]  # same classes, same exact floats
+    assert grid == expected
+    assert sweep.default_grid(num_layers, num_classes) == expected  # the default families are all of them
+    for family in sweep.FAMILIES:  # each family alone is its slice of the whole
+        assert sweep.default_grid(num_layers, num_classes, [family]) == [s for s in expected if s.name == family]
+    assert sweep.default_grid(num_layers, num_classes, ["static", "entropy"]) == [
+        *(s for s in expected if s.name == "static"),
+        *(s for s in expected if s.name == "entropy"),
+    ]
+    with pytest.raises(ValueError, match="unknown strategy family 'oracle'"):
+        sweep.default_grid(num_layers, num_classes, ["oracle"])
+
+
+def test_family_declarations_give_the_tables_they_replaced() -> None:
+    """Each fact about a family is declared once, on its class; these are the tables it replaced."""
+    from layerexit.evaluation import calibrate, compare
+
+    assert tuple(n for n in strategies.STRATEGIES if n != "oracle") == strategies.FAMILIES
+    assert strategies.Oracle.family is None
+    knobs = {f: (strategies.family_of(f).knob, strategies.family_of(f).slowest_first) for f in strategies.FAMILIES}
+    assert knobs == {  # calibration's chains: the knob and the sort that puts the slowest setting first
+        "entropy": ("threshold", +1),
+        "maxprob": ("threshold", -1),
+        "patience": ("patience", -1),
+        "voting": ("threshold", -1),
+        "hybrid": ("threshold", -1),
+        "static": ("layer", -1),
+    }
+    assert calibrate.CALIBRATABLE == strategies.FAMILIES
+    assert strategies.preferred_families() == ["voting", "hybrid", "patience", "entropy"]
+    styles = {f: strategies.family_of(f).style for f in strategies.FAMILIES}
+    assert {f: s.color for f, s in styles.items() if s.front} == {
+        "entropy": "C0",
+        "maxprob": "C1",
+        "patience": "C2",
+        "voting": "C3",
+        "hybrid": "C4",
+    }
+    assert styles["static"] == strategies.PlotStyle("0.4", marker="s", front=False, label="static (cut at layer n)")
+    assert compare.NATIVE == {
+        "deebert": "entropy",
+        "fastbert": "entropy",
+        "righttool": "maxprob",
+        "pabee": "patience",
+        "relevancy": "patience",
+        "ensemble": "voting",
+    }
+    with pytest.raises(LayerExitError, match="unknown strategy family 'oracle'"):
+        strategies.family_of("oracle")
+    with pytest.raises(LayerExitError, match="not a family"):
+        strategies.Oracle.default_grid(6, 2)
+
+
+def test_a_larger_knob_moves_every_exit_the_declared_way() -> None:
+    """The direction each family declares holds sample by sample along its default grid."""
+    from dataclasses import fields
+    from itertools import pairwise
+
+    probs = torch.softmax(3 * torch.randn(4, 100, 3, generator=torch.Generator().manual_seed(0)), -1)
+    for name in strategies.FAMILIES:
+        declared = strategies.family_of(name)
+        chains: dict[tuple, list[strategies.Strategy]] = {}
+        for s in strategies.STRATEGIES[name].default_grid(4, 3):
+            rest = tuple((f.name, getattr(s, f.name)) for f in fields(s) if f.name != declared.knob)
+            chains.setdefault(rest, []).append(s)
+        for chain in chains.values():
+            chain.sort(key=lambda s: getattr(s, declared.knob))
+            exits = [s.replay(probs)[0] for s in chain]
+            for smaller, larger in pairwise(exits):
+                assert bool((larger <= smaller).all() if declared.larger_exits_earlier else (larger >= smaller).all())
+
+
+def test_band_selection_rule() -> None:
+    """The paper's rule, shared by evaluation and scripts/study.py: best score in the band (ends
+    included), ties to the faster setting, then to the first."""
+    from layerexit.evaluation.sweep import best_in_band, select_in_band, sweep
+
+    rows = [("a", 1.2, 0.95), ("b", 1.3, 0.90), ("c", 1.6, 0.92), ("d", 1.8, 0.92), ("e", 2.0, 0.91), ("f", 2.1, 0.99)]
+
+    def pick(band: tuple[float, float]) -> str | None:
+        best = best_in_band(rows, band, lambda r: r[1], lambda r: r[2])
+        return None if best is None else best[0]
+
+    assert pick((1.3, 2.0)) == "d"  # 0.92 twice: the faster
+    assert pick((1.3, 1.3)) == "b"  # both ends belong to the band
+    assert pick((1.0, 3.0)) == "f"
+    assert pick((2.2, 3.0)) is None
+    rows = [("x", 1.5, 0.9), ("y", 1.5, 0.9)]
+    assert pick((1.3, 2.0)) == "x"  # a full tie: the first
+    probs = torch.softmax(torch.randn(4, 50, 2, generator=torch.Generator().manual_seed(0)), -1)
+    labels = torch.randint(2, (50,), generator=torch.Generator().manual_seed(1))
+    points = sweep(probs, labels, [strategies.Static(layer=n) for n in (1, 2, 3, 4)])
+    chosen = select_in_band(points, "static", "accuracy", (1.3, 2.0))
+    assert chosen is not None and chosen.strategy in (strategies.Static(layer=2), strategies.Static(layer=3))
+    in_band = [p for p in points if p.strategy.name == "static" and 1.3 <= p.speedup <= 2.0]
+    assert chosen.scores["accuracy"] == max(p.scores["accuracy"] for p in in_band)
+    assert select_in_band(points, "voting", "accuracy", (1.3, 2.0)) is None

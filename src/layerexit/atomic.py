@@ -111,5 +111,7 @@ def read_json_object(path: Path, what: str, *, advice: str = "") -> dict[str, An
     except json.JSONDecodeError as err:
         raise LayerExitError(f"{path}: not valid JSON ({err}); cannot read {what}{advice}") from None
     if not isinstance(data, dict):
-        raise LayerExitError(f"{path}: expected a JSON object ({what}), got {type(data).__name__}{advice}")
+        raise LayerExitError(
+            f"{path}: expected a JSON object ({what}); not a JSON object but a {type(data).__name__}{advice}"
+        )
     return data

@@ -422,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("run", help="an evaluated run folder")
     analyze.add_argument("--split", default="test", help="split of the stored probabilities to analyse")
 
+    from layerexit.serving.server import add_parsers as add_serving
+
+    add_serving(command)
     command("tasks", cmd_tasks, "List the built-in tasks")
 
     from layerexit.report import add_command as add_report_command

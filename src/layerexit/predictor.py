@@ -44,10 +44,6 @@ class Prediction:
         return asdict(self)
 
 
-PREFERENCE = ("voting", "hybrid", "patience", "entropy")
-"""The evaluated setting a run uses when it was not calibrated: the first family selected on dev."""
-
-
 def default_strategy(run_dir: Path | RunFolder) -> tuple[strategies.Strategy, str]:
     """The strategy a run uses when none is given: the calibrated one, else the voting setting selected
     on dev by ``layerexit evaluate``. Returns it with a word on where it came from."""
@@ -60,7 +56,7 @@ def default_strategy(run_dir: Path | RunFolder) -> tuple[strategies.Strategy, st
             return chosen, f"calibrated ({run.calibration_file})"
     if run.report_file().is_file():
         selected = run.report()["selected"]
-        for family in PREFERENCE:
+        for family in strategies.preferred_families():
             if selected.get(family):
                 return strategies.parse(selected[family]["setting"]), f"selected on dev ({run.report_file()})"
     raise LayerExitError(

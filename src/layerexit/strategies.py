@@ -7,6 +7,11 @@ every layer) and online inference (:mod:`layerexit.runtime.loop`, which drops ex
 drive ``step``, so they give the same exit layer and prediction for every sample by construction.
 
 Layers are counted from 1; a sample that no rule lets out exits at the last layer L.
+
+What is known about a strategy *family* as a whole (the parameter calibration moves, its default
+grid of settings, how plots draw it, whether a run may fall back to it) is declared once on its
+class: :attr:`Strategy.family` (a :class:`Family`) and :meth:`Strategy.default_grid`. The
+sweep, calibration, the plots and the predictor read it from there.
 """
 
 from __future__ import annotations
@@ -40,11 +45,59 @@ def entropy(probs: Tensor, normalized: bool = True) -> Tensor:
 
 
 @dataclass(frozen=True)
+class PlotStyle:
+    """How plots of metric against speed-up draw a family."""
+
+    color: str
+    marker: str = "."
+    front: bool = True
+    """True: the family's Pareto front, as a line; False: every setting as its own point."""
+    label: str | None = None
+    """The legend entry; None: the family's name."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """What is known about a strategy family as a whole, declared once on its class."""
+
+    knob: str
+    """The parameter that trades accuracy for speed: the one calibration moves, along chains of
+    settings that share every other parameter."""
+    larger_exits_earlier: bool
+    """The knob's direction: True when a larger value lets every sample out at the same layer or
+    earlier (entropy's threshold), False when at the same layer or later (voting's threshold, ...)."""
+    style: PlotStyle
+    calibratable: bool = True
+    """Whether calibration can order the family's settings by the grid alone: along the knob every
+    sample's exit layer moves one way only, as fixed-sequence testing requires."""
+    preference: int | None = None
+    """Rank (1 first) among the families whose dev-selected setting a run uses when no strategy is
+    given and none is calibrated; None: never chosen that way."""
+
+    @property
+    def slowest_first(self) -> int:
+        """The sort direction along the knob that puts the most conservative (slowest) setting
+        first: +1 ascending, -1 descending."""
+        return 1 if self.larger_exits_earlier else -1
+
+
+@dataclass(frozen=True)
 class Strategy(ABC):
-    """Base class. Subclasses are frozen dataclasses whose fields are their parameters."""
+    """Base class. Subclasses are frozen dataclasses whose fields are their parameters.
+
+    A subclass that is a family one sweeps and calibrates declares :attr:`family` and
+    :meth:`default_grid`; the oracle, which needs labels, is none.
+    """
 
     name: ClassVar[str]
     needs_labels: ClassVar[bool] = False
+    family: ClassVar[Family | None] = None
+
+    @classmethod
+    def default_grid(cls, num_layers: int, num_classes: int) -> list[Strategy]:
+        """The settings an offline sweep replays for a model of ``num_layers`` exits and
+        ``num_classes`` classes: together they span the family's whole range of speed-ups."""
+        raise LayerExitError(f"strategy {cls.name!r} is not a family with a grid of settings")
 
     def init(self, num_samples: int, num_classes: int, device: torch.device | str = "cpu") -> State:
         """The running state before layer 1."""
@@ -104,9 +157,15 @@ class Entropy(Strategy):
     threshold: float
     normalized: bool = True
     name: ClassVar[str] = "entropy"
+    family: ClassVar[Family] = Family(knob="threshold", larger_exits_earlier=True, style=PlotStyle("C0"), preference=4)
 
     def __post_init__(self) -> None:
         _non_negative("threshold", self.threshold)
+
+    @classmethod
+    def default_grid(cls, num_layers: int, num_classes: int) -> list[Strategy]:
+        """Thresholds 0, 0.02, ..., 1 (the normalized entropy lies in [0, 1])."""
+        return [cls(threshold=round(t, 4)) for t in torch.linspace(0.0, 1.0, 51).tolist()]
 
     def step(self, state: State, layer: int, probs: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return entropy(probs, self.normalized) < self.threshold, probs.argmax(-1)
@@ -118,9 +177,16 @@ class MaxProb(Strategy):
 
     threshold: float
     name: ClassVar[str] = "maxprob"
+    family: ClassVar[Family] = Family(knob="threshold", larger_exits_earlier=False, style=PlotStyle("C1"))
 
     def __post_init__(self) -> None:
         _non_negative("threshold", self.threshold)
+
+    @classmethod
+    def default_grid(cls, num_layers: int, num_classes: int) -> list[Strategy]:
+        """51 thresholds evenly from 1 / C (every sample exits at once) to 1."""
+        low = 1.0 / num_classes
+        return [cls(threshold=round(low + (1 - low) * t, 4)) for t in torch.linspace(0, 1, 51).tolist()]
 
     def step(self, state: State, layer: int, probs: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         top, pred = probs.max(-1)
@@ -133,10 +199,16 @@ class Patience(Strategy):
 
     patience: int
     name: ClassVar[str] = "patience"
+    family: ClassVar[Family] = Family(knob="patience", larger_exits_earlier=False, style=PlotStyle("C2"), preference=3)
 
     def __post_init__(self) -> None:
         if not isinstance(self.patience, int) or self.patience < 1:
             raise LayerExitError(f"patience must be a positive integer, got {self.patience!r}")
+
+    @classmethod
+    def default_grid(cls, num_layers: int, num_classes: int) -> list[Strategy]:
+        """Patience 1 to L - 1 (the counter cannot reach L - 1 before the last layer)."""
+        return [cls(patience=p) for p in range(1, num_layers)]
 
     def init(self, num_samples: int, num_classes: int, device: torch.device | str = "cpu") -> State:
         return {
@@ -163,11 +235,17 @@ class Voting(Strategy):
     k: float
     threshold: float
     name: ClassVar[str] = "voting"
+    family: ClassVar[Family] = Family(knob="threshold", larger_exits_earlier=False, style=PlotStyle("C3"), preference=1)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.k < 1.0:
             raise LayerExitError(f"voting k must be in [0, 1), got {self.k}")
         _non_negative("threshold", self.threshold)
+
+    @classmethod
+    def default_grid(cls, num_layers: int, num_classes: int) -> list[Strategy]:
+        """Every k of :data:`VOTING_KS`, each with every value V_l can take (:func:`voting_thresholds`)."""
+        return [cls(k=k, threshold=t) for k in VOTING_KS for t in voting_thresholds(num_layers, k)]
 
     def init(self, num_samples: int, num_classes: int, device: torch.device | str = "cpu") -> State:
         return {
@@ -190,6 +268,16 @@ def voting_denominator(layer: int, k: float) -> float:
     return float(layer) ** k
 
 
+VOTING_KS = (0.0, 0.25, 0.5, 0.75)
+"""The exponents k of the voting grid."""
+
+
+def voting_thresholds(num_layers: int, k: float) -> list[float]:
+    """Every value V_l can take (votes / l**k for 1 <= votes <= l <= L): the exact grid, no gaps."""
+    values = {v / voting_denominator(layer, k) for layer in range(1, num_layers + 1) for v in range(1, layer + 1)}
+    return sorted(values)
+
+
 @dataclass(frozen=True)
 class Hybrid(Strategy):
     """Voting or entropy, whichever fires first.
@@ -204,10 +292,21 @@ class Hybrid(Strategy):
     threshold: float
     entropy_threshold: float
     name: ClassVar[str] = "hybrid"
+    family: ClassVar[Family] = Family(knob="threshold", larger_exits_earlier=False, style=PlotStyle("C4"), preference=2)
+    ENTROPY_THRESHOLDS: ClassVar[tuple[float, ...]] = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 
     def __post_init__(self) -> None:
         Voting(self.k, self.threshold)  # validates k and threshold
         _non_negative("entropy_threshold", self.entropy_threshold)
+
+    @classmethod
+    def default_grid(cls, num_layers: int, num_classes: int) -> list[Strategy]:
+        """k = 0.5, every value V_l can take, each with every entropy threshold of ``ENTROPY_THRESHOLDS``."""
+        return [
+            cls(k=0.5, threshold=t, entropy_threshold=e)
+            for t in voting_thresholds(num_layers, 0.5)
+            for e in cls.ENTROPY_THRESHOLDS
+        ]
 
     def _voting(self) -> Voting:
         return Voting(self.k, self.threshold)
@@ -228,10 +327,20 @@ class Static(Strategy):
 
     layer: int
     name: ClassVar[str] = "static"
+    family: ClassVar[Family] = Family(
+        knob="layer",
+        larger_exits_earlier=False,
+        style=PlotStyle("0.4", marker="s", front=False, label="static (cut at layer n)"),
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.layer, int) or self.layer < 1:
             raise LayerExitError(f"static layer must be a positive integer, got {self.layer!r}")
+
+    @classmethod
+    def default_grid(cls, num_layers: int, num_classes: int) -> list[Strategy]:
+        """Every depth 1 to L."""
+        return [cls(layer=n) for n in range(1, num_layers + 1)]
 
     def step(self, state: State, layer: int, probs: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return torch.full((probs.shape[0],), layer >= self.layer, device=probs.device), probs.argmax(-1)
@@ -254,6 +363,25 @@ class Oracle(Strategy):
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (Entropy, MaxProb, Patience, Voting, Hybrid, Static, Oracle)
 }
+
+FAMILIES: tuple[str, ...] = tuple(name for name, cls in STRATEGIES.items() if cls.family is not None)
+"""The families one sweeps and calibrates, in the order reports list them: every registered strategy
+that declares a :class:`Family` (all but the oracle)."""
+
+
+def family_of(name: str) -> Family:
+    """The declaration of family ``name``; LayerExitError when ``name`` is not one of :data:`FAMILIES`."""
+    cls = STRATEGIES.get(name)
+    if cls is None or cls.family is None:
+        raise LayerExitError(f"unknown strategy family {name!r}; known: {', '.join(FAMILIES)}")
+    return cls.family
+
+
+def preferred_families() -> list[str]:
+    """The families a run may fall back to when no strategy is given, most preferred first
+    (:attr:`Family.preference`)."""
+    ranked = [(rank, name) for name in FAMILIES if (rank := family_of(name).preference) is not None]
+    return [name for _, name in sorted(ranked)]
 
 
 def _exact(value: float) -> str:

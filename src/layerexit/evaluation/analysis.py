@@ -74,6 +74,7 @@ def plot_closest_exit(counts: list[list[int]], path: Path, stage: str) -> None:
 def plot_voting_values(probs: Tensor, path: Path) -> None:
     plt = pyplot()
     num_layers, num_samples = probs.shape[0], probs.shape[1]
+    color = strategies.Voting.family.style.color
     fig, axes = plt.subplots(1, len(VOTING_KS), figsize=(3.0 * len(VOTING_KS), 3.0), dpi=110, squeeze=False)
     for ax, k in zip(axes[0], VOTING_KS, strict=True):
         values = voting_values(probs, k)  # (L, N)
@@ -81,7 +82,7 @@ def plot_voting_values(probs: Tensor, path: Path) -> None:
             possible = [v / strategies.voting_denominator(layer, k) for v in range(1, layer + 1)]
             observed = values[layer - 1]
             sizes = [4 + 120 * float((observed == p).float().mean()) for p in possible]
-            ax.scatter([layer] * len(possible), possible, s=sizes, color="C3", alpha=0.6, edgecolors="none")
+            ax.scatter([layer] * len(possible), possible, s=sizes, color=color, alpha=0.6, edgecolors="none")
         ax.set_title(f"k = {k:g}", fontsize=9)
         ax.set_xlabel("layer l")
         ax.set_xticks(range(1, num_layers + 1))

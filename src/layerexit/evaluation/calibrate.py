@@ -13,263 +13,78 @@ Each family's settings are replayed once (:class:`GridReplay`); both modes accep
 place of the probabilities, so many calibration splits can reuse one replay of a whole pool.
 The result is a list of :class:`Choice`; :func:`save_choice` writes it to ``calibration.json`` in
 a run folder and :func:`load_choice` reads back the default strategy.
+
+This module holds the target-speed-up mode, the checks on a test split, the repeated random
+splits and the calibration file; the rest lives beside it and is re-exported here, so every
+``calibrate.X`` keeps working: :mod:`~layerexit.evaluation.replay` (:class:`GridReplay`, the
+per-sample losses, the input checks), :mod:`~layerexit.evaluation.choice` (:class:`Choice`,
+:func:`pick_default`) and :mod:`~layerexit.evaluation.risk` (the binomial tail bound, the chains
+and :func:`for_risk`).
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from layerexit import metrics, strategies
+from layerexit.atomic import read_json_object, write_json
 from layerexit.errors import LayerExitError
-from layerexit.evaluation.sweep import FAMILIES, default_grid
+from layerexit.evaluation.choice import Choice, Mode, pick_default
+from layerexit.evaluation.replay import (
+    CALIBRATABLE,
+    LOSSES,
+    GridReplay,
+    Loss,
+    check_labels,
+    check_probs,
+    families_in,
+    per_sample_loss,
+    replay_of,
+)
+from layerexit.evaluation.risk import binomial_cdf, chains, for_risk, p_value, required_samples
+from layerexit.evaluation.sweep import FAMILIES
+from layerexit.run_folder import CALIBRATION, RunFolder
 from layerexit.strategies import Static, Strategy
 
-Mode = Literal["speedup", "risk"]
-Loss = Literal["disagreement", "accuracy_drop"]
-LOSSES: tuple[str, ...] = ("disagreement", "accuracy_drop")
-FILENAME = "calibration.json"
+__all__ = [
+    "CALIBRATABLE",
+    "FILENAME",
+    "FORMAT_VERSION",
+    "LOSSES",
+    "RELATIVE_TOLERANCE",
+    "Check",
+    "Choice",
+    "GridReplay",
+    "Loss",
+    "Mode",
+    "Validation",
+    "binomial_cdf",
+    "chains",
+    "check_on_test",
+    "for_risk",
+    "for_speedup",
+    "load_choice",
+    "load_choices",
+    "p_value",
+    "per_sample_loss",
+    "pick_default",
+    "random_split",
+    "required_samples",
+    "save_choice",
+    "validate",
+]
+
+FILENAME = CALIBRATION
 FORMAT_VERSION = 1
 RELATIVE_TOLERANCE = 1e-9
 """A speed-up "reaches" a target when speed-up >= target * (1 - RELATIVE_TOLERANCE): float rounding
 of L / mean(exit layer) must not make an exact hit (e.g. 6 / 4.0 against 1.5) miss."""
-
-# The parameter that trades accuracy for speed in each family, and the sort direction that puts
-# the most conservative (slowest) setting first: +1 ascending, -1 descending. Settings that share
-# every other parameter form one chain; along a chain every sample's exit layer can only move
-# earlier, so the order is fixed by the grid alone, before any risk is looked at.
-_KNOBS: dict[str, tuple[str, int]] = {
-    "entropy": ("threshold", +1),
-    "maxprob": ("threshold", -1),
-    "patience": ("patience", -1),
-    "voting": ("threshold", -1),
-    "hybrid": ("threshold", -1),
-    "static": ("layer", -1),
-}
-
-
-# ----------------------------------------------------------------------------------------------
-# The binomial tail bound
-
-
-def binomial_cdf(k: int | Tensor, n: int, p: float) -> Tensor:
-    """P(Binomial(n, p) <= k), exactly (summed in log space in float64), for int or tensor ``k``."""
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"p must be in [0, 1], got {p}")
-    i = torch.arange(n + 1, dtype=torch.float64)  # (n + 1,)
-    log_comb = torch.lgamma(torch.tensor(n + 1.0, dtype=torch.float64)) - torch.lgamma(i + 1) - torch.lgamma(n - i + 1)
-    log_pmf = log_comb + torch.xlogy(i, torch.tensor(p, dtype=torch.float64))
-    log_pmf = log_pmf + torch.xlogy(n - i, torch.tensor(1.0 - p, dtype=torch.float64))
-    cdf = torch.logcumsumexp(log_pmf, 0).exp().clamp(max=1.0)  # (n + 1,)
-    index = torch.as_tensor(k, dtype=torch.long).clamp(min=-1, max=n)
-    return torch.where(index < 0, torch.zeros((), dtype=torch.float64), cdf[index.clamp(min=0)])
-
-
-def p_value(num_losses: int | Tensor, n: int, max_drop: float) -> Tensor:
-    """Binomial-tail p-value of H: risk > ``max_drop``, from ``num_losses`` ones among n per-sample
-    {0, 1} losses: P(Binomial(n, max_drop) <= num_losses). Valid because under H the count is
-    Binomial(n, r) with r > max_drop, which is stochastically larger."""
-    return binomial_cdf(num_losses, n, max_drop)
-
-
-def required_samples(max_drop: float, delta: float) -> int:
-    """The fewest calibration samples with which any setting can pass a test at level ``delta``:
-    even with no loss at all, the p-value (1 - max_drop)**n must reach ``delta``."""
-    n = max(1, math.ceil(math.log(delta) / math.log1p(-max_drop)))
-    while n > 1 and (1 - max_drop) ** (n - 1) <= delta:
-        n -= 1
-    while (1 - max_drop) ** n > delta:
-        n += 1
-    return n
-
-
-# ----------------------------------------------------------------------------------------------
-# One replay of a grid
-
-
-@dataclass(frozen=True)
-class GridReplay:
-    """Every setting of a grid replayed over one split: what both calibration modes work from.
-
-    A strategy decides for each sample from that sample's probabilities alone, so the replay of a
-    subset of samples is the subset of the replay (:meth:`subset`).
-    """
-
-    grid: tuple[Strategy, ...]
-    exit_layer: Tensor  # (S, N) long, 1-based
-    prediction: Tensor  # (S, N) long
-    full_prediction: Tensor  # (N,) the full model's (last exit's) argmax
-    num_layers: int
-
-    @classmethod
-    def of(cls, probs: Tensor, grid: Sequence[Strategy]) -> GridReplay:
-        """Replay each setting of ``grid`` over probabilities (L, N, C)."""
-        _check_probs(probs)
-        if not grid:
-            raise LayerExitError("the grid of settings to calibrate is empty")
-        for strategy in grid:
-            if strategy.needs_labels:
-                raise LayerExitError(
-                    f"strategy {strategy.name!r} needs labels at prediction time; it cannot be calibrated"
-                )
-        replays = [strategy.replay(probs) for strategy in grid]
-        return cls(
-            grid=tuple(grid),
-            exit_layer=torch.stack([r[0] for r in replays]),  # (S, N)
-            prediction=torch.stack([r[1] for r in replays]),  # (S, N)
-            full_prediction=probs[-1].argmax(-1),  # (N,)
-            num_layers=probs.shape[0],
-        )
-
-    @property
-    def num_samples(self) -> int:
-        return int(self.full_prediction.shape[0])
-
-    def subset(self, index: Tensor) -> GridReplay:
-        """The replay of the samples ``index`` (N',), repeats allowed."""
-        return GridReplay(
-            self.grid,
-            self.exit_layer.index_select(1, index),
-            self.prediction.index_select(1, index),
-            self.full_prediction.index_select(0, index),
-            self.num_layers,
-        )
-
-    def speedups(self) -> Tensor:
-        """(S,) L / mean exit layer of each setting."""
-        return self.num_layers * self.num_samples / self.exit_layer.sum(1).double()
-
-    def losses(self, loss: Loss, labels: Tensor | None = None) -> Tensor:
-        """(S, N) per-sample loss in {0, 1} of each setting (see :func:`per_sample_loss`)."""
-        return per_sample_loss(self.prediction, self.full_prediction, loss, labels)
-
-
-def per_sample_loss(prediction: Tensor, full_prediction: Tensor, loss: Loss, labels: Tensor | None = None) -> Tensor:
-    """Per-sample loss in {0, 1} of early-exit predictions (..., N) against the full model's (N,).
-
-    ``disagreement``: 1 where the early exit predicts another class than the full model.
-    ``accuracy_drop``: 1 where the full model is right and the early exit is wrong, i.e.
-    max(0, correct_full - correct_exit). Its mean is P(full right, exit wrong), which is at least
-    accuracy_full - accuracy_exit (the difference also subtracts P(full wrong, exit right)), so a
-    bound on it bounds the loss of accuracy. It never exceeds the disagreement.
-    """
-    if loss == "disagreement":
-        return (prediction != full_prediction).to(torch.uint8)
-    if loss == "accuracy_drop":
-        if labels is None:
-            raise LayerExitError("loss 'accuracy_drop' needs labels; use loss 'disagreement' for unlabelled data")
-        return ((full_prediction == labels) & (prediction != labels)).to(torch.uint8)
-    raise LayerExitError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
-
-
-# ----------------------------------------------------------------------------------------------
-# The result
-
-
-@dataclass(frozen=True)
-class Choice:
-    """The setting chosen for one strategy family, with the calibration numbers behind it.
-
-    ``speedup``, ``disagreement``, ``metric_value`` and ``risk`` are measured on the calibration
-    split (``n_calibration`` samples). ``full_model`` marks the fallback of risk mode when no
-    setting of the family faster than the full model passed: the strategy is then ``static`` at
-    the last layer, which is the full model and meets any bound.
-    """
-
-    family: str
-    strategy: Strategy
-    mode: Mode
-    speedup: float
-    disagreement: float
-    n_calibration: int
-    method: str
-    metric: str | None = None
-    metric_value: float | None = None
-    loss: Loss | None = None
-    risk: float | None = None
-    p_value: float | None = None
-    target_speedup: float | None = None
-    max_drop: float | None = None
-    confidence: float | None = None
-    full_model: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: the strategy as its text form, e.g. ``voting(k=0.5, threshold=2)``."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["strategy"] = str(self.strategy)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Choice:
-        """Inverse of :meth:`to_dict`; LayerExitError on a missing, unknown or ill-typed field."""
-        if not isinstance(data, Mapping):
-            raise LayerExitError(f"a calibration choice must be an object, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise LayerExitError(f"a calibration choice has unknown field {unknown[0]!r}")
-        missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING]
-        if missing:
-            raise LayerExitError(f"a calibration choice lacks field {missing[0]!r}")
-        if not isinstance(data["strategy"], str):
-            raise LayerExitError("a calibration choice's strategy must be text, e.g. 'voting(k=0.5, threshold=2)'")
-        values = dict(data)
-        values["strategy"] = strategies.parse(data["strategy"])
-        _check_field_types(values)
-        choice = cls(**values)
-        if choice.mode not in ("speedup", "risk"):
-            raise LayerExitError(f"a calibration choice has unknown mode {choice.mode!r}")
-        if choice.loss is not None and choice.loss not in LOSSES:
-            raise LayerExitError(f"a calibration choice has unknown loss {choice.loss!r}")
-        if choice.strategy.name != choice.family and not choice.full_model:
-            raise LayerExitError(
-                f"a calibration choice for {choice.family!r} holds a {choice.strategy.name!r} strategy"
-            )
-        return choice
-
-
-def _check_field_types(values: Mapping[str, Any]) -> None:
-    kinds: dict[str, tuple[type, ...]] = {
-        "family": (str,),
-        "mode": (str,),
-        "method": (str,),
-        "metric": (str, type(None)),
-        "loss": (str, type(None)),
-        "n_calibration": (int,),
-        "full_model": (bool,),
-    }
-    for name, value in values.items():
-        if name == "strategy":
-            continue
-        allowed = kinds.get(name, (int, float, type(None)))
-        if isinstance(value, bool) and bool not in allowed:
-            allowed = ()
-        if not isinstance(value, allowed):
-            raise LayerExitError(f"a calibration choice's field {name!r} has the wrong type ({type(value).__name__})")
-
-
-def pick_default(choices: Sequence[Choice]) -> Choice:
-    """The choice to use by default across families.
-
-    Speed-up mode: the best calibration metric (ties: faster). Risk mode: the fastest (ties: lower
-    calibration risk); every accepted setting of :func:`for_risk` is covered by one guarantee, so
-    choosing among them by speed keeps it.
-    """
-    if not choices:
-        raise LayerExitError("no calibration choice to pick from")
-    if choices[0].mode == "speedup":
-        return max(choices, key=lambda c: (c.metric_value or 0.0, c.speedup))
-    return max(choices, key=lambda c: (c.speedup, -(c.risk or 0.0)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,20 +112,20 @@ def for_speedup(
     if metric not in metrics.METRICS:
         raise LayerExitError(f"unknown metric {metric!r}; known: {', '.join(metrics.METRICS)}")
     if isinstance(probs, Tensor):
-        _check_probs(probs)
+        check_probs(probs)
     num_layers = probs.num_layers if isinstance(probs, GridReplay) else probs.shape[0]
     if not (isinstance(target, int | float) and 1.0 <= target <= num_layers):
         raise LayerExitError(
             f"target speed-up must be between 1 and the number of layers ({num_layers}), got {target!r}"
         )
-    replay = _replay(probs, families)
-    _check_labels(labels, replay.num_samples)
+    replay = replay_of(probs, families)
+    check_labels(labels, replay.num_samples)
     speedups = replay.speedups().tolist()
     disagreement = replay.losses("disagreement").double().mean(1).tolist()
     reach = target * (1 - RELATIVE_TOLERANCE)
     choices: list[Choice] = []
     fastest: dict[str, float] = {}
-    for family in _families_in(replay, families):
+    for family in families_in(replay, families):
         members = [s for s, strategy in enumerate(replay.grid) if strategy.name == family]
         fastest[family] = max(speedups[s] for s in members)
         candidates = [s for s in members if speedups[s] >= reach]
@@ -339,156 +154,6 @@ def for_speedup(
         reached = ", ".join(f"{f} {s:.2f}x" for f, s in fastest.items())
         raise LayerExitError(
             f"no setting reaches a speed-up of {target:g}x on the calibration split (fastest: {reached})"
-        )
-    return choices
-
-
-# ----------------------------------------------------------------------------------------------
-# Mode 2: a bounded loss with a stated confidence (Learn-then-Test)
-
-
-def chains(grid: Sequence[Strategy], family: str) -> list[list[int]]:
-    """The fixed-sequence testing orders of one family: indices into ``grid``, most conservative first.
-
-    Settings that share every parameter but the family's speed knob (the voting ``k``, say) form
-    a chain, sorted along the knob so that each sample's exit layer can only move earlier. The
-    order depends on the grid alone, never on data, as fixed-sequence testing requires.
-    """
-    if family not in _KNOBS:
-        raise LayerExitError(f"strategy family {family!r} cannot be calibrated; known: {', '.join(_KNOBS)}")
-    return [list(chain) for chain in _chains(tuple(grid), family)]
-
-
-@functools.lru_cache(maxsize=32)
-def _chains(grid: tuple[Strategy, ...], family: str) -> tuple[tuple[int, ...], ...]:
-    """:func:`chains`, cached: repeated calibrations over subsets of one replay share its grid."""
-    knob, direction = _KNOBS[family]
-    groups: dict[tuple[Any, ...], list[int]] = {}
-    for index, strategy in enumerate(grid):
-        if strategy.name != family:
-            continue
-        rest = tuple((f.name, getattr(strategy, f.name)) for f in fields(strategy) if f.name != knob)
-        groups.setdefault(rest, []).append(index)
-    return tuple(
-        tuple(sorted(members, key=lambda s: direction * float(getattr(grid[s], knob))))
-        for _, members in sorted(groups.items())
-    )
-
-
-def for_risk(
-    probs: Tensor | GridReplay,
-    labels: Tensor | None,
-    max_drop: float,
-    confidence: float,
-    families: Sequence[str] = FAMILIES,
-    loss: Loss = "disagreement",
-    metric: str = "accuracy",
-) -> list[Choice]:
-    """Per family, the fastest setting whose risk is at most ``max_drop`` with probability >= ``confidence``.
-
-    ``probs`` (L, N, C) of the calibration split, or a :class:`GridReplay` of it. ``loss`` is
-    ``disagreement`` with the full model (no labels needed) or ``accuracy_drop`` (labels needed);
-    see :func:`per_sample_loss`. ``labels``, when given with the disagreement loss, only add the
-    calibration ``metric`` to each choice.
-
-    Learn-then-Test with fixed-sequence testing: delta = 1 - confidence is split equally over the
-    families, and within a family equally over its chains (:func:`chains`). Along each chain,
-    from the most conservative setting on, H: risk > max_drop is tested with the exact binomial
-    tail p-value, and settings are accepted until the first p-value above the chain's level. This
-    controls the family-wise error at delta: with probability >= confidence over the draw of the
-    calibration set, *every* accepted setting, of every family, has risk <= max_drop on the
-    distribution the calibration data came from. Each family's choice is its fastest accepted
-    setting on the calibration split; :func:`pick_default` picks among them with the guarantee
-    intact. A family with none accepted gets the full model (``full_model=True``), whose loss is 0.
-    """
-    if not (isinstance(max_drop, int | float) and 0.0 < max_drop < 1.0):
-        raise LayerExitError(f"max_drop must be strictly between 0 and 1 (e.g. 0.01), got {max_drop!r}")
-    if not (isinstance(confidence, int | float) and 0.0 < confidence < 1.0):
-        raise LayerExitError(f"confidence must be strictly between 0 and 1 (e.g. 0.9), got {confidence!r}")
-    if loss not in LOSSES:
-        raise LayerExitError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
-    if loss == "accuracy_drop" and labels is None:
-        raise LayerExitError("loss 'accuracy_drop' needs labels; use loss 'disagreement' for unlabelled data")
-    replay = _replay(probs, families)
-    if labels is not None:
-        _check_labels(labels, replay.num_samples)
-        if metric not in metrics.METRICS:
-            raise LayerExitError(f"unknown metric {metric!r}; known: {', '.join(metrics.METRICS)}")
-    n = replay.num_samples
-    delta = 1.0 - confidence
-    names = _families_in(replay, families)
-    family_chains = {family: chains(replay.grid, family) for family in names}
-    levels = {family: delta / len(names) / len(family_chains[family]) for family in names}
-    needed = {family: required_samples(max_drop, levels[family]) for family in names}
-    if n < min(needed.values()):
-        raise LayerExitError(
-            f"{n} calibration samples cannot show a risk of at most {max_drop:g} with confidence {confidence:g}: "
-            f"even with no loss at all, at least {min(needed.values())} are needed (for the family with fewest "
-            f"settings to test, after splitting {delta:g} over {len(names)} famil{'y' if len(names) == 1 else 'ies'}). "
-            "Use more calibration data, a larger max_drop, a lower confidence or fewer strategies."
-        )
-    disagreements = replay.losses("disagreement").sum(1)  # (S,)
-    counts = disagreements if loss == "disagreement" else replay.losses(loss, labels).sum(1)  # (S,)
-    p_values = p_value(counts, n, max_drop).tolist()
-    risks = (counts.double() / n).tolist()
-    disagreement = (disagreements.double() / n).tolist()
-    speedups = replay.speedups().tolist()
-    choices: list[Choice] = []
-    for family in names:
-        accepted: list[int] = []
-        for chain in family_chains[family]:
-            for s in chain:
-                if p_values[s] > levels[family]:
-                    break
-                accepted.append(s)
-        method = (
-            f"Learn-then-Test, fixed-sequence over {len(family_chains[family])} {family} chain(s), exact binomial "
-            f"tail, level {levels[family]:.3g} per chain (delta {delta:g} split over {len(names)} families)"
-        )
-        if not accepted:
-            reason = (
-                f"needs at least {needed[family]} calibration samples"
-                if n < needed[family]
-                else "no setting faster than the full model passed"
-            )
-            full = Static(layer=replay.num_layers)
-            choices.append(
-                Choice(
-                    family=family,
-                    strategy=full,
-                    mode="risk",
-                    speedup=1.0,
-                    disagreement=0.0,
-                    n_calibration=n,
-                    method=f"{method}; {reason}: only the full model satisfies the bound",
-                    metric=metric if labels is not None else None,
-                    metric_value=metrics.score(metric, replay.full_prediction, labels) if labels is not None else None,
-                    loss=loss,
-                    risk=0.0,
-                    max_drop=float(max_drop),
-                    confidence=float(confidence),
-                    full_model=True,
-                )
-            )
-            continue
-        best = max(accepted, key=lambda s: (speedups[s], -risks[s]))
-        choices.append(
-            Choice(
-                family=family,
-                strategy=replay.grid[best],
-                mode="risk",
-                speedup=speedups[best],
-                disagreement=disagreement[best],
-                n_calibration=n,
-                method=f"{method}; fastest of {len(accepted)} accepted",
-                metric=metric if labels is not None else None,
-                metric_value=metrics.score(metric, replay.prediction[best], labels) if labels is not None else None,
-                loss=loss,
-                risk=risks[best],
-                p_value=p_values[best],
-                max_drop=float(max_drop),
-                confidence=float(confidence),
-            )
         )
     return choices
 
@@ -525,9 +190,9 @@ class Check:
 
 def check_on_test(choice: Choice, probs: Tensor, labels: Tensor | None = None) -> Check:
     """Replay ``choice`` on held-out probabilities (L, N, C) (and labels, when known)."""
-    _check_probs(probs)
+    check_probs(probs)
     if labels is not None:
-        _check_labels(labels, probs.shape[1])
+        check_labels(labels, probs.shape[1])
     if choice.mode == "risk" and choice.loss == "accuracy_drop" and labels is None:
         raise LayerExitError("this choice bounds the loss of accuracy; checking it needs the test labels")
     exit_layer, prediction = choice.strategy.replay(probs)  # (N,), (N,)
@@ -627,9 +292,9 @@ def validate(
     """
     if not (isinstance(trials, int) and trials >= 1):
         raise LayerExitError(f"trials must be a positive integer, got {trials!r}")
-    replay = _replay(probs, families)
+    replay = replay_of(probs, families)
     if labels is not None:
-        _check_labels(labels, replay.num_samples)
+        check_labels(labels, replay.num_samples)
     grid_index = {strategy: s for s, strategy in enumerate(replay.grid)}
     violations, speedups, risks = 0, [], []
     chosen: dict[str, int] = {}
@@ -711,18 +376,8 @@ def save_choice(
     directory = Path(run_dir)
     if not directory.is_dir():
         raise LayerExitError(f"run folder {directory} does not exist")
-    path = directory / FILENAME
-    handle, tmp = tempfile.mkstemp(prefix=".calibration-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(record, out, indent=2)
-            out.write("\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    path = RunFolder(directory).calibration_file
+    write_json(path, record)
     return path
 
 
@@ -738,7 +393,7 @@ def load_choice(run_dir: str | Path, num_layers: int | None = None) -> Strategy 
     strategy = strategies.parse(record["default"])
     if num_layers is not None and isinstance(strategy, Static) and strategy.layer > num_layers:
         raise LayerExitError(
-            f"{Path(run_dir) / FILENAME}: the saved strategy {strategy} needs {strategy.layer} layers, "
+            f"{RunFolder(run_dir).calibration_file}: the saved strategy {strategy} needs {strategy.layer} layers, "
             f"the model has {num_layers}; rerun `layerexit calibrate`"
         )
     return strategy
@@ -751,17 +406,12 @@ def load_choices(run_dir: str | Path) -> list[Choice]:
 
 
 def _read(run_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(run_dir) / FILENAME
+    path = RunFolder(run_dir).calibration_file
     if not path.exists():
         return None
     damaged = f"{path} is damaged"
     advice = "; rerun `layerexit calibrate`"
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LayerExitError(f"{damaged} ({err}){advice}") from None
-    if not isinstance(record, dict):
-        raise LayerExitError(f"{damaged} (not a JSON object){advice}")
+    record = read_json_object(path, "a calibration (it is damaged)", advice=advice)
     if record.get("format") != FORMAT_VERSION:
         raise LayerExitError(
             f"{path} has format {record.get('format')!r}; this layerexit reads {FORMAT_VERSION}{advice}"
@@ -785,50 +435,3 @@ def _request(choice: Choice) -> dict[str, Any]:
     if choice.mode == "speedup":
         return {"target_speedup": choice.target_speedup, "metric": choice.metric}
     return {"max_drop": choice.max_drop, "confidence": choice.confidence, "loss": choice.loss}
-
-
-# ----------------------------------------------------------------------------------------------
-# Input checks
-
-
-def _replay(probs: Tensor | GridReplay, families: Sequence[str]) -> GridReplay:
-    if isinstance(families, str):
-        raise LayerExitError(f"families must be a list of names, got the text {families!r}")
-    for family in families:
-        if family not in _KNOBS:
-            raise LayerExitError(f"strategy family {family!r} cannot be calibrated; known: {', '.join(_KNOBS)}")
-    if not families:
-        raise LayerExitError("no strategy family to calibrate")
-    if isinstance(probs, GridReplay):
-        return probs
-    _check_probs(probs)
-    return GridReplay.of(probs, default_grid(probs.shape[0], probs.shape[2], families))
-
-
-def _families_in(replay: GridReplay, families: Sequence[str]) -> list[str]:
-    present = {s.name for s in replay.grid}
-    names = [f for f in dict.fromkeys(families) if f in present]
-    if not names:
-        raise LayerExitError(f"the grid holds no setting of {', '.join(families)}")
-    return names
-
-
-def _check_probs(probs: Tensor) -> None:
-    if not isinstance(probs, Tensor) or probs.dim() != 3:
-        shape = tuple(probs.shape) if isinstance(probs, Tensor) else type(probs).__name__
-        raise LayerExitError(f"probs must be a tensor of shape (L, N, C), got {shape}")
-    num_layers, num_samples, num_classes = probs.shape
-    if num_layers < 1 or num_samples < 1 or num_classes < 2:
-        raise LayerExitError(
-            f"probs must have at least 1 layer, 1 sample and 2 classes, got shape {tuple(probs.shape)}"
-        )
-    if not probs.is_floating_point() or not bool(torch.isfinite(probs).all()):
-        raise LayerExitError("probs must be finite floating-point probabilities")
-
-
-def _check_labels(labels: Tensor, num_samples: int) -> None:
-    if not isinstance(labels, Tensor) or labels.shape != (num_samples,):
-        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-        raise LayerExitError(f"labels must have shape ({num_samples},) to match probs, got {shape}")
-    if labels.is_floating_point() or labels.dtype == torch.bool:
-        raise LayerExitError(f"labels must be integer class indices, got {labels.dtype}")

@@ -22,16 +22,17 @@ from layerexit.errors import LayerExitError
 from layerexit.evaluation.evaluate import evaluate_run, pareto_front
 from layerexit.evaluation.sweep import FAMILIES
 from layerexit.run_folder import RunFolder
+from layerexit.strategies import Entropy, MaxProb, Patience, Static, Voting
 from layerexit.training.objectives import OBJECTIVES
 
 DEFAULT_METHODS = ("finetune", "static:3", "static:4", "deebert", "fastbert", "pabee", "righttool", "ensemble")
-NATIVE = {
-    "deebert": "entropy",
-    "fastbert": "entropy",
-    "righttool": "maxprob",
-    "pabee": "patience",
-    "relevancy": "patience",
-    "ensemble": "voting",
+NATIVE = {  # each training method's own strategy family
+    "deebert": Entropy.name,
+    "fastbert": Entropy.name,
+    "righttool": MaxProb.name,
+    "pabee": Patience.name,
+    "relevancy": Patience.name,
+    "ensemble": Voting.name,
 }
 LABELS = {
     "finetune": "full model (fine-tuned)",
@@ -224,7 +225,7 @@ def plot_compare(reports: dict[tuple[str, int], dict[str, Any]], summary: dict[s
             ax.plot(
                 cell["speedup"],
                 cell["mean"],
-                "s",
+                Static.family.style.marker,
                 color="0.35",
                 ms=5,
                 label="static (first n layers)" if "static (first n layers)" not in _labels(ax) else None,

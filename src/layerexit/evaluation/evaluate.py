@@ -26,7 +26,7 @@ from layerexit.run_folder import RunFolder
 from layerexit.runtime import load_runtime, loop
 from layerexit.runtime.base import Runtime
 from layerexit.runtime.torch_runtime import TorchRuntime
-from layerexit.strategies import Static
+from layerexit.strategies import Static, family_of
 
 
 def collect_probs(model: EarlyExitModel, data: Encoded, batch_size: int, pad_id: int, **options: Any) -> Tensor:
@@ -146,16 +146,20 @@ def plot_tradeoff(points: list[Point], report: dict[str, Any], split: str, path:
 
     metric = report["metric"]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    styles = {"entropy": "C0", "maxprob": "C1", "patience": "C2", "voting": "C3", "hybrid": "C4"}
-    for family, color in styles.items():
+    fronts = [f for f in FAMILIES if family_of(f).style.front]
+    for family in fronts:
+        style = family_of(family).style
         pts = [p for p in points if p.strategy.name == family]
         if not pts:
             continue
         front = pareto_front([(p.speedup, p.scores[metric]) for p in pts])
-        ax.plot(*zip(*front, strict=True), "-", color=color, label=family, lw=1.6, marker=".", ms=3)
-    static = sorted((p.speedup, p.scores[metric]) for p in points if p.strategy.name == "static")
-    if static:
-        ax.plot(*zip(*static, strict=True), "s", color="0.4", ms=4, label="static (cut at layer n)")
+        label = style.label or family
+        ax.plot(*zip(*front, strict=True), "-", color=style.color, label=label, lw=1.6, marker=style.marker, ms=3)
+    for family in (f for f in FAMILIES if f not in fronts):
+        style = family_of(family).style
+        each = sorted((p.speedup, p.scores[metric]) for p in points if p.strategy.name == family)
+        if each:
+            ax.plot(*zip(*each, strict=True), style.marker, color=style.color, ms=4, label=style.label or family)
     full = report["splits"][split]["full_model"][metric]
     ax.axhline(full, color="k", ls="--", lw=1, label=f"full model ({full:.3f})")
     band = report["band"]
@@ -163,7 +167,7 @@ def plot_tradeoff(points: list[Point], report: dict[str, Any], split: str, path:
     ax.set_xlabel("speed-up (layers: L / mean exit layer)")
     ax.set_ylabel(f"{metric} ({split})")
     ax.set_title(title, fontsize=10)
-    shown = [p.scores[metric] for p in points if p.strategy.name in styles] + [full]
+    shown = [p.scores[metric] for p in points if p.strategy.name in fronts] + [full]
     low = max(min(shown), full - 0.15)
     ax.set_ylim(max(0.0, low - 0.01), min(1.0, max(shown) + 0.01))
     ax.set_xlim(0.95, None)

@@ -2,59 +2,40 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
-import torch
 from torch import Tensor
 
 from layerexit import metrics
-from layerexit.strategies import (
-    Entropy,
-    Hybrid,
-    MaxProb,
-    Oracle,
-    Patience,
-    Static,
-    Strategy,
-    Voting,
-    voting_denominator,
-)
+from layerexit.strategies import FAMILIES, STRATEGIES, VOTING_KS, Oracle, Strategy, voting_thresholds
 
-FAMILIES = ("entropy", "maxprob", "patience", "voting", "hybrid", "static")
-VOTING_KS = (0.0, 0.25, 0.5, 0.75)
+__all__ = [
+    "FAMILIES",
+    "VOTING_KS",
+    "Point",
+    "best_in_band",
+    "default_grid",
+    "evaluate_point",
+    "paper_band",
+    "select_in_band",
+    "sweep",
+    "voting_thresholds",
+]
 
-
-def voting_thresholds(num_layers: int, k: float) -> list[float]:
-    """Every value V_l can take (votes / l**k for 1 <= votes <= l <= L): the exact grid, no gaps."""
-    values = {v / voting_denominator(layer, k) for layer in range(1, num_layers + 1) for v in range(1, layer + 1)}
-    return sorted(values)
+T = TypeVar("T")
 
 
 def default_grid(num_layers: int, num_classes: int, families: Iterable[str] = FAMILIES) -> list[Strategy]:
-    """A sweep that spans each strategy's whole range of speed-ups."""
+    """A sweep that spans each strategy's whole range of speed-ups: each family's
+    :meth:`~layerexit.strategies.Strategy.default_grid`, in the order of ``families``."""
     grid: list[Strategy] = []
     for family in families:
-        if family == "entropy":
-            grid += [Entropy(threshold=round(t, 4)) for t in torch.linspace(0.0, 1.0, 51).tolist()]
-        elif family == "maxprob":
-            low = 1.0 / num_classes
-            grid += [MaxProb(threshold=round(low + (1 - low) * t, 4)) for t in torch.linspace(0, 1, 51).tolist()]
-        elif family == "patience":
-            grid += [Patience(patience=p) for p in range(1, num_layers)]
-        elif family == "voting":
-            grid += [Voting(k=k, threshold=t) for k in VOTING_KS for t in voting_thresholds(num_layers, k)]
-        elif family == "hybrid":
-            entropy_grid = [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5]
-            grid += [
-                Hybrid(k=0.5, threshold=t, entropy_threshold=e)
-                for t in voting_thresholds(num_layers, 0.5)
-                for e in entropy_grid
-            ]
-        elif family == "static":
-            grid += [Static(layer=n) for n in range(1, num_layers + 1)]
-        else:
+        cls = STRATEGIES.get(family)
+        if cls is None or cls.family is None:
             raise ValueError(f"unknown strategy family {family!r}; known: {', '.join(FAMILIES)}")
+        grid += cls.default_grid(num_layers, num_classes)
     return grid
 
 
@@ -102,13 +83,25 @@ def sweep(
     return points
 
 
-def select_in_band(points: Sequence[Point], family: str, metric: str, band: tuple[float, float]) -> Point | None:
-    """The paper's selection: the best ``metric`` among a family's settings whose speed-up lies in
-    ``band``; ties go to the faster setting. None if no setting lands in the band."""
-    candidates = [p for p in points if p.strategy.name == family and band[0] <= p.speedup <= band[1]]
+def best_in_band(
+    settings: Iterable[T], band: Sequence[float], speedup: Callable[[T], float], score: Callable[[T], float]
+) -> T | None:
+    """The paper's selection rule on any record of a setting: the best ``score`` among the settings
+    whose ``speedup`` lies in ``band`` (both ends included); ties go to the faster setting, then to
+    the first. None if no setting lands in the band."""
+    low, high = band
+    candidates = [s for s in settings if low <= speedup(s) <= high]
     if not candidates:
         return None
-    return max(candidates, key=lambda p: (p.scores[metric], p.speedup))
+    return max(candidates, key=lambda s: (score(s), speedup(s)))
+
+
+def select_in_band(points: Sequence[Point], family: str, metric: str, band: tuple[float, float]) -> Point | None:
+    """The paper's selection (:func:`best_in_band`): the best ``metric`` among a family's settings
+    whose speed-up lies in ``band``; ties go to the faster setting. None if no setting lands in the band."""
+    return best_in_band(
+        (p for p in points if p.strategy.name == family), band, lambda p: p.speedup, lambda p: p.scores[metric]
+    )
 
 
 def paper_band(num_classes: int) -> tuple[float, float]:

@@ -1,0 +1,191 @@
+"""The HTTP API over an engine (FastAPI on uvicorn). The app only parses, validates and hands over.
+
+* ``POST /v1/classify`` ``{"texts": [...], "text_pairs": [...]?}`` -> ``{"results": [{"label",
+  "probability", "exit_layer", "latency_ms", "truncated"}, ...]}``, one per text, in order. Texts longer
+  than the model's ``max_length`` tokens are truncated (``"truncated": true``), as in training.
+* ``GET /healthz`` -> ``{"status": "ok", ...}``; ``GET /metrics``: Prometheus text format.
+
+Errors are JSON ``{"error": "..."}`` naming the problem: 400 malformed JSON or wrong types, 413 too many
+texts, 503 with ``Retry-After`` when the engine's queue is full or the server is shutting down.
+A client that disconnects before its answer frees its rows in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from layerexit.serving.engine import Closed, Engine, Overloaded
+
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5)
+
+
+@dataclass
+class Model:
+    """What the app needs to turn texts into engine inputs and answers into JSON."""
+
+    tokenizer: Any
+    label_names: list[str]
+    max_length: int
+    token_types: bool
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Metrics:
+    """The server's Prometheus metrics, in a registry of its own."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "layerexit_requests", "HTTP classify requests by status", ["status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "layerexit_request_latency_seconds", "classify latency", buckets=LATENCY_BUCKETS, registry=self.registry
+        )
+        self.exits = Counter("layerexit_exits", "inputs answered, by exit layer", ["layer"], registry=self.registry)
+        self.batch_rows = Histogram(
+            "layerexit_batch_rows",
+            "rows per engine step, by stage (0: embeddings or a whole dynamic batch)",
+            ["stage"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
+        )
+        depth = Gauge("layerexit_queue_depth", "inputs accepted and not yet answered", registry=self.registry)
+        depth.set_function(lambda: engine.queue_depth)
+
+    def step(self, stage: int, rows: int, seconds: float) -> None:
+        self.batch_rows.labels(stage=str(stage)).observe(rows)
+
+
+def parse_body(body: bytes, max_texts: int) -> tuple[list[str], list[str] | None]:
+    """The texts (and pairs) of a classify request, or :class:`ApiError` naming what is wrong."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ApiError(400, f"the body is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, 'expected a JSON object like {"texts": ["..."]}')
+    unknown = sorted(set(data) - {"texts", "text_pairs"})
+    if unknown:
+        raise ApiError(400, f"unknown fields {unknown}; expected 'texts' and optionally 'text_pairs'")
+    texts = data.get("texts")
+    if texts is None:
+        raise ApiError(400, "'texts' is missing")
+    if not isinstance(texts, list) or not texts:
+        raise ApiError(400, "'texts' must be a non-empty list of strings")
+    if len(texts) > max_texts:
+        raise ApiError(413, f"{len(texts)} texts in one request; at most {max_texts}")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ApiError(400, f"texts[{i}] must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise ApiError(400, f"texts[{i}] is empty")
+    pairs = data.get("text_pairs")
+    if pairs is not None:
+        if not isinstance(pairs, list) or len(pairs) != len(texts):
+            raise ApiError(400, f"'text_pairs' must be a list of {len(texts)} strings, one per text")
+        for i, pair in enumerate(pairs):
+            if not isinstance(pair, str) or not pair.strip():
+                raise ApiError(400, f"text_pairs[{i}] must be a non-empty string")
+    return texts, pairs
+
+
+def tokenize(model: Model, texts: list[str], pairs: list[str] | None) -> tuple[list[Any], list[bool]]:
+    """Engine inputs ``(input_ids, token_type_ids)`` per text, truncated to ``max_length`` tokens."""
+    args = (texts, pairs) if pairs is not None else (texts,)
+    full = model.tokenizer(*args, truncation=False, return_token_type_ids=model.token_types)["input_ids"]
+    out = model.tokenizer(*args, truncation=True, max_length=model.max_length, return_token_type_ids=model.token_types)
+    import torch
+
+    inputs = []
+    for i, ids in enumerate(out["input_ids"]):
+        types = torch.tensor(out["token_type_ids"][i]) if model.token_types else None
+        inputs.append((torch.tensor(ids), types))
+    return inputs, [len(f) > model.max_length for f in full]
+
+
+def build_app(engine: Engine, model: Model, *, max_texts: int = 64, info: dict[str, Any] | None = None) -> FastAPI:
+    metrics = Metrics(engine)
+    engine.on_step = metrics.step
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await asyncio.to_thread(engine.close, drain=True)  # uvicorn stopped accepting: answer what is in flight
+
+    app = FastAPI(title="layerexit", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    def error(status: int, message: str, **headers: str) -> JSONResponse:
+        metrics.requests.labels(status=str(status)).inc()
+        return JSONResponse({"error": message}, status_code=status, headers=headers or None)
+
+    @app.post("/v1/classify")
+    async def classify(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            texts, pairs = parse_body(await request.body(), max_texts)
+        except ApiError as err:
+            return error(err.status, str(err))
+        inputs, truncated = tokenize(model, texts, pairs)
+        try:
+            job = engine.submit(inputs)
+        except Overloaded as err:
+            return error(503, f"overloaded: {err}; retry later", **{"Retry-After": "1"})
+        except Closed as err:
+            return error(503, str(err), **{"Retry-After": "1"})
+        answers = asyncio.wrap_future(job.future)
+        while True:  # wait for the answer, noticing a client that went away
+            done, _ = await asyncio.wait({answers}, timeout=0.25)
+            if done:
+                break
+            if await request.is_disconnected():
+                engine.cancel(job)
+                metrics.requests.labels(status="499").inc()
+                return Response(status_code=499)
+        try:
+            results = answers.result()
+        except asyncio.CancelledError:
+            return error(503, "the request was cancelled", **{"Retry-After": "1"})
+        except Closed as err:
+            return error(503, str(err), **{"Retry-After": "1"})
+        except Exception as err:  # a runtime failure: the server's fault, said plainly
+            return error(500, f"inference failed: {err}")
+        body = []
+        for answer, cut in zip(results, truncated, strict=True):
+            metrics.exits.labels(layer=str(answer.exit_layer)).inc()
+            body.append(
+                {
+                    "label": model.label_names[answer.label],
+                    "probability": round(float(answer.probs[answer.label]), 6),
+                    "exit_layer": answer.exit_layer,
+                    "latency_ms": round(answer.latency_ms, 3),
+                    "truncated": cut,
+                }
+            )
+        metrics.requests.labels(status="200").inc()
+        metrics.latency.observe(time.perf_counter() - started)
+        return JSONResponse({"results": body})
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "scheduler": engine.scheduler, "queue_depth": engine.queue_depth, **(info or {})}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,264 @@
+"""Serving: engines equal offline replay under concurrent arrivals, no input lost or answered twice, the
+waiting bound, every bad input a 4xx naming it, overload as 503, drain on shutdown, a short load test."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import threading
+import time
+from concurrent.futures import wait
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+
+from fastapi.testclient import TestClient
+
+from layerexit import strategies
+from layerexit.runtime.loop import all_exits
+from layerexit.runtime.torch_runtime import TorchRuntime
+from layerexit.serving.app import Model, build_app
+from layerexit.serving.engine import SCHEDULERS, Closed, Engine, Overloaded
+
+from .conftest import tiny_model
+from .test_end_to_end import WORDS, trained_run  # noqa: F401  (a module-scoped fixture)
+from .test_model import _peaked, _varied
+
+
+def _inputs(n: int, seed: int, vocab: int = 90) -> list[tuple[torch.Tensor, None]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randint(5, vocab, (int(torch.randint(2, 14, (1,), generator=g)),), generator=g), None) for _ in range(n)
+    ]
+
+
+def _offline(runtime: TorchRuntime, strategy: strategies.Strategy, ids: torch.Tensor) -> tuple[int, int]:
+    """Offline replay on this input alone (no padding): its exit layer and prediction."""
+    probs = all_exits(runtime, ids[None], torch.ones(1, ids.numel(), dtype=torch.long))  # (L, 1, C)
+    layer, prediction = strategy.replay(probs)
+    return int(layer[0]), int(prediction[0])
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("family", ["entropy", "patience", "voting"])
+def test_every_row_equals_offline_replay_under_random_concurrent_arrivals(scheduler: str, family: str) -> None:
+    model = _peaked(tiny_model("bert", num_labels=3))
+    runtime = TorchRuntime(model)
+    inputs = _inputs(60, seed=1)
+    with torch.inference_mode():
+        probs = torch.cat(
+            [all_exits(runtime, ids[None], torch.ones(1, ids.numel(), dtype=torch.long)) for ids, _ in inputs], 1
+        )
+    strategy = _varied(family, probs)
+    engine = Engine(runtime, strategy, scheduler=scheduler, max_batch=7, max_wait_ms=2, max_queue=1000)  # type: ignore[arg-type]
+    rng = random.Random(3)
+    jobs, sizes = [], []
+    clients = []
+
+    def client(chunk: list[tuple[torch.Tensor, None]]) -> None:
+        time.sleep(rng.random() * 0.05)
+        jobs.append((chunk, engine.submit(chunk)))
+
+    start = 0
+    while start < len(inputs):  # requests of 1-4 inputs, arriving from several threads at random times
+        size = rng.randint(1, 4)
+        sizes.append(size)
+        clients.append(threading.Thread(target=client, args=(inputs[start : start + size],)))
+        start += size
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join()
+    _, not_done = wait([job.future for _, job in jobs], timeout=60)
+    assert not not_done
+    engine.close()
+    answered = 0
+    with torch.inference_mode():
+        for chunk, job in jobs:
+            answers = job.future.result()
+            assert len(answers) == len(chunk)  # one answer per input, none lost, none doubled
+            for (ids, _), answer in zip(chunk, answers, strict=True):
+                layer, prediction = _offline(runtime, strategy, ids)
+                if scheduler == "full":
+                    layer, prediction = (
+                        model.num_layers,
+                        int(
+                            all_exits(runtime, ids[None], torch.ones(1, ids.numel(), dtype=torch.long))[-1, 0].argmax()
+                        ),
+                    )
+                assert (answer.exit_layer, answer.label) == (layer, prediction)
+                answered += 1
+    assert answered == len(inputs) == engine.stats.answered and engine.queue_depth == 0
+    if scheduler == "pooled":
+        assert max(max(r, default=0) for r in engine.stats.batch_rows) > 1  # rows of several requests were pooled
+
+
+def test_pooled_waiting_bound_holds() -> None:
+    """Latency <= (L + 1) * (max_wait + max_queue * slowest step), the documented bound, under a burst."""
+    model = _peaked(tiny_model("bert", num_labels=3))
+    steps: list[float] = []
+    engine = Engine(
+        TorchRuntime(model),
+        strategies.Entropy(threshold=0.5),
+        scheduler="pooled",
+        max_batch=4,
+        max_wait_ms=3,
+        max_queue=40,
+        on_step=lambda stage, rows, seconds: steps.append(seconds),
+    )
+    jobs = [engine.submit(_inputs(1, seed=i)) for i in range(40)]
+    wait([j.future for j in jobs], timeout=60)
+    engine.close()
+    latencies = [a.latency_ms for j in jobs for a in j.future.result()]
+    bound_ms = (model.num_layers + 1) * (3 + 40 * max(steps) * 1000)
+    assert max(latencies) <= bound_ms
+    assert engine.stats.answered == 40
+
+
+def test_overload_drain_and_cancel() -> None:
+    model = tiny_model("bert", num_labels=2)
+    runtime = TorchRuntime(model)
+    gate = threading.Event()
+    original = runtime.layer
+
+    def slow_layer(layer, rows):  # type: ignore[no-untyped-def]
+        gate.wait(10)
+        return original(layer, rows)
+
+    runtime.layer = slow_layer  # type: ignore[method-assign]
+    engine = Engine(runtime, strategies.Static(layer=4), scheduler="pooled", max_batch=2, max_queue=5)
+    accepted = [engine.submit(_inputs(1, seed=i)) for i in range(5)]
+    with pytest.raises(Overloaded):
+        engine.submit(_inputs(1, seed=9))  # the queue holds 5 inputs: the 6th is refused, not queued
+    engine.cancel(accepted[0])  # its client went away
+    gate.set()
+    closer = threading.Thread(target=engine.close)
+    closer.start()
+    time.sleep(0.05)
+    with pytest.raises(Closed):
+        engine.submit(_inputs(1, seed=10))  # draining: no new inputs
+    closer.join(30)
+    assert accepted[0].future.cancelled()
+    for job in accepted[1:]:  # drained: every accepted request answered exactly once
+        assert len(job.future.result(timeout=1)) == 1
+    assert engine.queue_depth == 0 and engine.stats.answered + engine.stats.cancelled_rows == 5
+
+
+@pytest.fixture(scope="module")
+def client(trained_run: Path) -> TestClient:  # noqa: F811
+    from layerexit.predictor import Predictor
+
+    predictor = Predictor.from_run(trained_run, "entropy(threshold=0.5)")
+    engine = Engine(predictor.runtime, predictor.strategy, scheduler="pooled", max_queue=64)
+    model = Model(predictor.tokenizer, predictor.label_names, 12, predictor.model.backbone.uses_token_type_ids)
+    return TestClient(build_app(engine, model, max_texts=4))
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b"[1, 2]", 400, "expected a JSON object"),
+        (b"{}", 400, "'texts' is missing"),
+        (b'{"texts": []}', 400, "non-empty list"),
+        (b'{"texts": "good"}', 400, "non-empty list"),
+        (b'{"texts": ["good", 3]}', 400, "texts[1] must be a string"),
+        (b'{"texts": ["good", "  "]}', 400, "texts[1] is empty"),
+        (b'{"texts": ["a", "b", "c", "d", "e"]}', 413, "at most 4"),
+        (b'{"texts": ["good"], "text_pairs": ["x", "y"]}', 400, "'text_pairs' must be a list of 1"),
+        (b'{"texts": ["good"], "labels": [1]}', 400, "unknown fields ['labels']"),
+        (b"\xff\xfe", 400, "not valid JSON"),
+    ],
+)
+def test_bad_input_is_a_4xx_naming_the_problem(client: TestClient, body: bytes, status: int, message: str) -> None:
+    response = client.post("/v1/classify", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status
+    assert message in response.json()["error"]
+
+
+def test_classify_health_and_metrics(client: TestClient) -> None:
+    long_text = " ".join(["good"] + WORDS * 3)  # far more than the 12 tokens this server takes: truncated
+    response = client.post("/v1/classify", json={"texts": ["good alpha", "bad beta", long_text]})
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert [r["truncated"] for r in results] == [False, False, True]
+    for r in results:
+        assert r["label"] in ("neg", "pos") and 1 <= r["exit_layer"] <= 4 and 0 < r["probability"] <= 1
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and health["scheduler"] == "pooled"
+    metrics = client.get("/metrics").text
+    for name in (
+        "layerexit_requests_total",
+        "layerexit_request_latency_seconds_bucket",
+        "layerexit_exits_total",
+        "layerexit_batch_rows_bucket",
+        "layerexit_queue_depth",
+    ):
+        assert name in metrics
+    assert 'layerexit_requests_total{status="200"}' in metrics and 'status="413"' in metrics
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_short_load_test_per_scheduler(trained_run: Path, scheduler: str, tmp_path: Path) -> None:  # noqa: F811
+    """A real uvicorn server on loopback, two seconds of open-loop load: every request answered or refused."""
+    import uvicorn
+
+    from layerexit.cli import main
+
+    port = _free_port()
+    args = ["serve", str(trained_run), "--port", str(port), "--scheduler", scheduler, "--threads", "1"]
+    from layerexit.cli import build_parser
+    from layerexit.serving.server import build
+
+    app, engine = build(build_parser().parse_args(args))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    out = tmp_path / "load.json"
+    try:
+        code = main(
+            [
+                "loadtest",
+                f"http://127.0.0.1:{port}",
+                "--run",
+                str(trained_run),
+                "--rates",
+                "20",
+                "--seconds",
+                "2",
+                "--slo-ms",
+                "1000",
+                "--output",
+                str(out),
+            ]
+        )
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert code == 0
+    result = json.loads(out.read_text())["rates"][0]
+    assert result["sent"] > 10 and result["ok"] + result["rejected_503"] + result["errors"] == result["sent"]
+    assert result["errors"] == 0 and result["p99_ms"] is not None
+    assert engine.stats.answered == result["ok"] and engine.queue_depth == 0  # drained on shutdown
+
+
+def test_loadtest_refuses_other_hosts() -> None:
+    from layerexit.errors import LayerExitError
+    from layerexit.serving.loadtest import check_url
+
+    with pytest.raises(LayerExitError, match="only target this machine"):
+        check_url("http://10.0.0.1:8000")
+    assert check_url("http://127.0.0.1:8000/") == "http://127.0.0.1:8000"
