@@ -17,10 +17,10 @@ from layerexit import strategies
 from layerexit.cli import main
 from layerexit.evaluation.analysis import voting_values
 from layerexit.evaluation.evaluate import evaluate_probs, write_points_csv
-from layerexit.run_folder import load_probs, save_probs
 from layerexit.report import build_report
 from layerexit.report.inputs import SCALE, pack, shown_strategies, unpack
 from layerexit.report.tables import generic_tables
+from layerexit.run_folder import load_probs, save_probs
 
 from .runs import train_args
 from .test_end_to_end import make_encoder, make_task
