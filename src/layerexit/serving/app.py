@@ -182,7 +182,13 @@ def build_app(engine: Engine, model: Model, *, max_texts: int = 64, info: dict[s
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "scheduler": engine.scheduler, "queue_depth": engine.queue_depth, **(info or {})}
+        return {
+            "status": "ok",
+            "scheduler": engine.scheduler,
+            "queue_depth": engine.queue_depth,
+            "answered": engine.stats.answered,
+            **(info or {}),
+        }
 
     @app.get("/metrics")
     async def prometheus() -> Response:

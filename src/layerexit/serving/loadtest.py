@@ -31,6 +31,8 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 @dataclass
 class RateResult:
     offered_rps: float
+    """The nominal Poisson rate; ``sent / seconds`` is what one draw of it gave."""
+    sent_rps: float
     achieved_rps: float
     sent: int
     ok: int
@@ -102,6 +104,7 @@ async def _one_rate(
         cpu = time.process_time() - cpu0
     return RateResult(
         offered_rps=round(rate, 3),
+        sent_rps=round(len(tasks) / seconds, 3),
         achieved_rps=round(counts["ok"] / wall, 3),
         sent=len(tasks),
         ok=counts["ok"],

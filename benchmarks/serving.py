@@ -1,0 +1,222 @@
+"""The three schedulers (full, batch, pooled) on the same inputs on the same machine, one after another:
+for each, start `layerexit serve` on loopback, sweep open-loop Poisson load with `layerexit loadtest`'s
+code, stop the server with SIGTERM (it drains), and write one JSON, a markdown table and a PNG of p50
+and p99 latency against offered load (a curve per scheduler).
+
+    .venv/bin/python benchmarks/serving.py runs/demo --runtime torch --rates 10 20 40 60 80 120 160 \\
+        --seconds 8 --slo-ms 100 --out docs/serving/torch
+
+Then it prints each scheduler's capacity at the SLO (the highest offered rate with p99 under it and
+under 1% refused), `pooled`'s over `full`'s, and p50 at half of `full`'s capacity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import httpx
+
+from layerexit.atomic import write_json, write_text
+from layerexit.serving.loadtest import HEADER, capacity, format_row, run_inputs, sweep
+
+SCHEDULERS = ("full", "batch", "pooled")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(run: str, scheduler: str, args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "layerexit.cli",
+        "serve",
+        run,
+        "--port",
+        str(port),
+        "--scheduler",
+        scheduler,
+        "--runtime",
+        args.runtime,
+        "--threads",
+        str(args.threads),
+        "--max-batch",
+        str(args.max_batch),
+        "--max-wait-ms",
+        str(args.max_wait_ms),
+        "--max-queue",
+        str(args.max_queue),
+    ]
+    if args.strategy:
+        cmd += ["--strategy", args.strategy]
+    proc = subprocess.Popen(cmd, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"the {scheduler} server did not start")
+
+
+def plot(results: dict[str, list[dict[str, float]]], slo: float, path: Path, title: str) -> None:
+    from layerexit.evaluation.figures import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for i, (scheduler, rows) in enumerate(results.items()):
+        rates = [r["offered_rps"] for r in rows if r["p99_ms"] is not None]
+        ax.plot(
+            rates,
+            [r["p50_ms"] for r in rows if r["p99_ms"] is not None],
+            "--",
+            color=f"C{i}",
+            marker=".",
+            label=f"{scheduler} p50",
+        )
+        ax.plot(
+            rates,
+            [r["p99_ms"] for r in rows if r["p99_ms"] is not None],
+            "-",
+            color=f"C{i}",
+            marker="o",
+            ms=3,
+            label=f"{scheduler} p99",
+        )
+    ax.axhline(slo, color="k", lw=0.8, ls=":", label=f"SLO {slo:g} ms")
+    ax.set_yscale("log")
+    ax.set_xlabel("offered load (requests/s, Poisson, one input each)")
+    ax.set_ylabel("latency of answered requests (ms)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run")
+    p.add_argument("--runtime", default="torch")
+    p.add_argument("--strategy", default="")
+    p.add_argument("--rates", type=float, nargs="+", default=[10, 20, 40, 60, 80, 120, 160])
+    p.add_argument("--seconds", type=float, default=8)
+    p.add_argument("--slo-ms", type=float, default=100)
+    p.add_argument("--threads", type=int, default=1, help="server threads (the client takes the other core)")
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-wait-ms", type=float, default=5)
+    p.add_argument("--max-queue", type=int, default=256)
+    p.add_argument("--schedulers", nargs="+", default=list(SCHEDULERS))
+    p.add_argument("--overload", action="store_true", help="also offer pooled twice its capacity")
+    p.add_argument("--overload-max-queue", type=int, default=16, help="--max-queue of the overloaded server")
+    p.add_argument("--out", type=Path, required=True, help="output prefix: writes PREFIX.json, .md, .png")
+    args = p.parse_args()
+    texts = run_inputs(args.run, "test")
+    results: dict[str, list[dict[str, float]]] = {}
+    info: dict[str, dict[str, object]] = {}
+    for scheduler in args.schedulers:
+        proc, url = start(args.run, scheduler, args)
+        try:
+            info[scheduler] = httpx.get(f"{url}/healthz").json()
+            print(f"\n== {scheduler} ({info[scheduler].get('strategy')}, {args.runtime})\n{HEADER}", flush=True)
+            sweep(url, texts, [args.rates[0]], seconds=2, progress=False)  # warm-up
+            rows = sweep(url, texts, args.rates, seconds=args.seconds, seed=1)
+            results[scheduler] = [asdict(r) for r in rows]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+    caps = {s: capacity_of(rows, args.slo_ms) for s, rows in results.items()}
+    summary: dict[str, object] = {"capacity_rps": caps}
+    if caps.get("full") and caps.get("pooled"):
+        summary["pooled_over_full"] = round(caps["pooled"] / caps["full"], 2)  # type: ignore[operator]
+        half = caps["full"] / 2  # type: ignore[operator]
+        summary["p50_at_half_full_capacity"] = {s: nearest(rows, half) for s, rows in results.items()}
+    if args.overload and caps.get("pooled"):
+        args.max_queue = args.overload_max_queue
+        proc, url = start(args.run, "pooled", args)
+        try:
+            rate = 2 * caps["pooled"]  # type: ignore[operator]
+            over = sweep(url, texts, [rate], seconds=args.seconds, seed=2, progress=False)[0]
+            health = httpx.get(f"{url}/healthz").json()
+            summary["overload_pooled"] = {
+                **asdict(over),
+                "max_queue": args.max_queue,
+                "answered_by_server": health["answered"],
+                "queue_depth_after": health["queue_depth"],
+            }
+            print(f"\npooled offered {rate:g}/s (2x its capacity, --max-queue {args.max_queue}): {format_row(over)}")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+    out = {
+        "run": args.run,
+        "runtime": args.runtime,
+        "slo_ms": args.slo_ms,
+        "seconds_per_rate": args.seconds,
+        "server_threads": args.threads,
+        "max_batch": args.max_batch,
+        "max_wait_ms": args.max_wait_ms,
+        "servers": info,
+        "rates": results,
+        **summary,
+        "command": " ".join(sys.argv),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out.with_suffix(".json"), out)
+    write_text(args.out.with_suffix(".md"), table(results, caps, args.slo_ms) + "\n")
+    plot(
+        results,
+        args.slo_ms,
+        args.out.with_suffix(".png"),
+        f"{Path(args.run).name} · {args.runtime} · {info.get('pooled', {}).get('strategy', '')}",
+    )
+    print("\n" + table(results, caps, args.slo_ms))
+    print({k: v for k, v in summary.items()})
+
+
+def capacity_of(rows: list[dict[str, float]], slo: float) -> float | None:
+    from layerexit.serving.loadtest import RateResult
+
+    return capacity([RateResult(**r) for r in rows], slo)  # type: ignore[arg-type]
+
+
+def nearest(rows: list[dict[str, float]], rate: float) -> dict[str, float]:
+    row = min(rows, key=lambda r: abs(r["offered_rps"] - rate))
+    return {"offered_rps": row["offered_rps"], "p50_ms": row["p50_ms"], "p99_ms": row["p99_ms"]}
+
+
+def table(results: dict[str, list[dict[str, float]]], caps: dict[str, float | None], slo: float) -> str:
+    lines = [
+        "| scheduler | offered/s | achieved/s | p50 ms | p90 ms | p99 ms | 503 | errors | client CPU |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for scheduler, rows in results.items():
+        for r in rows:
+            lines.append(
+                f"| {scheduler} | {r['offered_rps']:g} | {r['achieved_rps']:.1f} | {r['p50_ms']} | {r['p90_ms']} | "
+                f"{r['p99_ms']} | {r['rejected_503']} | {r['errors']} | {r['client_cpu']:.2f} |"
+            )
+    lines.append("")
+    lines.append(
+        "capacity at p99 <= %g ms: " % slo + ", ".join(f"{s} {c if c is not None else '-'}/s" for s, c in caps.items())
+    )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
