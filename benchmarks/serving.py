@@ -80,24 +80,11 @@ def plot(results: dict[str, list[dict[str, float]]], slo: float, path: Path, tit
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for i, (scheduler, rows) in enumerate(results.items()):
-        rates = [r["offered_rps"] for r in rows if r["p99_ms"] is not None]
-        ax.plot(
-            rates,
-            [r["p50_ms"] for r in rows if r["p99_ms"] is not None],
-            "--",
-            color=f"C{i}",
-            marker=".",
-            label=f"{scheduler} p50",
-        )
-        ax.plot(
-            rates,
-            [r["p99_ms"] for r in rows if r["p99_ms"] is not None],
-            "-",
-            color=f"C{i}",
-            marker="o",
-            ms=3,
-            label=f"{scheduler} p99",
-        )
+        answered = [r for r in rows if r["p99_ms"] is not None]
+        for key, style in (("p50_ms", "--"), ("p99_ms", "-")):
+            values = [r[key] for r in answered]
+            label = f"{scheduler} {key[:3]}"
+            ax.plot([r["offered_rps"] for r in answered], values, style, color=f"C{i}", marker=".", label=label)
     ax.axhline(slo, color="k", lw=0.8, ls=":", label=f"SLO {slo:g} ms")
     ax.set_yscale("log")
     ax.set_xlabel("offered load (requests/s, Poisson, one input each)")
@@ -213,7 +200,7 @@ def table(results: dict[str, list[dict[str, float]]], caps: dict[str, float | No
             )
     lines.append("")
     lines.append(
-        "capacity at p99 <= %g ms: " % slo + ", ".join(f"{s} {c if c is not None else '-'}/s" for s, c in caps.items())
+        f"capacity at p99 <= {slo:g} ms: " + ", ".join(f"{s} {c if c is not None else '-'}/s" for s, c in caps.items())
     )
     return "\n".join(lines)
 

@@ -124,36 +124,25 @@ def tradeoff(
                 row=1,
                 col=col,
             )
-        static = sorted((r for r in rows if r["strategy"] == "static"), key=lambda r: r["speedup"])
-        if static:
-            fig.add_trace(
-                _scatter(
-                    static,
-                    metric,
-                    mode="markers",
-                    name="static (cut at layer n)",
-                    legendgroup="static",
-                    showlegend=first,
-                    marker={"color": COLORS["static"], "symbol": "square", "size": 8},
-                ),
-                row=1,
-                col=col,
-            )
-        oracle = [r for r in rows if r["strategy"] == "oracle"]
-        if oracle:
-            fig.add_trace(
-                _scatter(
-                    oracle,
-                    metric,
-                    mode="markers",
-                    name="oracle (upper bound)",
-                    legendgroup="oracle",
-                    showlegend=first,
-                    marker={"color": COLORS["oracle"], "symbol": "diamond", "size": 11},
-                ),
-                row=1,
-                col=col,
-            )
+        for family, label, symbol, size in (
+            ("static", "static (cut at layer n)", "square", 8),
+            ("oracle", "oracle (upper bound)", "diamond", 11),
+        ):
+            marks = sorted((r for r in rows if r["strategy"] == family), key=lambda r: r["speedup"])
+            if marks:
+                fig.add_trace(
+                    _scatter(
+                        marks,
+                        metric,
+                        mode="markers",
+                        name=label,
+                        legendgroup=family,
+                        showlegend=first,
+                        marker={"color": COLORS[family], "symbol": symbol, "size": size},
+                    ),
+                    row=1,
+                    col=col,
+                )
         chosen = [r for r in rows if r["setting"] == selected.get(r["strategy"])]
         if chosen:
             fig.add_trace(
