@@ -1,0 +1,81 @@
+"""The serving engine as a Ray Serve deployment: one engine (with its runtime and model) per replica.
+
+Started with Ray Serve's own command (the ``ray`` extra: ``pip install 'layerexit[ray]'``)::
+
+    serve run layerexit.serving.ray_app:build run=RUN scheduler=pooled replicas=2 threads=1
+
+It serves on 127.0.0.1:8000 (``serve run`` takes ``--address``; ``RAY_SERVE_HTTP_HOST`` for others) with
+the routes and answers of ``layerexit serve``. The keys are ``layerexit serve``'s options (``runtime``,
+``strategy``, ``scheduler``, ``max_batch``, ``max_wait_ms``, ``max_queue``, ``max_texts``, ``threads``)
+plus ``replicas`` (default 1) and ``num_cpus`` per replica (default: ``threads``, else 1). Each replica
+admits up to ``max_queue`` inputs itself and answers 503 beyond, so Ray's per-replica limit lets that many
+requests in and the engine does the admission.
+
+When more replicas beat a bigger pool: a replica's pooled engine already batches across requests, so on
+one machine a second replica only pays when one engine cannot keep the cores busy (its worker thread is
+one Python thread: tokenisation, HTTP and the exit decisions are serial), e.g. ``threads=1`` replicas on
+a many-core host, or when replicas go on other machines. On the 2-core machines here one replica with
+the whole machine is the better choice: two replicas split the cores and halve each pool's batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from layerexit.errors import LayerExitError
+
+RAY_KEYS = ("replicas", "num_cpus")
+
+
+@serve.deployment
+@serve.ingress()
+class Classifier:
+    """A replica: ``layerexit serve``'s app and engine, built from the same options; Ray Serve routes
+    HTTP requests to it and runs its lifespan (the engine drains on shutdown)."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return app_for(self.argv)
+
+
+def app_for(argv: list[str]) -> Any:
+    from layerexit.cli import build_parser
+    from layerexit.serving.server import build as build_server
+
+    app, _ = build_server(build_parser().parse_args(argv))
+    return app
+
+
+def options(args: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """``(layerexit serve argv, Ray options)`` from ``key=value`` arguments, checked as the command does."""
+    args = dict(args)
+    ray_args = {key: args.pop(key) for key in RAY_KEYS if key in args}
+    if "run" not in args:
+        raise LayerExitError("give the run folder: serve run layerexit.serving.ray_app:build run=RUN ...")
+    argv = ["serve", str(args.pop("run")), *(f"--{key.replace('_', '-')}={value}" for key, value in args.items())]
+    from layerexit.cli import build_parser
+
+    try:
+        parsed = build_parser().parse_args(argv)
+    except SystemExit:
+        raise LayerExitError(f"bad arguments {args} (see `layerexit serve --help`)") from None
+    cpus = float(ray_args.get("num_cpus", parsed.threads or 1))
+    ray_options = {
+        "num_replicas": int(ray_args.get("replicas", 1)),
+        "ray_actor_options": {"num_cpus": cpus},
+        "max_ongoing_requests": parsed.max_queue,
+    }
+    return argv, ray_options
+
+
+def build(args: dict[str, Any]) -> Application:
+    """The application ``serve run layerexit.serving.ray_app:build key=value ...`` starts."""
+    argv, ray_options = options(args)
+    deployment: Any = Classifier
+    application: Application = deployment.options(**ray_options).bind(argv)
+    return application

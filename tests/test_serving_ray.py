@@ -1,0 +1,70 @@
+"""The engine as a Ray Serve deployment: a local one-replica application on 127.0.0.1 classifies texts."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'layerexit[ray]')")
+pytest.importorskip("fastapi")
+
+import httpx
+import ray
+from ray import serve
+
+from layerexit.errors import LayerExitError
+from layerexit.serving.ray_app import build, options
+
+from .test_end_to_end import trained_run  # noqa: F401  (a module-scoped fixture)
+
+pytestmark = pytest.mark.slow
+SRC = Path(__file__).resolve().parent.parent / "src"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def ray_serve() -> Iterator[int]:
+    port = free_port()
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(SRC)}},
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_options_read_like_the_serve_command(trained_run: Path) -> None:  # noqa: F811
+    argv, ray_options = options({"run": str(trained_run), "scheduler": "batch", "max_batch": "8", "replicas": "2"})
+    assert argv[:2] == ["serve", str(trained_run)] and "--scheduler=batch" in argv
+    assert ray_options["num_replicas"] == 2 and ray_options["max_ongoing_requests"] == 256
+    with pytest.raises(LayerExitError, match="run folder"):
+        options({"scheduler": "pooled"})
+    with pytest.raises(LayerExitError, match="bad arguments"):
+        options({"run": str(trained_run), "scheduler": "fifo"})
+
+
+def test_one_replica_classifies_over_http(ray_serve: int, trained_run: Path) -> None:  # noqa: F811
+    serve.run(build({"run": str(trained_run), "threads": "1", "max_queue": "64"}), route_prefix="/", name="layerexit")
+    url = f"http://127.0.0.1:{ray_serve}"
+    reply = httpx.post(url + "/v1/classify", json={"texts": ["alpha good beta", "bad gamma"]}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    results = reply.json()["results"]
+    assert len(results) == 2 and all(r["label"] in ("neg", "pos") and 1 <= r["exit_layer"] <= 4 for r in results)
+    health = httpx.get(url + "/healthz", timeout=30).json()
+    assert health["scheduler"] == "pooled" and health["answered"] == 2
+    bad = httpx.post(url + "/v1/classify", json={"texts": []}, timeout=30)
+    assert bad.status_code == 400 and "non-empty list" in bad.json()["error"]
