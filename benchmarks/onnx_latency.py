@@ -38,8 +38,10 @@ import torch
 
 from layerexit import strategies
 from layerexit.model import EarlyExitModel, ExitConfig
-from layerexit.runtime.loop import early_exit_forward
-from layerexit.runtime.onnx_runtime import MANIFEST_NAME, OnnxEarlyExitModel, export_onnx
+from layerexit.runtime.loop import early_exit, early_exit_forward
+from layerexit.runtime.onnx_export import export_onnx
+from layerexit.runtime.onnx_format import MANIFEST_NAME
+from layerexit.runtime.onnx_runtime import OnnxRuntime
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -58,11 +60,11 @@ def minilm_with_random_exits(num_labels: int = 2, seed: int = 0) -> EarlyExitMod
     return EarlyExitModel(wrap(encoder), config).eval()
 
 
-def exported(model: EarlyExitModel, folder: Path, quantize: bool, threads: int) -> OnnxEarlyExitModel:
+def exported(model: EarlyExitModel, folder: Path, quantize: bool, threads: int) -> OnnxRuntime:
     """Load the export in ``folder``, writing it first when the folder has none."""
     if not (folder / MANIFEST_NAME).is_file():
         export_onnx(model, folder, quantize=quantize)
-    return OnnxEarlyExitModel.load(folder, threads=threads)
+    return OnnxRuntime.load(folder, threads=threads)
 
 
 def random_inputs(count: int, length: int, vocab: int, seed: int = 0) -> list[Inputs]:
@@ -147,11 +149,11 @@ def main(argv: list[str] | None = None) -> None:
         def torch_early_exit(strategy: strategies.Strategy, batch: Inputs) -> object:
             return early_exit_forward(model, strategy, *batch)
 
-        def ort_full(runtime: OnnxEarlyExitModel, batch: Inputs) -> object:
-            return runtime.full_forward(*batch)
+        def ort_full(runtime: OnnxRuntime, batch: Inputs) -> object:
+            return runtime.full(*batch)
 
-        def ort_early_exit(runtime: OnnxEarlyExitModel, strategy: strategies.Strategy, batch: Inputs) -> object:
-            return runtime.early_exit(strategy, *batch)
+        def ort_early_exit(runtime: OnnxRuntime, strategy: strategies.Strategy, batch: Inputs) -> object:
+            return early_exit(runtime, strategy, *batch)
 
         def ort_defaults_full(session: Any, names: list[str], batch: Inputs) -> object:
             feed = dict(zip(("input_ids", "attention_mask", "token_type_ids"), batch, strict=True))
