@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import time
 from collections.abc import Sequence
@@ -200,6 +199,3 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         print(f"wrote {args.output}")
     return 0
 
-
-def to_json(results: Sequence[RateResult]) -> str:
-    return json.dumps([asdict(r) for r in results])
