@@ -198,4 +198,3 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         write_json(Path(args.output), out)
         print(f"wrote {args.output}")
     return 0
-
