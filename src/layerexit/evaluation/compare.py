@@ -59,10 +59,6 @@ def parse_method(spec: str, num_layers: int | None = None) -> tuple[str, int]:
     return name, 0
 
 
-def run_is_complete(run: Path) -> bool:
-    return RunFolder(run).is_complete()
-
-
 def compare(
     base: TrainConfig,
     methods: Sequence[str],
@@ -81,7 +77,7 @@ def compare(
         for seed in seeds:
             run = output / f"{spec.replace(':', '')}-seed{seed}"
             runs[(spec, seed)] = run
-            if run_is_complete(run):
+            if RunFolder(run).is_complete():
                 _say(f"{run.name}: done, reusing", progress)
                 continue
             config = replace(base, objective=name, static_layers=layers, seed=seed, output=str(run))

@@ -306,23 +306,6 @@ class SplitSource:
         return probs, encoded.labels
 
 
-def split_probs(
-    run: str | Path | RunFolder,
-    split: str,
-    *,
-    batch_size: int = 64,
-    progress: bool = False,
-    reuse: bool = True,
-    required: bool = True,
-    runtime: str = "torch",
-) -> tuple[Tensor, Tensor] | None:
-    """One split's per-layer probabilities and labels (see :class:`SplitSource`)."""
-    folder = run if isinstance(run, RunFolder) else RunFolder(run)
-    return SplitSource(folder, runtime, batch_size=batch_size, progress=progress).probs(
-        split, reuse=reuse, required=required
-    )
-
-
 def load_run_split(
     run_dir: RunFolder | Path, split: str, model: EarlyExitModel, *, required: bool = True, limit: int = 0
 ) -> tuple[Encoded, int] | None:

@@ -18,7 +18,6 @@ from layerexit.atomic import read_json_object
 from layerexit.errors import LayerExitError
 from layerexit.run_folder import RunFolder
 
-EVAL_DIR = "eval"
 SERVING_WORDS = ("serve", "serving", "loadtest", "load_test", "load-test")
 """A JSON file in the run folder (or its eval folder) whose name holds one of these is a serving
 or load-test measurement: rendered generically, as tables."""
@@ -111,7 +110,7 @@ def _check_run(path: Path) -> Path:
     for name in ("report.json", "points.csv"):
         if not (out / name).is_file():
             raise LayerExitError(
-                f"{path} is not evaluated ({EVAL_DIR}/{name} missing); run `layerexit evaluate {path}`"
+                f"{path} is not evaluated ({out.name}/{name} missing); run `layerexit evaluate {path}`"
             )
     return out
 
@@ -128,7 +127,7 @@ def load_run(path: Path, split: str | None = None, *, texts: bool = True) -> Run
     stored = run.probs_file(split)
     if not stored.is_file():
         raise LayerExitError(
-            f"{path} has no stored probabilities of split {split!r} ({EVAL_DIR}/{stored.name} missing); "
+            f"{path} has no stored probabilities of split {split!r} ({stored.parent.name}/{stored.name} missing); "
             f"run `layerexit evaluate {path} --splits {split}`"
         )
     probs, labels = run.read_probs(split)
@@ -162,12 +161,13 @@ def load_run(path: Path, split: str | None = None, *, texts: bool = True) -> Run
 def find_serving(path: Path) -> dict[str, Any]:
     """Serving or load-test measurements (``serve_bench.json``, ``loadtest*.json``, ...), by file name."""
     found: dict[str, Any] = {}
-    for folder in (path, path / EVAL_DIR):
+    eval_dir = RunFolder(path).eval_dir()
+    for folder in (path, eval_dir):
         for file in sorted(folder.glob("*.json")):
             name = file.name.lower()
             if name in KNOWN_JSON or not any(word in name for word in SERVING_WORDS):
                 continue
-            key = file.name if folder == path else f"{EVAL_DIR}/{file.name}"
+            key = file.name if folder == path else f"{eval_dir.name}/{file.name}"
             found[key] = read_json(file, "serving measurement")
     return found
 
