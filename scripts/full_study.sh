@@ -2,7 +2,9 @@
 # The full-scale study of docs/results.md (issue 12): MiniLM-L6 on all of tweets-binary and 20,000
 # snli-binary pairs, MPNet-base on 4,000 tweets-binary examples. One `layerexit compare` per row
 # group, run one after another with one thread each; every compare resumes an interrupted run and
-# reuses a finished one, so the script can be stopped (kill) and started again at any time.
+# reuses a finished one, so the script can be stopped (kill) and started again at any time. Each step
+# writes a compare folder of its own (scripts/study.py pools the folders of a task), so a step can run
+# on another machine or day than the seeds it is compared with.
 #
 #   bash scripts/full_study.sh STEP...     # steps below, e.g. `tb-pabee0 tb-lam0.2`; `all` for every step
 #   OUT=runs/full bash scripts/full_study.sh all
@@ -27,15 +29,15 @@ step() {
     tb-lam0.1)   cmp tweets-binary-minilm-lam0.1 --methods ensemble --lambda 0.1 --weighting linear --seeds 0 "${TB[@]}" ;;
     tb-lam0.2)   cmp tweets-binary-minilm-lam0.2 --methods ensemble --lambda 0.2 --weighting linear --seeds 0 "${TB[@]}" ;;
     tb-lam0.5)   cmp tweets-binary-minilm-lam0.5 --methods ensemble --lambda 0.5 --weighting linear --seeds 0 "${TB[@]}" ;;
-    tb-finetune) cmp tweets-binary-minilm --methods finetune --seeds 0 "${TB[@]}" ;;
-    tb-pabee12)  cmp tweets-binary-minilm --methods pabee --seeds 1 2 "${TB[@]}" ;;
-    tb-ours12)   cmp "tweets-binary-minilm-lam$LAM" --methods ensemble --lambda "$LAM" --weighting linear --seeds 1 2 "${TB[@]}" ;;
+    tb-finetune) cmp tweets-binary-minilm-finetune --methods finetune --seeds 0 "${TB[@]}" ;;
+    tb-pabee12)  cmp tweets-binary-minilm-seeds12 --methods pabee --seeds 1 2 "${TB[@]}" ;;
+    tb-ours12)   cmp "tweets-binary-minilm-lam$LAM-seeds12" --methods ensemble --lambda "$LAM" --weighting linear --seeds 1 2 "${TB[@]}" ;;
     tb-uniform)  cmp "tweets-binary-minilm-uniform-lam$LAM" --methods ensemble --lambda "$LAM" --weighting uniform --seeds 0 "${TB[@]}" ;;
-    tb-baselines) cmp tweets-binary-minilm --methods deebert,fastbert --seeds 0 "${TB[@]}" ;;
+    tb-baselines) cmp tweets-binary-minilm-baselines --methods deebert,fastbert --seeds 0 "${TB[@]}" ;;
     snli-pabee)  cmp snli-binary-minilm --methods pabee --seeds 0 1 2 "${SNLI[@]}" ;;
     snli-lam)    for l in 0.1 0.2 0.5; do cmp "snli-binary-minilm-lam$l" --methods ensemble --lambda $l --weighting linear --seeds 0 "${SNLI[@]}"; done ;;
-    snli-finetune) cmp snli-binary-minilm --methods finetune --seeds 0 "${SNLI[@]}" ;;
-    snli-ours12) cmp "snli-binary-minilm-lam$LAM" --methods ensemble --lambda "$LAM" --weighting linear --seeds 1 2 "${SNLI[@]}" ;;
+    snli-finetune) cmp snli-binary-minilm-finetune --methods finetune --seeds 0 "${SNLI[@]}" ;;
+    snli-ours12) cmp "snli-binary-minilm-lam$LAM-seeds12" --methods ensemble --lambda "$LAM" --weighting linear --seeds 1 2 "${SNLI[@]}" ;;
     mpnet)       cmp tweets-binary-mpnet --methods pabee --seeds 0 1 "${MPNET[@]}"
                  cmp "tweets-binary-mpnet-lam$LAM" --methods ensemble --lambda "$LAM" --weighting linear --seeds 0 1 "${MPNET[@]}" ;;
     all) for s in tb-pabee0 tb-lam0.1 tb-lam0.2 tb-lam0.5 tb-finetune tb-pabee12 tb-ours12 tb-uniform snli-pabee \

@@ -18,24 +18,36 @@ test examples, so their difference is resampled example by example.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import re
 import statistics
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from layerexit.evaluation.sweep import best_in_band
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # studylib and study_full, beside this file
+
+from study_full import tables as full_tables
+from studylib import (
+    Run,
+    StudyError,
+    cell_value,
+    differences_table,
+    envelope,
+    fmt_cell,
+    load_folder,
+    rows_table,
+    seeds_of,
+    select_in_band,
+    table,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
 DOC = ROOT / "docs" / "results.md"
-BOOTSTRAP = 2000
 KS = (0.0, 0.25, 0.5, 0.75)
 LAMBDAS = (0.0, 0.1, 0.2, 0.3, 0.5)
 SPEEDUPS = (1.2, 1.4, 1.6, 1.8, 2.0, 2.5)
@@ -101,69 +113,6 @@ PAIRS = (
 )
 
 
-class StudyError(Exception):
-    pass
-
-
-@dataclass
-class Run:
-    path: Path
-    spec: str
-    seed: int
-    report: dict[str, Any]
-    points: list[dict[str, str]]
-    exits: list[dict[str, str]]
-    train: dict[str, Any]
-
-    @property
-    def metric(self) -> str:
-        return str(self.report["metric"])
-
-    def test_points(self, strategy: str, k: float | None = None) -> list[tuple[float, float]]:
-        rows = [r for r in self.points if r["split"] == "test" and r["strategy"] == strategy]
-        if k is not None:
-            rows = [r for r in rows if float(r["k"]) == k]
-        return [(float(r["speedup"]), float(r[self.metric])) for r in rows]
-
-    def correct(self, column: str) -> np.ndarray:
-        if not self.exits or f"{column}_pred" not in self.exits[0]:
-            raise StudyError(f"{self.path}/eval/exit_layers.csv has no {column}_pred column")
-        return np.array([r[f"{column}_pred"] == r["label"] for r in self.exits], dtype=float)
-
-    def labels(self) -> list[str]:
-        return [r["label"] for r in self.exits]
-
-
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open(encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def load_folder(folder: Path) -> dict[tuple[str, int], Run]:
-    summary_path = folder / "compare.json"
-    if not summary_path.is_file():
-        return {}
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    runs = {}
-    for key, where in summary["runs"].items():
-        spec, seed = key.rsplit("/seed", 1)
-        path = folder / Path(where).name
-        report_path = path / "eval" / "report.json"
-        if not report_path.is_file():
-            raise StudyError(f"{folder}/compare.json names {key} but {report_path} is missing")
-        exits_path = path / "eval" / "exit_layers.csv"
-        runs[(spec, int(seed))] = Run(
-            path=path,
-            spec=spec,
-            seed=int(seed),
-            report=json.loads(report_path.read_text(encoding="utf-8")),
-            points=_read_csv(path / "eval" / "points.csv"),
-            exits=_read_csv(exits_path) if exits_path.is_file() else [],
-            train=json.loads((path / "train_summary.json").read_text(encoding="utf-8")),
-        )
-    return runs
-
-
 def load_study(study: Study, results: Path) -> dict[tuple[str, int], Run]:
     runs: dict[tuple[str, int], Run] = {}
     for name in study.folders:
@@ -171,161 +120,18 @@ def load_study(study: Study, results: Path) -> dict[tuple[str, int], Run]:
     return runs
 
 
-def seeds_of(runs: dict[tuple[str, int], Run], spec: str) -> list[int]:
-    return sorted(seed for s, seed in runs if s == spec)
-
-
 # ----------------------------------------------------------------------------------------- numbers
-
-
-def cell_value(run: Run, strategy: str) -> tuple[float, float] | None:
-    """(metric on test, speed-up) of one run under one strategy, the setting chosen on dev in the band."""
-    rep = run.report["report_split"]
-    split = run.report["splits"][rep]
-    if strategy == "full":
-        return split["full_model"][run.metric], 1.0
-    if strategy == "oracle":
-        return split["oracle"][run.metric], split["oracle"]["speedup"]
-    if strategy == "static" and run.spec.startswith("static:"):
-        layers = int(run.spec.split(":")[1])
-        return split["per_layer"][run.metric][layers - 1], run.report["num_layers"] / layers
-    chosen = run.report["selected"].get(strategy)
-    if chosen is None:
-        return None
-    return chosen[rep][run.metric], chosen[rep]["speedup"]
-
-
-def fmt_cell(values: Sequence[tuple[float, float]]) -> str:
-    if not values:
-        return "–"
-    acc = [100 * v for v, _ in values]
-    speed = statistics.mean(s for _, s in values)
-    text = f"{statistics.mean(acc):.1f}"
-    if len(acc) > 1:
-        text += f" ± {statistics.stdev(acc):.1f}"
-    return f"{text} ({speed:.2f}x)"
-
-
-def bootstrap(samples: Sequence[np.ndarray], stat: Callable[[list[np.ndarray]], float]) -> tuple[float, float]:
-    """Percentile 95% interval of ``stat`` when every array of ``samples`` is resampled by example
-    (arrays of one seed share their examples: they are resampled with the same indices)."""
-    rng = np.random.default_rng(0)
-    values = []
-    for _ in range(BOOTSTRAP):
-        picked = []
-        for group in samples:
-            idx = rng.integers(0, group.shape[-1], group.shape[-1])
-            picked.append(group[..., idx])
-        values.append(stat(picked))
-    lo, hi = np.percentile(values, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
-def paired_difference(
-    runs: dict[tuple[str, int], Run], a: tuple[str, str], b: tuple[str, str]
-) -> tuple[float, float, float, int, float, float] | None:
-    """Mean over the seeds both methods have of (metric of a − metric of b), its paired bootstrap
-    interval, the number of seeds and the two mean speed-ups. Accuracy only (the metric of every
-    built-in task)."""
-    seeds = sorted(set(seeds_of(runs, a[0])) & set(seeds_of(runs, b[0])))
-    if not seeds:
-        return None
-    groups = []
-    speed_a, speed_b = [], []
-    for seed in seeds:
-        ra, rb = runs[(a[0], seed)], runs[(b[0], seed)]
-        if ra.metric != "accuracy":
-            raise StudyError(f"{ra.path}: paired intervals are computed for accuracy, not {ra.metric}")
-        if ra.labels() != rb.labels():
-            raise StudyError(f"{ra.path} and {rb.path} were not scored on the same test examples")
-        groups.append(np.stack([ra.correct(a[1]), rb.correct(b[1])]))
-        va, vb = cell_value(ra, a[1]), cell_value(rb, b[1])
-        assert va is not None and vb is not None
-        speed_a.append(va[1])
-        speed_b.append(vb[1])
-
-    def stat(gs: list[np.ndarray]) -> float:
-        return float(np.mean([g[0].mean() - g[1].mean() for g in gs]))
-
-    lo, hi = bootstrap(groups, stat)
-    return stat(groups), lo, hi, len(seeds), statistics.mean(speed_a), statistics.mean(speed_b)
-
-
-def envelope(points: Sequence[tuple[float, float]], at: float) -> float:
-    """The best metric among settings at least ``at`` times faster than the full model (NaN if none)."""
-    faster = [m for s, m in points if s >= at - 1e-9]
-    return max(faster) if faster else float("nan")
-
-
-def select_in_band(run: Run, strategy: str, k: float) -> tuple[float, float] | None:
-    """Voting with ``k`` fixed: the best dev setting in the band, reported on test (the paper's rule,
-    the library's own :func:`~layerexit.evaluation.sweep.best_in_band`)."""
-    dev = [r for r in run.points if r["split"] == "dev" and r["strategy"] == strategy and float(r["k"]) == k]
-    best = best_in_band(dev, run.report["band"], lambda r: float(r["speedup"]), lambda r: float(r[run.metric]))
-    if best is None:
-        return None
-    test = next(r for r in run.points if r["split"] == "test" and r["setting"] == best["setting"])
-    return float(test[run.metric]), float(test["speedup"])
 
 
 # ------------------------------------------------------------------------------------------ tables
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def main_table(studies: dict[Study, dict[tuple[str, int], Run]]) -> str:
-    header = ["method + strategy"] + [f"{s.name}<br>{s.kind}" for s in studies]
-    rows = []
-    for label, spec, strategy in MAIN_ROWS:
-        row = [label]
-        for runs in studies.values():
-            values = [v for seed in seeds_of(runs, spec) if (v := cell_value(runs[(spec, seed)], strategy)) is not None]
-            row.append(fmt_cell(values))
-        rows.append(row)
-    sizes = []
-    for study, runs in studies.items():
-        any_run = next(iter(runs.values()))
-        sizes.append(f"{study.name}: n = {any_run.report['splits']['test']['size']}")
-        half = single_run_halfwidth(runs)
-        if half is not None:
-            sizes[-1] += f", ±{100 * half:.1f}"
-    rows.append(["test examples, 95% interval of one accuracy"] + [s.split(": ", 1)[1] for s in sizes])
-    return table(header, rows)
-
-
-def single_run_halfwidth(runs: dict[tuple[str, int], Run]) -> float | None:
-    """Half-width of the bootstrap interval of the fine-tuned model's test accuracy (one run)."""
-    key = next((k for k in sorted(runs) if k[0] == "finetune"), None) or next(
-        (k for k in sorted(runs) if k[0] == "ensemble"), None
-    )
-    if key is None:
-        return None
-    correct = runs[key].correct("full")
-    lo, hi = bootstrap([correct], lambda gs: float(gs[0].mean()))
-    return (hi - lo) / 2
+    return rows_table({f"{s.name}<br>{s.kind}": runs for s, runs in studies.items()}, MAIN_ROWS)
 
 
 def pairs_table(studies: dict[Study, dict[tuple[str, int], Run]]) -> str:
-    header = ["difference (points)"] + [s.name for s in studies]
-    rows = []
-    for label, a, b in PAIRS:
-        row = [label]
-        for runs in studies.values():
-            got = paired_difference(runs, a, b)
-            if got is None:
-                row.append("–")
-                continue
-            diff, lo, hi, n, sa, sb = got
-            text = f"{100 * diff:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
-            if lo > 0 or hi < 0:
-                text = f"**{text}**"
-            row.append(f"{text}<br>{n} seed{'s' if n > 1 else ''}, {sa:.2f}x vs {sb:.2f}x")
-        rows.append(row)
-    return table(header, rows)
+    return differences_table({s.name: runs for s, runs in studies.items()}, PAIRS)
 
 
 def k_table(studies: dict[Study, dict[tuple[str, int], Run]]) -> str:
@@ -561,6 +367,7 @@ def generate(results: Path) -> tuple[dict[str, str], dict[Study, dict[tuple[str,
     main_runs = studies.get(STUDIES[0], {})
     lam = lambda_runs(results, main_runs)
     tables = {
+        **full_tables(results),
         "main": main_table(studies),
         "pairs": pairs_table(studies),
         "k": k_table(studies),

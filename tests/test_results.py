@@ -36,13 +36,13 @@ def test_there_is_a_committed_study() -> None:
     assert STUDIES, "docs/results/ should hold at least one comparison"
 
 
-def _study_module():  # scripts/ is not a package: load study.py by path
+def _study_module(name: str = "studylib"):  # scripts/ is not a package: load a module by path
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("study", ROOT / "scripts" / "study.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["study"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -52,7 +52,7 @@ def test_study_script_reproduces_every_table_of_docs_results() -> None:
         [sys.executable, str(ROOT / "scripts" / "study.py"), "--check"], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
-    assert "7 tables match" in done.stdout
+    assert "11 tables match" in done.stdout
 
 
 def test_study_check_fails_on_an_edited_number(tmp_path: Path) -> None:
@@ -67,7 +67,7 @@ def test_study_check_fails_on_an_edited_number(tmp_path: Path) -> None:
         text=True,
     )
     assert done.returncode == 1
-    assert "stale: tables main" in done.stderr
+    assert "stale: tables fullmain" in done.stderr  # the first such row is the full-scale study's
 
 
 def test_study_refuses_a_document_without_the_table_blocks(tmp_path: Path) -> None:
@@ -93,3 +93,31 @@ def test_study_numbers_on_hand_made_cases() -> None:
     a = np.array([1.0] * 60 + [0.0] * 40)
     lo, hi = study.bootstrap([a], lambda gs: float(gs[0].mean()))
     assert lo < 0.6 < hi and 0.15 < hi - lo < 0.25  # about 2 * 1.96 * sqrt(0.24 / 100) = 0.19
+
+    def mean_of_seeds(gs: list[np.ndarray]) -> float:
+        return float(np.mean([g.mean() for g in gs]))
+
+    # two seeds right on the same examples: shared draws resample them together, so the interval is one
+    # seed's; drawn independently the seeds' luck would average out and the interval would shrink
+    assert study.bootstrap([a, a], mean_of_seeds, shared=True) == (lo, hi)
+    lo2, hi2 = study.bootstrap([a, a], mean_of_seeds)
+    assert hi2 - lo2 < 0.85 * (hi - lo)
+
+
+def test_full_study_reads_folder_suffixes_and_chooses_lambda_on_dev() -> None:
+    _study_module("studylib")
+    full = _study_module("study_full")
+    for suffix in ("", "-seeds12", "-finetune", "-baselines", "-lam0.2", "-lam0.2-seeds12", "-uniform-lam0.1"):
+        assert full.SUFFIX.match(suffix), suffix
+    for suffix in ("-lam", "-other", "-lam0.2-extra", "-3seeds"):
+        assert not full.SUFFIX.match(suffix), suffix
+    got = full.SUFFIX.match("-uniform-lam0.5-seeds12")
+    assert got.group("lam") == "0.5" and got.group("uniform")
+
+    def run(dev: float) -> object:
+        report = {"metric": "accuracy", "select_split": "dev", "selected": {"voting": {"dev": {"accuracy": dev}}}}
+        return full.Run(Path("x"), "ensemble", 0, report, [], [], {})
+
+    assert full.choose_lambda({0.5: run(0.90), 0.1: run(0.91), 0.2: run(0.91)}) == 0.1  # ties to the smaller
+    assert full.choose_lambda({0.1: run(0.90), 0.2: run(0.92)}) == 0.2
+    assert full.choose_lambda({}) is None
