@@ -6,13 +6,18 @@ and p99 latency against offered load (a curve per scheduler).
     .venv/bin/python benchmarks/serving.py runs/demo --runtime torch --rates 10 20 40 60 80 120 160 \\
         --seconds 8 --slo-ms 100 --out docs/serving/torch
 
-Then it prints each scheduler's capacity at the SLO (the highest offered rate with p99 under it and
-under 1% refused), `pooled`'s over `full`'s, and p50 at half of `full`'s capacity.
+Each capacity at the SLO (the highest offered rate with p99 under it and under 1% refused) is refined by
+`--refine` bisections between the rates swept; every scheduler is then run at exactly half of `full`'s
+capacity (`full` runs first). `--overload` offers `pooled` twice its capacity with `--max-queue` set by
+Little's law to capacity x SLO (the most inputs the server can hold and still answer each within about
+the SLO). It prints the capacities, `pooled`'s over `full`'s, p50 at half of `full`'s capacity and the
+overload run; the server's own latency (`engine p50`) beside the client's shows what HTTP costs.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import socket
@@ -25,7 +30,7 @@ from pathlib import Path
 import httpx
 
 from layerexit.atomic import write_json, write_text
-from layerexit.serving.loadtest import HEADER, capacity, format_row, run_inputs, sweep
+from layerexit.serving.loadtest import HEADER, RateResult, capacity, format_row, run_inputs, sweep
 
 SCHEDULERS = ("full", "batch", "pooled")
 
@@ -110,34 +115,50 @@ def main() -> None:
     p.add_argument("--max-queue", type=int, default=256)
     p.add_argument("--schedulers", nargs="+", default=list(SCHEDULERS))
     p.add_argument("--overload", action="store_true", help="also offer pooled twice its capacity")
-    p.add_argument("--overload-max-queue", type=int, default=16, help="--max-queue of the overloaded server")
+    p.add_argument(
+        "--overload-max-queue",
+        type=int,
+        default=0,
+        help="--max-queue of the overloaded server (0: pooled's capacity x the SLO, by Little's law)",
+    )
+    p.add_argument("--refine", type=int, default=2, help="bisections of each capacity between the rates swept")
     p.add_argument("--out", type=Path, required=True, help="output prefix: writes PREFIX.json, .md, .png")
     args = p.parse_args()
     texts = run_inputs(args.run, "test")
     results: dict[str, list[dict[str, float]]] = {}
     info: dict[str, dict[str, object]] = {}
-    for scheduler in args.schedulers:
+    caps: dict[str, float | None] = {}
+    schedulers = sorted(args.schedulers, key=lambda s: s != "full")  # full first: the others meet its half rate
+    half: float | None = None
+    for scheduler in schedulers:
         proc, url = start(args.run, scheduler, args)
         try:
             info[scheduler] = httpx.get(f"{url}/healthz").json()
             print(f"\n== {scheduler} ({info[scheduler].get('strategy')}, {args.runtime})\n{HEADER}", flush=True)
             sweep(url, texts, [args.rates[0]], seconds=2, progress=False)  # warm-up
             rows = sweep(url, texts, args.rates, seconds=args.seconds, seed=1)
-            results[scheduler] = [asdict(r) for r in rows]
+            rows += refine(url, texts, rows, args)
+            caps[scheduler] = capacity(rows, args.slo_ms)
+            if scheduler == "full" and caps["full"]:
+                half = caps["full"] / 2
+            if half is not None and all(abs(r.offered_rps - half) > 1e-6 for r in rows):
+                rows += sweep(url, texts, [half], seconds=args.seconds, seed=3)
+            results[scheduler] = [asdict(r) for r in sorted(rows, key=lambda r: r.offered_rps)]
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
-    caps = {s: capacity_of(rows, args.slo_ms) for s, rows in results.items()}
     summary: dict[str, object] = {"capacity_rps": caps}
     if caps.get("full") and caps.get("pooled"):
         summary["pooled_over_full"] = round(caps["pooled"] / caps["full"], 2)  # type: ignore[operator]
-        half = caps["full"] / 2  # type: ignore[operator]
-        summary["p50_at_half_full_capacity"] = {s: nearest(rows, half) for s, rows in results.items()}
+    if half is not None:
+        summary["p50_at_half_full_capacity"] = {s: at_rate(rows, half) for s, rows in results.items()}
     if args.overload and caps.get("pooled"):
-        args.max_queue = args.overload_max_queue
+        rate = 2 * caps["pooled"]  # type: ignore[operator]
+        # Little's law: at most capacity x SLO inputs in the server keeps an accepted one's wait near the SLO
+        args.max_queue = args.overload_max_queue or max(1, math.ceil(caps["pooled"] * args.slo_ms / 1000))  # type: ignore[operator]
         proc, url = start(args.run, "pooled", args)
         try:
-            rate = 2 * caps["pooled"]  # type: ignore[operator]
+            sweep(url, texts, [args.rates[0]], seconds=2, progress=False)  # warm-up
             over = sweep(url, texts, [rate], seconds=args.seconds, seed=2, progress=False)[0]
             health = httpx.get(f"{url}/healthz").json()
             summary["overload_pooled"] = {
@@ -176,27 +197,36 @@ def main() -> None:
     print({k: v for k, v in summary.items()})
 
 
-def capacity_of(rows: list[dict[str, float]], slo: float) -> float | None:
-    from layerexit.serving.loadtest import RateResult
+def refine(
+    url: str, texts: list[tuple[str, str | None]], rows: list[RateResult], args: argparse.Namespace
+) -> list[RateResult]:
+    """``--refine`` bisections between the highest rate that met the SLO and the next rate swept."""
+    extra: list[RateResult] = []
+    for i in range(args.refine):
+        done = sorted(rows + extra, key=lambda r: r.offered_rps)
+        good = capacity(done, args.slo_ms)
+        above = [r.offered_rps for r in done if good is not None and r.offered_rps > good]
+        if good is None or not above:
+            break
+        extra += sweep(url, texts, [round((good + min(above)) / 2, 1)], seconds=args.seconds, seed=10 + i)
+    return extra
 
-    return capacity([RateResult(**r) for r in rows], slo)  # type: ignore[arg-type]
 
-
-def nearest(rows: list[dict[str, float]], rate: float) -> dict[str, float]:
+def at_rate(rows: list[dict[str, float]], rate: float) -> dict[str, float]:
     row = min(rows, key=lambda r: abs(r["offered_rps"] - rate))
-    return {"offered_rps": row["offered_rps"], "p50_ms": row["p50_ms"], "p99_ms": row["p99_ms"]}
+    return {k: row[k] for k in ("offered_rps", "p50_ms", "p99_ms", "engine_p50_ms")}
 
 
 def table(results: dict[str, list[dict[str, float]]], caps: dict[str, float | None], slo: float) -> str:
     lines = [
-        "| scheduler | offered/s | achieved/s | p50 ms | p90 ms | p99 ms | 503 | errors | client CPU |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| scheduler | offered/s | achieved/s | p50 ms | p90 ms | p99 ms | engine p50 ms | 503 | errors | client CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for scheduler, rows in results.items():
         for r in rows:
             lines.append(
                 f"| {scheduler} | {r['offered_rps']:g} | {r['achieved_rps']:.1f} | {r['p50_ms']} | {r['p90_ms']} | "
-                f"{r['p99_ms']} | {r['rejected_503']} | {r['errors']} | {r['client_cpu']:.2f} |"
+                f"{r['p99_ms']} | {r['engine_p50_ms']} | {r['rejected_503']} | {r['errors']} | {r['client_cpu']:.2f} |"
             )
     lines.append("")
     lines.append(

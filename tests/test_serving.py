@@ -180,6 +180,24 @@ def test_bad_input_is_a_4xx_naming_the_problem(client: TestClient, body: bytes, 
     assert message in response.json()["error"]
 
 
+@pytest.mark.parametrize("pairs", [False, True])
+def test_tokenize_truncates_exactly_as_the_tokenizer_does(trained_run: Path, pairs: bool) -> None:  # noqa: F811
+    from layerexit.predictor import Predictor
+    from layerexit.serving.app import tokenize
+
+    tokenizer = Predictor.from_run(trained_run, "entropy(threshold=0.5)").tokenizer
+    texts = ["good alpha", " ".join(WORDS * 3), "bad", " ".join(WORDS)]
+    second = ["beta", "gamma " * 2, " ".join(WORDS * 2), "delta"] if pairs else None
+    model = Model(tokenizer, ["neg", "pos"], 12, token_types=True)
+    inputs, truncated = tokenize(model, texts, second)
+    args = (texts, second) if second is not None else (texts,)
+    want = tokenizer(*args, truncation=True, max_length=12, return_token_type_ids=True)
+    whole = tokenizer(*args, truncation=False)["input_ids"]
+    assert truncated == [len(row) > 12 for row in whole] and any(truncated) and not all(truncated)
+    for (ids, types), want_ids, want_types in zip(inputs, want["input_ids"], want["token_type_ids"], strict=True):
+        assert ids.tolist() == want_ids and types is not None and types.tolist() == want_types
+
+
 def test_classify_health_and_metrics(client: TestClient) -> None:
     long_text = " ".join(["good"] + WORDS * 3)  # far more than the 12 tokens this server takes: truncated
     response = client.post("/v1/classify", json={"texts": ["good alpha", "bad beta", long_text]})

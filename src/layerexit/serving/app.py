@@ -105,17 +105,31 @@ def parse_body(body: bytes, max_texts: int) -> tuple[list[str], list[str] | None
 
 
 def tokenize(model: Model, texts: list[str], pairs: list[str] | None) -> tuple[list[Any], list[bool]]:
-    """Engine inputs ``(input_ids, token_type_ids)`` per text, truncated to ``max_length`` tokens."""
-    args = (texts, pairs) if pairs is not None else (texts,)
-    full = model.tokenizer(*args, truncation=False, return_token_type_ids=model.token_types)["input_ids"]
-    out = model.tokenizer(*args, truncation=True, max_length=model.max_length, return_token_type_ids=model.token_types)
+    """Engine inputs ``(input_ids, token_type_ids)`` per text, truncated to ``max_length`` tokens.
+
+    One tokenizer call in the common case; only inputs longer than ``max_length`` are encoded again
+    with the tokenizer's own truncation (which keeps the special tokens and, for pairs, trims the
+    longer text first)."""
     import torch
 
-    inputs = []
-    for i, ids in enumerate(out["input_ids"]):
-        types = torch.tensor(out["token_type_ids"][i]) if model.token_types else None
-        inputs.append((torch.tensor(ids), types))
-    return inputs, [len(f) > model.max_length for f in full]
+    def encode(indices: list[int], truncate: bool) -> Any:
+        args = ([texts[i] for i in indices],) + (([pairs[i] for i in indices],) if pairs is not None else ())
+        extra = {"truncation": True, "max_length": model.max_length} if truncate else {"truncation": False}
+        return model.tokenizer(*args, return_token_type_ids=model.token_types, **extra)
+
+    everything = list(range(len(texts)))
+    out = encode(everything, truncate=False)
+    ids, types = list(out["input_ids"]), list(out["token_type_ids"]) if model.token_types else None
+    truncated = [len(row) > model.max_length for row in ids]
+    long = [i for i in everything if truncated[i]]
+    if long:
+        cut = encode(long, truncate=True)
+        for j, i in enumerate(long):
+            ids[i] = cut["input_ids"][j]
+            if types is not None:
+                types[i] = cut["token_type_ids"][j]
+    inputs = [(torch.tensor(row), torch.tensor(types[i]) if types is not None else None) for i, row in enumerate(ids)]
+    return inputs, truncated
 
 
 def build_app(engine: Engine, model: Model, *, max_texts: int = 64, info: dict[str, Any] | None = None) -> FastAPI:
