@@ -22,7 +22,7 @@ from layerexit import strategies
 from layerexit.runtime.loop import all_exits
 from layerexit.runtime.torch_runtime import TorchRuntime
 from layerexit.serving.app import Model, build_app
-from layerexit.serving.engine import SCHEDULERS, Closed, Engine, Overloaded
+from layerexit.serving.engine import POLICIES, SCHEDULERS, Closed, Engine, Overloaded
 
 from .conftest import tiny_model
 from .test_end_to_end import WORDS, trained_run  # noqa: F401  (a module-scoped fixture)
@@ -43,9 +43,10 @@ def _offline(runtime: TorchRuntime, strategy: strategies.Strategy, ids: torch.Te
     return int(layer[0]), int(prediction[0])
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("scheduler", [*SCHEDULERS, "pooled-oldest"])
 @pytest.mark.parametrize("family", ["entropy", "patience", "voting"])
 def test_every_row_equals_offline_replay_under_random_concurrent_arrivals(scheduler: str, family: str) -> None:
+    scheduler, _, policy = scheduler.partition("-")
     model = _peaked(tiny_model("bert", num_labels=3))
     runtime = TorchRuntime(model)
     inputs = _inputs(60, seed=1)
@@ -54,7 +55,15 @@ def test_every_row_equals_offline_replay_under_random_concurrent_arrivals(schedu
             [all_exits(runtime, ids[None], torch.ones(1, ids.numel(), dtype=torch.long)) for ids, _ in inputs], 1
         )
     strategy = _varied(family, probs)
-    engine = Engine(runtime, strategy, scheduler=scheduler, max_batch=7, max_wait_ms=2, max_queue=1000)  # type: ignore[arg-type]
+    engine = Engine(
+        runtime,
+        strategy,
+        scheduler=scheduler,  # type: ignore[arg-type]
+        policy=policy or "fullest",  # type: ignore[arg-type]
+        max_batch=7,
+        max_wait_ms=2,
+        max_queue=1000,
+    )
     rng = random.Random(3)
     jobs, sizes = [], []
     clients = []
@@ -97,14 +106,17 @@ def test_every_row_equals_offline_replay_under_random_concurrent_arrivals(schedu
         assert max(max(r, default=0) for r in engine.stats.batch_rows) > 1  # rows of several requests were pooled
 
 
-def test_pooled_waiting_bound_holds() -> None:
-    """Latency <= (L + 1) * (max_wait + max_queue * slowest step), the documented bound, under a burst."""
+@pytest.mark.parametrize("policy", POLICIES)
+def test_pooled_waiting_bound_holds(policy: str) -> None:
+    """The documented bound of each policy on the engine's own step times, under a burst of 40 inputs:
+    oldest: latency <= max_queue * (L + 1) steps; fullest: (L + 1) * (max_wait + max_queue steps)."""
     model = _peaked(tiny_model("bert", num_labels=3))
     steps: list[float] = []
     engine = Engine(
         TorchRuntime(model),
         strategies.Entropy(threshold=0.5),
         scheduler="pooled",
+        policy=policy,  # type: ignore[arg-type]
         max_batch=4,
         max_wait_ms=3,
         max_queue=40,
@@ -114,9 +126,12 @@ def test_pooled_waiting_bound_holds() -> None:
     wait([j.future for j in jobs], timeout=60)
     engine.close()
     latencies = [a.latency_ms for j in jobs for a in j.future.result()]
-    bound_ms = (model.num_layers + 1) * (3 + 40 * max(steps) * 1000)
+    stages = model.num_layers + 1
+    slowest_ms = max(steps) * 1000
+    bound_ms = 40 * stages * slowest_ms if policy == "oldest" else stages * (3 + 40 * slowest_ms)
     assert max(latencies) <= bound_ms
     assert engine.stats.answered == 40
+    assert max(max(r, default=0) for r in engine.stats.batch_rows[1:]) > 1  # the burst was pooled
 
 
 def test_overload_drain_and_cancel() -> None:

@@ -6,7 +6,7 @@ Started with Ray Serve's own command (the ``ray`` extra: ``pip install 'layerexi
 
 It serves on 127.0.0.1:8000 (``serve run`` takes ``--address``; ``RAY_SERVE_HTTP_HOST`` for others) with
 the routes and answers of ``layerexit serve``. The keys are ``layerexit serve``'s options (``runtime``,
-``strategy``, ``scheduler``, ``max_batch``, ``max_wait_ms``, ``max_queue``, ``max_texts``, ``threads``)
+``strategy``, ``scheduler``, ``policy``, ``max_batch``, ``max_wait_ms``, ``max_queue``, ``max_texts``, ``threads``)
 plus ``replicas`` (default 1) and ``num_cpus`` per replica (default: ``threads``, else 1). Each replica
 admits up to ``max_queue`` inputs itself and answers 503 beyond, so Ray's per-replica limit lets that many
 requests in and the engine does the admission.

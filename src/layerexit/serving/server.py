@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from layerexit.runtime.base import RUNTIMES
-from layerexit.serving.engine import SCHEDULERS, Engine
+from layerexit.serving.engine import POLICIES, SCHEDULERS, Engine
 
 
 def build(args: argparse.Namespace) -> tuple[Any, Engine]:
@@ -26,6 +26,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Engine]:
         predictor.runtime,
         predictor.strategy,
         scheduler=args.scheduler,
+        policy=args.policy,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
@@ -43,6 +44,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Engine]:
         "strategy_source": predictor.strategy_source,
         "runtime": predictor.runtime.name,
         "num_layers": predictor.model.num_layers,
+        "policy": args.policy,
         "max_batch": args.max_batch,
         "max_wait_ms": args.max_wait_ms,
         "max_queue": args.max_queue,
@@ -74,8 +76,16 @@ def add_parsers(command: Any) -> None:
     serve.add_argument("--runtime", choices=RUNTIMES, default="torch", help="how to run the model")
     serve.add_argument("--strategy", default=None, help="exit strategy (default: calibrated, else dev-selected)")
     serve.add_argument("--scheduler", choices=SCHEDULERS, default="pooled", help="full, batch or pooled")
+    serve.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default="fullest",
+        help="pooled: which layer runs next (the fullest queue, or the oldest row's)",
+    )
     serve.add_argument("--max-batch", type=int, default=32, help="rows per layer step (or per dynamic batch)")
-    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait before a row is served first")
+    serve.add_argument(
+        "--max-wait-ms", type=float, default=5.0, help="full/batch: longest wait for a batch; pooled fullest: for a row"
+    )
     serve.add_argument("--max-queue", type=int, default=256, help="inputs held at most; beyond, 503")
     serve.add_argument("--max-texts", type=int, default=64, help="texts per request at most; beyond, 413")
     serve.add_argument("--threads", type=int, default=0, help="torch / ONNX Runtime threads (0: default)")
