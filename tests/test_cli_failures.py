@@ -160,7 +160,7 @@ def test_help_gives_each_default_once(command: str, capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit):
         main([command, "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert "(default: 'minilm-l6')" in text and "(default: 0.3)" in text
+    assert "(default: 'minilm-l6')" in text and "(default: 0.1)" in text
     assert "(default: True)" in text  # a boolean option
     assert "(default: 'minilm-l6') (default" not in text
-    assert "(default: True) (default" not in text and "(default: 0.3) (default" not in text
+    assert "(default: True) (default" not in text and "(default: 0.1) (default" not in text

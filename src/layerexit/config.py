@@ -37,7 +37,12 @@ class TrainConfig:
     )
     output: str = option("", "run folder to create (default: runs/<task>-<model>-<objective>-seed<seed>)")
     objective: str = option("ensemble", "training method", choices=OBJECTIVES)
-    lam: float = option(0.3, "diversity weight lambda of the ensemble objective (paper: 0.1-0.5)", flag="--lambda")
+    lam: float = option(
+        0.1,
+        "diversity weight lambda of the ensemble objective (paper: 0.1-0.5; 0.1 was best on dev of 0.1, 0.2 and 0.5 "
+        "in the full-scale tweets-binary study, docs/results.md)",
+        flag="--lambda",
+    )
     weighting: Literal["auto", "uniform", "linear"] = option(
         "auto",
         "exit weights alpha of the ensemble objective: uniform (the paper's choice for ALBERT) or linear i/sum(i) "
