@@ -62,7 +62,10 @@ FULL_ROWS = (
 )
 FULL_PAIRS = (
     ("ours + voting − PABEE + patience", ("ensemble", "voting"), ("pabee", "patience")),
+    ("ours + patience − PABEE + patience", ("ensemble", "patience"), ("pabee", "patience")),
     ("ours + entropy − PABEE + entropy", ("ensemble", "entropy"), ("pabee", "entropy")),
+    ("ours + voting − ours, full depth (same models)", ("ensemble", "voting"), ("ensemble", "full")),
+    ("PABEE + patience − PABEE, full depth (same models)", ("pabee", "patience"), ("pabee", "full")),
     ("ours + voting − full model (fine-tuned)", ("ensemble", "voting"), ("finetune", "full")),
     ("PABEE + patience − full model (fine-tuned)", ("pabee", "patience"), ("finetune", "full")),
     ("ours + voting − ours uniform + voting", ("ensemble", "voting"), ("ensemble-uniform", "voting")),
