@@ -149,9 +149,9 @@ def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
 def test_resume_refuses_other_options(
     interrupted: Path, assets: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main([*train_args(assets, interrupted, "--lambda", "0.1"), "--resume"]) == 2
+    assert main([*train_args(assets, interrupted, "--lambda", "0.5"), "--resume"]) == 2
     err = _one_line_error(capsys)
-    assert "cannot resume" in err and "--lambda 0.3 (run) vs 0.1 (now)" in err
+    assert "cannot resume" in err and "--lambda 0.1 (run) vs 0.5 (now)" in err
 
 
 def _edit_state(run: Path, change: Callable[[dict[str, Any]], None]) -> None:
@@ -168,7 +168,7 @@ def _edit_state(run: Path, change: Callable[[dict[str, Any]], None]) -> None:
         (lambda run: (run / "checkpoint" / "rng.safetensors").unlink(), "rng.safetensors is missing"),
         (lambda run: _edit_state(run, lambda s: s.update(surprise=1)), "unknown keys ['surprise']"),
         (lambda run: _edit_state(run, lambda s: s.update(world_size=2)), "--num-processes 2"),
-        (lambda run: _edit_state(run, lambda s: s["config"].update(lam=0.1)), "another configuration"),
+        (lambda run: _edit_state(run, lambda s: s["config"].update(lam=0.5)), "another configuration"),
         (lambda run: _edit_state(run, lambda s: s["position"].update(epoch="2")), "damaged checkpoint"),
         (lambda run: _edit_state(run, lambda s: s.update(closest=[[1]])), "closest-exit counts"),
         (lambda run: _shrink(run / "checkpoint" / "model.safetensors"), "has shape (1,)"),
