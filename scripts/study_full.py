@@ -77,7 +77,6 @@ class Loaded:
     runs: dict[tuple[str, int], Run]  # what the tables show, ours at the chosen lambda
     lambdas: dict[float, Run]  # seed 0 of ours at each lambda tried
     chosen: float | None
-    folders: list[str]
 
 
 def dev_voting(run: Run) -> float:
@@ -99,17 +98,17 @@ def load(results: Path, study: FullStudy, choices: dict[str, float | None]) -> L
         match = SUFFIX.match(folder.name[len(study.prefix) :])
         if match is None or not (folder / "compare.json").is_file():
             continue
-        parsed.append((folder, match.group("lam"), bool(match.group("uniform"))))
+        parsed.append((folder, match.group("lam"), bool(match.group("uniform")), load_folder(folder)))
     lambdas: dict[float, Run] = {}
-    for folder, lam, uniform in parsed:
-        if lam is not None and not uniform and ("ensemble", 0) in (runs := load_folder(folder)):
+    for _, lam, uniform, runs in parsed:
+        if lam is not None and not uniform and ("ensemble", 0) in runs:
             lambdas[float(lam)] = runs[("ensemble", 0)]
     chosen = choices[study.lambda_from] if study.lambda_from else choose_lambda(lambdas)
     shown: dict[tuple[str, int], Run] = {}
-    for folder, lam, uniform in parsed:
+    for _, lam, uniform, runs in parsed:
         if lam is not None and (chosen is None or abs(float(lam) - chosen) > 1e-9):
             continue
-        for (spec, seed), run in load_folder(folder).items():
+        for (spec, seed), run in runs.items():
             key = ("ensemble-uniform" if uniform else spec, seed)
             if key in shown:
                 raise StudyError(f"{run.path} and {shown[key].path} are both {key[0]} seed {key[1]}")
@@ -119,7 +118,7 @@ def load(results: Path, study: FullStudy, choices: dict[str, float | None]) -> L
         want = "uniform" if spec == "ensemble-uniform" else "linear" if spec == "ensemble" else None
         if want is not None and weighting != want:
             raise StudyError(f"{run.path}: {spec} should have {want} weights, its config says {weighting}")
-    return Loaded(shown, lambdas, chosen, [f.name for f, _, _ in parsed])
+    return Loaded(shown, lambdas, chosen)
 
 
 def load_all(results: Path) -> dict[FullStudy, Loaded]:
