@@ -14,7 +14,7 @@ set -euo pipefail
 OUT=${OUT:-runs/full}
 PY=${PY:-.venv/bin/python}
 THREADS=${THREADS:-1}
-LAM=${LAM:-0.2}   # the lambda chosen on dev at seed 0 (tb-lam*): see docs/results.md
+LAM=${LAM:-0.1}   # the lambda chosen on dev at seed 0 (tb-lam*: 0.1): see docs/results.md
 MINILM=(--model minilm-l6 --epochs 2 --batch-size 32 --max-length 64 --threads "$THREADS" --data-seed 0 --quiet)
 TB=(--task tweets-binary "${MINILM[@]}")                                # all 18,120 / 2,299 / 2,323
 SNLI=(--task snli-binary --max-train 20000 "${MINILM[@]}")             # full dev and test (9,824)
@@ -34,8 +34,12 @@ step() {
     tb-ours12)   cmp "tweets-binary-minilm-lam$LAM-seeds12" --methods ensemble --lambda "$LAM" --weighting linear --seeds 1 2 "${TB[@]}" ;;
     tb-uniform)  cmp "tweets-binary-minilm-uniform-lam$LAM" --methods ensemble --lambda "$LAM" --weighting uniform --seeds 0 "${TB[@]}" ;;
     tb-baselines) cmp tweets-binary-minilm-baselines --methods deebert,fastbert --seeds 0 "${TB[@]}" ;;
-    snli-pabee)  cmp snli-binary-minilm --methods pabee --seeds 0 1 2 "${SNLI[@]}" ;;
-    snli-lam)    for l in 0.1 0.2 0.5; do cmp "snli-binary-minilm-lam$l" --methods ensemble --lambda $l --weighting linear --seeds 0 "${SNLI[@]}"; done ;;
+    snli-pabee0) cmp snli-binary-minilm --methods pabee --seeds 0 "${SNLI[@]}" ;;
+    snli-pabee12) cmp snli-binary-minilm-seeds12 --methods pabee --seeds 1 2 "${SNLI[@]}" ;;
+    snli-pabee)  step snli-pabee0; step snli-pabee12 ;;
+    snli-lam0.1|snli-lam0.2|snli-lam0.5)
+                 cmp "snli-binary-minilm-${1#snli-}" --methods ensemble --lambda "${1#snli-lam}" --weighting linear --seeds 0 "${SNLI[@]}" ;;
+    snli-lam)    for l in 0.1 0.2 0.5; do step "snli-lam$l"; done ;;
     snli-finetune) cmp snli-binary-minilm-finetune --methods finetune --seeds 0 "${SNLI[@]}" ;;
     snli-ours12) cmp "snli-binary-minilm-lam$LAM-seeds12" --methods ensemble --lambda "$LAM" --weighting linear --seeds 1 2 "${SNLI[@]}" ;;
     mpnet)       cmp tweets-binary-mpnet --methods pabee --seeds 0 1 "${MPNET[@]}"
