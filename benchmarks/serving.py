@@ -65,6 +65,8 @@ def start(run: str, scheduler: str, args: argparse.Namespace) -> tuple[subproces
         str(args.max_wait_ms),
         "--max-queue",
         str(args.max_queue),
+        "--engine",
+        args.engine,
     ]
     if args.strategy:
         cmd += ["--strategy", args.strategy]
@@ -113,6 +115,7 @@ def main() -> None:
     p.add_argument("--slo-ms", type=float, default=100)
     p.add_argument("--threads", type=int, default=1, help="server threads (the client takes the other core)")
     p.add_argument("--policy", default="fullest", help="the pooled scheduler's policy (fullest or oldest)")
+    p.add_argument("--engine", default="process", help="the engine in a process of its own, or a thread of the server")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=5)
     p.add_argument("--max-queue", type=int, default=256)
@@ -183,6 +186,7 @@ def main() -> None:
         "seconds_per_rate": args.seconds,
         "server_threads": args.threads,
         "policy": args.policy,
+        "engine": args.engine,
         "max_batch": args.max_batch,
         "max_wait_ms": args.max_wait_ms,
         "servers": info,

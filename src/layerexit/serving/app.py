@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from layerexit.serving.engine import Closed, Engine, Overloaded
+from layerexit.serving.engine import Closed, EngineHandle, Overloaded
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5)
 
@@ -48,7 +48,7 @@ class ApiError(Exception):
 class Metrics:
     """The server's Prometheus metrics, in a registry of its own."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: EngineHandle) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "layerexit_requests", "HTTP classify requests by status", ["status"], registry=self.registry
@@ -105,12 +105,11 @@ def parse_body(body: bytes, max_texts: int) -> tuple[list[str], list[str] | None
 
 
 def tokenize(model: Model, texts: list[str], pairs: list[str] | None) -> tuple[list[Any], list[bool]]:
-    """Engine inputs ``(input_ids, token_type_ids)`` per text, truncated to ``max_length`` tokens.
+    """Engine inputs ``(input_ids, token_type_ids)`` per text (lists of ints), truncated to ``max_length`` tokens.
 
     One tokenizer call in the common case; only inputs longer than ``max_length`` are encoded again
     with the tokenizer's own truncation (which keeps the special tokens and, for pairs, trims the
     longer text first)."""
-    import torch
 
     def encode(indices: list[int], truncate: bool) -> Any:
         args = ([texts[i] for i in indices],) + (([pairs[i] for i in indices],) if pairs is not None else ())
@@ -128,11 +127,13 @@ def tokenize(model: Model, texts: list[str], pairs: list[str] | None) -> tuple[l
             ids[i] = cut["input_ids"][j]
             if types is not None:
                 types[i] = cut["token_type_ids"][j]
-    inputs = [(torch.tensor(row), torch.tensor(types[i]) if types is not None else None) for i, row in enumerate(ids)]
+    inputs = [(list(row), list(types[i]) if types is not None else None) for i, row in enumerate(ids)]
     return inputs, truncated
 
 
-def build_app(engine: Engine, model: Model, *, max_texts: int = 64, info: dict[str, Any] | None = None) -> FastAPI:
+def build_app(
+    engine: EngineHandle, model: Model, *, max_texts: int = 64, info: dict[str, Any] | None = None
+) -> FastAPI:
     metrics = Metrics(engine)
     engine.on_step = metrics.step
 
@@ -142,6 +143,7 @@ def build_app(engine: Engine, model: Model, *, max_texts: int = 64, info: dict[s
         await asyncio.to_thread(engine.close, drain=True)  # uvicorn stopped accepting: answer what is in flight
 
     app = FastAPI(title="layerexit", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.info = dict(info or {})
 
     def error(status: int, message: str, **headers: str) -> JSONResponse:
         metrics.requests.labels(status=str(status)).inc()

@@ -1,5 +1,8 @@
 """Serving engines: one worker thread owns one runtime and answers the inputs of many requests.
 
+``layerexit serve`` runs the engine in a process of its own by default (:mod:`layerexit.serving.process`,
+which says why: the GIL), behind the same interface (:class:`EngineHandle`).
+
 Three schedulers, one interface (:meth:`Engine.submit`, :meth:`Engine.cancel`, :meth:`Engine.close`):
 
 * ``full``: classic dynamic batching of the plain full model (as Triton, Ray Serve's ``@serve.batch`` or
@@ -45,7 +48,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -59,6 +62,11 @@ Scheduler = Literal["full", "batch", "pooled"]
 SCHEDULERS: tuple[Scheduler, ...] = ("full", "batch", "pooled")
 Policy = Literal["oldest", "fullest"]
 POLICIES: tuple[Policy, ...] = ("fullest", "oldest")
+
+
+def as_ids(values: Sequence[int] | Tensor) -> Tensor:
+    """Token ids as a (T,) long tensor."""
+    return torch.as_tensor(values, dtype=torch.long)
 
 
 class Overloaded(Exception):
@@ -89,6 +97,7 @@ class Request:
     answers: list[Answer | None] = field(default_factory=list)
     remaining: int = 0
     cancelled: bool = False
+    key: int = 0  # the request's number between processes (ProcessEngine)
 
     def __post_init__(self) -> None:
         self.answers = [None] * len(self.tokens)
@@ -122,6 +131,33 @@ class Stats:
     steps: int = 0
     answered: int = 0
     cancelled_rows: int = 0
+
+    def record_step(self, stage: int, rows: int) -> None:
+        self.steps += 1
+        record = self.batch_rows[stage]
+        record.append(rows)
+        if len(record) > 10_000:
+            del record[:5_000]
+
+
+class EngineHandle(Protocol):
+    """What the HTTP app needs of an engine: :class:`Engine` in this process, or
+    :class:`~layerexit.serving.process.ProcessEngine` in a process of its own."""
+
+    stats: Stats
+    on_step: Callable[[int, int, float], None] | None
+
+    @property
+    def scheduler(self) -> str: ...
+
+    @property
+    def queue_depth(self) -> int: ...
+
+    def submit(self, tokens: Sequence[tuple[Sequence[int] | Tensor, Sequence[int] | Tensor | None]]) -> Request: ...
+
+    def cancel(self, request: Request) -> None: ...
+
+    def close(self, *, drain: bool = True, timeout: float | None = 30.0) -> None: ...
 
 
 class Engine:
@@ -177,12 +213,13 @@ class Engine:
     def queue_depth(self) -> int:
         return self._inflight
 
-    def submit(self, tokens: Sequence[tuple[Tensor, Tensor | None]]) -> Request:
-        """Queue the inputs of one request (each input's ``input_ids`` and ``token_type_ids``, unpadded);
-        raises :class:`Overloaded` when they do not fit in ``max_queue``, :class:`Closed` when draining."""
+    def submit(self, tokens: Sequence[tuple[Sequence[int] | Tensor, Sequence[int] | Tensor | None]]) -> Request:
+        """Queue the inputs of one request (each input's ``input_ids`` and ``token_type_ids``, unpadded,
+        as tensors or lists); raises :class:`Overloaded` when they do not fit in ``max_queue``,
+        :class:`Closed` when draining."""
         if not tokens:
             raise LayerExitError("a request needs at least one input")
-        request = Request(list(tokens))
+        request = Request([(as_ids(ids), None if types is None else as_ids(types)) for ids, types in tokens])
         with self._lock:
             if not self._accepting:
                 raise Closed("the server is shutting down")
@@ -291,11 +328,7 @@ class Engine:
 
     def _step_done(self, stage: int, rows: int, started: float) -> None:
         seconds = time.perf_counter() - started
-        self.stats.steps += 1
-        record = self.stats.batch_rows[stage]
-        record.append(rows)
-        if len(record) > 10_000:
-            del record[:5_000]
+        self.stats.record_step(stage, rows)
         if self.on_step is not None:
             self.on_step(stage, rows, seconds)
 

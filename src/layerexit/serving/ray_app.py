@@ -12,8 +12,8 @@ admits up to ``max_queue`` inputs itself and answers 503 beyond, so Ray's per-re
 requests in and the engine does the admission.
 
 When more replicas beat a bigger pool: a replica's pooled engine already batches across requests, so on
-one machine a second replica only pays when one engine cannot keep the cores busy (its worker thread is
-one Python thread: tokenisation, HTTP and the exit decisions are serial), e.g. ``threads=1`` replicas on
+one machine a second replica only pays when one engine cannot keep the cores busy (its worker is one
+Python thread in a process of its own, with one for HTTP and tokenisation beside it), e.g. ``threads=1`` replicas on
 a many-core host, or when replicas go on other machines. On the 2-core machines here one replica with
 the whole machine is the better choice: two replicas split the cores and halve each pool's batches.
 """

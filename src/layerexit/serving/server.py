@@ -10,55 +10,99 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from typing import Any
 
 from layerexit.runtime.base import RUNTIMES
-from layerexit.serving.engine import POLICIES, SCHEDULERS, Engine
+from layerexit.serving.engine import POLICIES, SCHEDULERS, Engine, EngineHandle
+
+ENGINE_PLACES = ("process", "thread")
+
+ENGINE_OPTIONS = [
+    "run",
+    "runtime",
+    "strategy",
+    "scheduler",
+    "policy",
+    "max_batch",
+    "max_wait_ms",
+    "max_queue",
+    "threads",
+]
 
 
-def build(args: argparse.Namespace) -> tuple[Any, Engine]:
-    """The app and its engine for a run, as the options say."""
+def engine_for_run(**options: Any) -> tuple[Engine, dict[str, Any]]:
+    """The engine for a run (``ENGINE_OPTIONS``, as ``layerexit serve`` takes them) and what the HTTP side
+    needs to know of it. Module-level, so :class:`ProcessEngine` can call it in its child."""
     from layerexit.predictor import Predictor
-    from layerexit.serving.app import Model, build_app
 
-    predictor = Predictor.from_run(args.run, args.strategy, threads=args.threads or None, runtime=args.runtime)
+    threads = options["threads"] or None
+    predictor = Predictor.from_run(options["run"], options["strategy"], threads=threads, runtime=options["runtime"])
     engine = Engine(
         predictor.runtime,
         predictor.strategy,
-        scheduler=args.scheduler,
-        policy=args.policy,
-        max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue,
+        scheduler=options["scheduler"],
+        policy=options["policy"],
+        max_batch=options["max_batch"],
+        max_wait_ms=options["max_wait_ms"],
+        max_queue=options["max_queue"],
         pad_id=predictor.pad_id,
-        threads=args.threads or None,
-    )
-    model = Model(
-        tokenizer=predictor.tokenizer,
-        label_names=predictor.label_names,
-        max_length=predictor.max_length,
-        token_types=predictor.model.backbone.uses_token_type_ids,
+        threads=threads,
     )
     info = {
+        "scheduler": engine.scheduler,
         "strategy": str(predictor.strategy),
         "strategy_source": predictor.strategy_source,
         "runtime": predictor.runtime.name,
         "num_layers": predictor.model.num_layers,
-        "policy": args.policy,
-        "max_batch": args.max_batch,
-        "max_wait_ms": args.max_wait_ms,
-        "max_queue": args.max_queue,
+        "label_names": list(predictor.label_names),
+        "token_types": bool(predictor.model.backbone.uses_token_type_ids),
     }
-    return build_app(engine, model, max_texts=args.max_texts, info=info), engine
+    return engine, info
+
+
+def build(args: argparse.Namespace) -> tuple[Any, EngineHandle]:
+    """The app and its engine for a run, as the options say (``--engine``: in a process of its own, the
+    default, or a thread of this one)."""
+    from layerexit.run_folder import RunFolder
+    from layerexit.serving.app import Model, build_app
+    from layerexit.serving.process import ProcessEngine
+
+    options = {key: getattr(args, key) for key in ENGINE_OPTIONS}
+    engine: EngineHandle
+    if args.engine == "process":
+        run = RunFolder(args.run).require()
+        run.require_finished()  # said here, before a process is started
+        process = ProcessEngine(partial(engine_for_run, **options), max_queue=args.max_queue)
+        engine, info = process, process.info
+    else:
+        engine, info = engine_for_run(**options)
+    run = RunFolder(args.run)
+    model = Model(
+        tokenizer=run.tokenizer(),
+        label_names=info["label_names"],
+        max_length=run.max_length(),
+        token_types=info["token_types"],
+    )
+    shown = {key: info[key] for key in ("strategy", "strategy_source", "runtime", "num_layers")}
+    shown.update(
+        engine=args.engine,
+        policy=args.policy,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+    )
+    return build_app(engine, model, max_texts=args.max_texts, info=shown), engine
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    app, engine = build(args)
+    app, _ = build(args)
+    info = app.state.info
     print(
-        f"serving {args.run} on http://{args.host}:{args.port} ({args.scheduler}, {engine.runtime.name}, "
-        f"strategy {engine.strategy})",
+        f"serving {args.run} on http://{args.host}:{args.port} ({args.scheduler}, {info['runtime']}, "
+        f"strategy {info['strategy']}, engine in a {args.engine})",
         file=sys.stderr,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
@@ -89,6 +133,12 @@ def add_parsers(command: Any) -> None:
     serve.add_argument("--max-queue", type=int, default=256, help="inputs held at most; beyond, 503")
     serve.add_argument("--max-texts", type=int, default=64, help="texts per request at most; beyond, 413")
     serve.add_argument("--threads", type=int, default=0, help="torch / ONNX Runtime threads (0: default)")
+    serve.add_argument(
+        "--engine",
+        choices=ENGINE_PLACES,
+        default="process",
+        help="run the engine in a process of its own (default: no GIL shared with HTTP) or a thread of this one",
+    )
 
     load = command("loadtest", cmd_loadtest, "Open-loop (Poisson) load test of a layerexit server over a rate sweep")
     load.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000 (loopback only)")
