@@ -114,7 +114,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=8)
     p.add_argument("--slo-ms", type=float, default=100)
     p.add_argument("--threads", type=int, default=1, help="server threads (the client takes the other core)")
-    p.add_argument("--policy", default="fullest", help="the pooled scheduler's policy (fullest or oldest)")
+    p.add_argument("--policy", default="fullest", help="the pooled scheduler's policy (fullest, oldest or deepest)")
     p.add_argument("--engine", default="process", help="the engine in a process of its own, or a thread of the server")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=5)

@@ -10,6 +10,7 @@ import threading
 import time
 from concurrent.futures import wait
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from layerexit import strategies
 from layerexit.runtime.loop import all_exits
 from layerexit.runtime.torch_runtime import TorchRuntime
 from layerexit.serving.app import Model, build_app
-from layerexit.serving.engine import POLICIES, SCHEDULERS, Closed, Engine, Overloaded
+from layerexit.serving.engine import POLICIES, SCHEDULERS, Closed, Engine, EngineHandle, Overloaded
 
 from .conftest import tiny_model
 from .test_end_to_end import WORDS, trained_run  # noqa: F401  (a module-scoped fixture)
@@ -34,6 +35,39 @@ def _inputs(n: int, seed: int, vocab: int = 90) -> list[tuple[torch.Tensor, None
     return [
         (torch.randint(5, vocab, (int(torch.randint(2, 14, (1,), generator=g)),), generator=g), None) for _ in range(n)
     ]
+
+
+def submit_concurrently(engine: EngineHandle, inputs: list[Any], rng: random.Random, largest: int) -> list[Any]:
+    """Requests of 1 to ``largest`` inputs from several threads at random times; ``(inputs, request)``
+    per request once every one is answered (within a minute)."""
+    jobs = []
+
+    def client(chunk: list[Any]) -> None:
+        time.sleep(rng.random() * 0.05)
+        jobs.append((chunk, engine.submit(chunk)))
+
+    clients, start = [], 0
+    while start < len(inputs):
+        size = rng.randint(1, largest)
+        clients.append(threading.Thread(target=client, args=(inputs[start : start + size],)))
+        start += size
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join()
+    _, not_done = wait([job.future for _, job in jobs], timeout=60)
+    assert not not_done
+    return jobs
+
+
+def close_refusing_new_inputs(engine: EngineHandle) -> None:
+    """Close ``engine`` (draining), checking that it refuses new inputs while it drains."""
+    closer = threading.Thread(target=engine.close)
+    closer.start()
+    time.sleep(0.05)
+    with pytest.raises(Closed):
+        engine.submit(_inputs(1, seed=10))
+    closer.join(30)
 
 
 def _offline(runtime: TorchRuntime, strategy: strategies.Strategy, ids: torch.Tensor) -> tuple[int, int]:
@@ -64,26 +98,7 @@ def test_every_row_equals_offline_replay_under_random_concurrent_arrivals(schedu
         max_wait_ms=2,
         max_queue=1000,
     )
-    rng = random.Random(3)
-    jobs, sizes = [], []
-    clients = []
-
-    def client(chunk: list[tuple[torch.Tensor, None]]) -> None:
-        time.sleep(rng.random() * 0.05)
-        jobs.append((chunk, engine.submit(chunk)))
-
-    start = 0
-    while start < len(inputs):  # requests of 1-4 inputs, arriving from several threads at random times
-        size = rng.randint(1, 4)
-        sizes.append(size)
-        clients.append(threading.Thread(target=client, args=(inputs[start : start + size],)))
-        start += size
-    for t in clients:
-        t.start()
-    for t in clients:
-        t.join()
-    _, not_done = wait([job.future for _, job in jobs], timeout=60)
-    assert not not_done
+    jobs = submit_concurrently(engine, inputs, random.Random(3), largest=4)
     engine.close()
     answered = 0
     with torch.inference_mode():
@@ -109,9 +124,12 @@ def test_every_row_equals_offline_replay_under_random_concurrent_arrivals(schedu
 @pytest.mark.parametrize("policy", POLICIES)
 def test_pooled_waiting_bound_holds(policy: str) -> None:
     """The documented bound of each policy on the engine's own step times, under a burst of 40 inputs:
-    oldest: latency <= max_queue * (L + 1) steps; fullest: (L + 1) * (max_wait + max_queue steps)."""
+    oldest and deepest: latency <= max_queue * (L + 1) steps; fullest: (L + 1) * (max_wait + max_queue steps).
+    deepest also runs each wave through before embedding the next: every layer step follows one of the layer
+    before it."""
     model = _peaked(tiny_model("bert", num_labels=3))
     steps: list[float] = []
+    stages_run: list[int] = []
     engine = Engine(
         TorchRuntime(model),
         strategies.Entropy(threshold=0.5),
@@ -120,7 +138,7 @@ def test_pooled_waiting_bound_holds(policy: str) -> None:
         max_batch=4,
         max_wait_ms=3,
         max_queue=40,
-        on_step=lambda stage, rows, seconds: steps.append(seconds),
+        on_step=lambda stage, rows, seconds: (steps.append(seconds), stages_run.append(stage)),
     )
     jobs = [engine.submit(_inputs(1, seed=i)) for i in range(40)]
     wait([j.future for j in jobs], timeout=60)
@@ -128,8 +146,11 @@ def test_pooled_waiting_bound_holds(policy: str) -> None:
     latencies = [a.latency_ms for j in jobs for a in j.future.result()]
     stages = model.num_layers + 1
     slowest_ms = max(steps) * 1000
-    bound_ms = 40 * stages * slowest_ms if policy == "oldest" else stages * (3 + 40 * slowest_ms)
+    bound_ms = 40 * stages * slowest_ms if policy in ("oldest", "deepest") else stages * (3 + 40 * slowest_ms)
     assert max(latencies) <= bound_ms
+    if policy == "deepest":
+        assert all(stage == 0 or before == stage - 1 for before, stage in zip(stages_run, stages_run[1:]))
+        assert stages_run.count(0) >= 40 // 4  # waves of at most max_batch rows
     assert engine.stats.answered == 40
     assert max(max(r, default=0) for r in engine.stats.batch_rows[1:]) > 1  # the burst was pooled
 
@@ -151,12 +172,7 @@ def test_overload_drain_and_cancel() -> None:
         engine.submit(_inputs(1, seed=9))  # the queue holds 5 inputs: the 6th is refused, not queued
     engine.cancel(accepted[0])  # its client went away
     gate.set()
-    closer = threading.Thread(target=engine.close)
-    closer.start()
-    time.sleep(0.05)
-    with pytest.raises(Closed):
-        engine.submit(_inputs(1, seed=10))  # draining: no new inputs
-    closer.join(30)
+    close_refusing_new_inputs(engine)
     assert accepted[0].future.cancelled()
     for job in accepted[1:]:  # drained: every accepted request answered exactly once
         assert len(job.future.result(timeout=1)) == 1

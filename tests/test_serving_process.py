@@ -4,9 +4,7 @@ in the parent, a failed start said plainly, and a dead child failing its request
 from __future__ import annotations
 
 import random
-import threading
 import time
-from concurrent.futures import wait
 from functools import partial
 from typing import Any
 
@@ -22,7 +20,7 @@ from layerexit.serving.process import ProcessEngine
 
 from .conftest import tiny_model
 from .test_model import _peaked, _varied
-from .test_serving import _inputs, _offline
+from .test_serving import _inputs, _offline, close_refusing_new_inputs, submit_concurrently
 
 
 def _tiny_engine(strategy: str, layer_delay: float = 0.0, **options: Any) -> tuple[Engine, dict[str, Any]]:
@@ -56,24 +54,7 @@ def test_answers_equal_offline_replay_under_concurrent_arrivals() -> None:
     )
     steps: list[tuple[int, int]] = []
     engine.on_step = lambda stage, rows, seconds: steps.append((stage, rows))
-    rng = random.Random(2)
-    jobs = []
-
-    def client(chunk: list[tuple[torch.Tensor, None]]) -> None:
-        time.sleep(rng.random() * 0.05)
-        jobs.append((chunk, engine.submit(chunk)))
-
-    threads, start = [], 0
-    while start < len(inputs):
-        size = rng.randint(1, 3)
-        threads.append(threading.Thread(target=client, args=(inputs[start : start + size],)))
-        start += size
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    _, not_done = wait([job.future for _, job in jobs], timeout=60)
-    assert not not_done
+    jobs = submit_concurrently(engine, inputs, random.Random(2), largest=3)
     engine.close()
     for chunk, job in jobs:
         answers = job.future.result()
@@ -97,12 +78,7 @@ def test_admission_cancel_and_drain_in_the_parent() -> None:
     with pytest.raises(Overloaded):
         engine.submit(_inputs(1, seed=9))  # 5 inputs held: the 6th is refused at once
     engine.cancel(accepted[0])
-    closer = threading.Thread(target=engine.close)
-    closer.start()
-    time.sleep(0.05)
-    with pytest.raises(Closed):
-        engine.submit(_inputs(1, seed=10))  # draining: no new inputs
-    closer.join(30)
+    close_refusing_new_inputs(engine)
     for job in accepted[1:]:  # drained: every accepted request answered exactly once
         assert [a.exit_layer for a in job.future.result(timeout=1)] == [4]
     assert accepted[0].future.cancelled() or len(accepted[0].future.result()) == 1  # cancelled unless already done

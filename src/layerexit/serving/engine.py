@@ -32,7 +32,14 @@ Three schedulers, one interface (:meth:`Engine.submit`, :meth:`Engine.cancel`, :
   of its arrival, with no ``max_wait_ms`` term. Its batches are smaller: on the demo run (ONNX fp32) it
   sustained 77 answers/s where ``fullest`` sustained 90 (README, "Serving").
 
-``tests/test_serving.py`` checks both bounds on the engine's own timings.
+* ``deepest``: each step serves the deepest stage where rows wait: a wave of at most ``max_batch`` rows is
+  embedded only when no row waits for a layer, and runs through until its last row exits, while new
+  inputs gather at the embeddings for the next wave (a ``batch`` scheduler with no ``max_wait``, whose
+  rows are answered as they exit). Bound: a row waits only for steps that move on a row that was in the
+  engine when it arrived or one of its own wave, each of those at most ``L + 1`` times, and at most
+  ``max_queue`` rows are in the engine: ``max_queue * (L + 1)`` steps, as ``oldest``.
+
+``tests/test_serving.py`` checks the three bounds on the engine's own timings.
 
 Every row's exit layer and prediction are the strategy's on that row's own probabilities: the same
 ``exit_step`` (:mod:`layerexit.runtime.loop`) decides, on per-row strategy state carried along with the
@@ -60,8 +67,8 @@ from layerexit.strategies import State, Strategy, select_state
 
 Scheduler = Literal["full", "batch", "pooled"]
 SCHEDULERS: tuple[Scheduler, ...] = ("full", "batch", "pooled")
-Policy = Literal["oldest", "fullest"]
-POLICIES: tuple[Policy, ...] = ("fullest", "oldest")
+Policy = Literal["oldest", "fullest", "deepest"]
+POLICIES: tuple[Policy, ...] = ("fullest", "oldest", "deepest")
 
 
 def as_ids(values: Sequence[int] | Tensor) -> Tensor:
@@ -385,6 +392,8 @@ class Engine:
         waiting = [(i, q) for i, q in enumerate(self._queues) if q]
         if not waiting:
             return None
+        if self.policy == "deepest":
+            return waiting[-1][0]
         if self.policy == "oldest":  # the head of a queue is its oldest group: groups enter in arrival order
             return min(waiting, key=lambda t: (min(g.arrived for g in t[1]), -t[0]))[0]
         now = time.perf_counter()

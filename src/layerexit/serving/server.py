@@ -98,7 +98,10 @@ def build(args: argparse.Namespace) -> tuple[Any, EngineHandle]:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from layerexit.serving.process import freeze_heap
+
     app, _ = build(args)
+    freeze_heap()  # this process serves until it exits: keep its start-up heap out of full collections
     info = app.state.info
     print(
         f"serving {args.run} on http://{args.host}:{args.port} ({args.scheduler}, {info['runtime']}, "
@@ -124,7 +127,7 @@ def add_parsers(command: Any) -> None:
         "--policy",
         choices=POLICIES,
         default="fullest",
-        help="pooled: which layer runs next (the fullest queue, or the oldest row's)",
+        help="pooled: which layer runs next (the fullest queue, the oldest row's, or the deepest: waves)",
     )
     serve.add_argument("--max-batch", type=int, default=32, help="rows per layer step (or per dynamic batch)")
     serve.add_argument(
