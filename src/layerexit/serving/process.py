@@ -28,7 +28,6 @@ every pending request fails with :class:`Closed` (503) and so does every later o
 from __future__ import annotations
 
 import contextlib
-import gc
 import multiprocessing
 import signal
 import threading
@@ -245,7 +244,6 @@ def _child(conn: Connection, factory: Factory) -> None:
         send("answers", key, [(a.label, a.probs.tolist(), a.exit_layer, a.latency_ms) for a in future.result()])
 
     engine.on_step = on_step
-    freeze_heap()
     conn.send(("ready", info))
     requests: dict[int, Request] = {}
     drain = True
@@ -272,19 +270,6 @@ def _child(conn: Connection, factory: Factory) -> None:
     engine.close(drain=drain)
     send("closed")
     conn.close()
-
-
-def freeze_heap() -> None:
-    """Keep what is loaded at start-up out of the garbage collector's full collections (``gc.freeze``).
-
-    A process that holds a model and its libraries has some 350,000 objects tracked by the cyclic
-    collector; a full collection walks them all (about 0.1-0.2 s here), stalling every request in flight,
-    and under steady load one comes every few thousand requests: a latency spike in the p99 of a server
-    that otherwise answers in milliseconds. Frozen objects are never collected (they live as long as the
-    server anyway); what requests allocate is collected as before. The engine process freezes its own
-    heap the same way once its engine is built."""
-    gc.collect()
-    gc.freeze()
 
 
 def _kind(error: BaseException) -> str:

@@ -45,11 +45,9 @@ class Classifier:
 
 def app_for(argv: list[str]) -> Any:
     from layerexit.cli import build_parser
-    from layerexit.serving.process import freeze_heap
     from layerexit.serving.server import build as build_server
 
     app, _ = build_server(build_parser().parse_args(argv))
-    freeze_heap()  # the replica serves until it stops (see freeze_heap)
     return app
 
 

@@ -98,10 +98,7 @@ def build(args: argparse.Namespace) -> tuple[Any, EngineHandle]:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from layerexit.serving.process import freeze_heap
-
     app, _ = build(args)
-    freeze_heap()  # this process serves until it exits: keep its start-up heap out of full collections
     info = app.state.info
     print(
         f"serving {args.run} on http://{args.host}:{args.port} ({args.scheduler}, {info['runtime']}, "
