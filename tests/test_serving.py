@@ -3,6 +3,7 @@ waiting bound, every bad input a 4xx naming it, overload as 503, drain on shutdo
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import socket
@@ -149,7 +150,7 @@ def test_pooled_waiting_bound_holds(policy: str) -> None:
     bound_ms = 40 * stages * slowest_ms if policy in ("oldest", "deepest") else stages * (3 + 40 * slowest_ms)
     assert max(latencies) <= bound_ms
     if policy == "deepest":
-        assert all(stage == 0 or before == stage - 1 for before, stage in zip(stages_run, stages_run[1:]))
+        assert all(stage == 0 or before == stage - 1 for before, stage in itertools.pairwise(stages_run))
         assert stages_run.count(0) >= 40 // 4  # waves of at most max_batch rows
     assert engine.stats.answered == 40
     assert max(max(r, default=0) for r in engine.stats.batch_rows[1:]) > 1  # the burst was pooled
@@ -257,19 +258,22 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
-def test_short_load_test_per_scheduler(trained_run: Path, scheduler: str, tmp_path: Path) -> None:  # noqa: F811
-    """A real uvicorn server on loopback, two seconds of open-loop load: every request answered or refused."""
+@pytest.mark.parametrize(("scheduler", "place"), [("full", "thread"), ("batch", "process"), ("pooled", "auto")])
+def test_short_load_test_per_scheduler(trained_run: Path, scheduler: str, place: str, tmp_path: Path) -> None:  # noqa: F811
+    """A real uvicorn server on loopback, two seconds of open-loop load: every request answered or refused.
+    The engine in a thread of the server and in a process of its own (``auto`` on PyTorch)."""
     import uvicorn
 
     from layerexit.cli import main
 
     port = _free_port()
     args = ["serve", str(trained_run), "--port", str(port), "--scheduler", scheduler, "--threads", "1"]
+    args += ["--engine", place]
     from layerexit.cli import build_parser
     from layerexit.serving.server import build
 
     app, engine = build(build_parser().parse_args(args))
+    assert app.state.info["engine"] == ("process" if place == "auto" else place)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

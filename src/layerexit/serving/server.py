@@ -16,7 +16,18 @@ from typing import Any
 from layerexit.runtime.base import RUNTIMES
 from layerexit.serving.engine import POLICIES, SCHEDULERS, Engine, EngineHandle
 
-ENGINE_PLACES = ("process", "thread")
+ENGINE_PLACES = ("auto", "process", "thread")
+
+
+def engine_place(engine: str, runtime: str) -> str:
+    """``auto``: a process of its own for PyTorch, which takes the GIL back after each of a layer's
+    operators (:mod:`layerexit.serving.process`), a thread of the server for ONNX Runtime, which takes it
+    back once per layer: there the extra process only adds a hop, and under overload it leaves too little
+    CPU for HTTP on two cores (README, "Serving")."""
+    if engine != "auto":
+        return engine
+    return "process" if runtime == "torch" else "thread"
+
 
 ENGINE_OPTIONS = [
     "run",
@@ -62,15 +73,16 @@ def engine_for_run(**options: Any) -> tuple[Engine, dict[str, Any]]:
 
 
 def build(args: argparse.Namespace) -> tuple[Any, EngineHandle]:
-    """The app and its engine for a run, as the options say (``--engine``: in a process of its own, the
-    default, or a thread of this one)."""
+    """The app and its engine for a run, as the options say (``--engine``: in a process of its own or a
+    thread of this one; see :func:`engine_place`)."""
     from layerexit.run_folder import RunFolder
     from layerexit.serving.app import Model, build_app
     from layerexit.serving.process import ProcessEngine
 
     options = {key: getattr(args, key) for key in ENGINE_OPTIONS}
+    place = engine_place(args.engine, args.runtime)
     engine: EngineHandle
-    if args.engine == "process":
+    if place == "process":
         run = RunFolder(args.run).require()
         run.require_finished()  # said here, before a process is started
         process = ProcessEngine(partial(engine_for_run, **options), max_queue=args.max_queue)
@@ -86,7 +98,7 @@ def build(args: argparse.Namespace) -> tuple[Any, EngineHandle]:
     )
     shown = {key: info[key] for key in ("strategy", "strategy_source", "runtime", "num_layers")}
     shown.update(
-        engine=args.engine,
+        engine=place,
         policy=args.policy,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
@@ -102,7 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     info = app.state.info
     print(
         f"serving {args.run} on http://{args.host}:{args.port} ({args.scheduler}, {info['runtime']}, "
-        f"strategy {info['strategy']}, engine in a {args.engine})",
+        f"strategy {info['strategy']}, engine in a {info['engine']})",
         file=sys.stderr,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
@@ -123,8 +135,8 @@ def add_parsers(command: Any) -> None:
     serve.add_argument(
         "--policy",
         choices=POLICIES,
-        default="fullest",
-        help="pooled: which layer runs next (the fullest queue, the oldest row's, or the deepest: waves)",
+        default="deepest",
+        help="pooled: which layer runs next (deepest: waves; fullest queue; oldest row's)",
     )
     serve.add_argument("--max-batch", type=int, default=32, help="rows per layer step (or per dynamic batch)")
     serve.add_argument(
@@ -136,8 +148,9 @@ def add_parsers(command: Any) -> None:
     serve.add_argument(
         "--engine",
         choices=ENGINE_PLACES,
-        default="process",
-        help="run the engine in a process of its own (default: no GIL shared with HTTP) or a thread of this one",
+        default="auto",
+        help="the engine in a process of its own (no GIL shared with HTTP) or a thread of the server; "
+        "auto: a process for torch, a thread for ONNX Runtime",
     )
 
     load = command("loadtest", cmd_loadtest, "Open-loop (Poisson) load test of a layerexit server over a rate sweep")
