@@ -1,7 +1,7 @@
 """Serving engines: one worker thread owns one runtime and answers the inputs of many requests.
 
-``layerexit serve`` runs the engine in a process of its own by default (:mod:`layerexit.serving.process`,
-which says why: the GIL), behind the same interface (:class:`EngineHandle`).
+``layerexit serve`` runs the engine in a process of its own on PyTorch (``--engine auto``;
+:mod:`layerexit.serving.process` says why: the GIL), behind the same interface (:class:`EngineHandle`).
 
 Three schedulers, one interface (:meth:`Engine.submit`, :meth:`Engine.cancel`, :meth:`Engine.close`):
 

@@ -81,15 +81,14 @@ def build(args: argparse.Namespace) -> tuple[Any, EngineHandle]:
 
     options = {key: getattr(args, key) for key in ENGINE_OPTIONS}
     place = engine_place(args.engine, args.runtime)
+    run = RunFolder(args.run).require()
+    run.require_finished()  # said here, before any model is loaded or process started
     engine: EngineHandle
     if place == "process":
-        run = RunFolder(args.run).require()
-        run.require_finished()  # said here, before a process is started
         process = ProcessEngine(partial(engine_for_run, **options), max_queue=args.max_queue)
         engine, info = process, process.info
     else:
         engine, info = engine_for_run(**options)
-    run = RunFolder(args.run)
     model = Model(
         tokenizer=run.tokenizer(),
         label_names=info["label_names"],
