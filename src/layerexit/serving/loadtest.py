@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import time
 from collections.abc import Sequence
@@ -64,13 +65,13 @@ def check_url(url: str) -> str:
 async def _one_rate(
     url: str, texts: Sequence[tuple[str, str | None]], rate: float, seconds: float, timeout: float, rng: random.Random
 ) -> RateResult:
-    import httpx
+    import aiohttp  # its client costs about a third of httpx's CPU per request (benchmarks/http_overhead.py)
 
     latencies: list[float] = []
     engine: list[float] = []
     counts = {"ok": 0, "503": 0, "error": 0}
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=1000)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as client:
 
         async def send(text: str, pair: str | None) -> None:
             body: dict[str, Any] = {"texts": [text]}
@@ -78,15 +79,16 @@ async def _one_rate(
                 body["text_pairs"] = [pair]
             start = time.perf_counter()
             try:
-                response = await client.post(f"{url}/v1/classify", json=body)
-            except httpx.HTTPError:
+                async with client.post(f"{url}/v1/classify", json=body) as response:
+                    status, raw = response.status, await response.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError):
                 counts["error"] += 1
                 return
-            if response.status_code == 200:
+            if status == 200:
                 latencies.append((time.perf_counter() - start) * 1000)
-                engine.append(float(response.json()["results"][0]["latency_ms"]))
+                engine.append(float(json.loads(raw)["results"][0]["latency_ms"]))
                 counts["ok"] += 1
-            elif response.status_code == 503:
+            elif status == 503:
                 counts["503"] += 1
             else:
                 counts["error"] += 1
