@@ -36,12 +36,17 @@ step() {
     tb-baselines) cmp tweets-binary-minilm-baselines --methods deebert,fastbert --seeds 0 "${TB[@]}" ;;
     snli-pabee0) cmp snli-binary-minilm --methods pabee --seeds 0 "${SNLI[@]}" ;;
     snli-pabee12) cmp snli-binary-minilm-seeds12 --methods pabee --seeds 1 2 "${SNLI[@]}" ;;
+    snli-pabee1|snli-pabee2)   # one seed per folder: a run that fits in what is left of a session
+                 cmp "snli-binary-minilm-seeds${1#snli-pabee}" --methods pabee --seeds "${1#snli-pabee}" "${SNLI[@]}" ;;
     snli-pabee)  step snli-pabee0; step snli-pabee12 ;;
     snli-lam0.1|snli-lam0.2|snli-lam0.5)
                  cmp "snli-binary-minilm-${1#snli-}" --methods ensemble --lambda "${1#snli-lam}" --weighting linear --seeds 0 "${SNLI[@]}" ;;
     snli-lam)    for l in 0.1 0.2 0.5; do step "snli-lam$l"; done ;;
     snli-finetune) cmp snli-binary-minilm-finetune --methods finetune --seeds 0 "${SNLI[@]}" ;;
     snli-ours12) cmp "snli-binary-minilm-lam$LAM-seeds12" --methods ensemble --lambda "$LAM" --weighting linear --seeds 1 2 "${SNLI[@]}" ;;
+    snli-ours1|snli-ours2)
+                 cmp "snli-binary-minilm-lam$LAM-seeds${1#snli-ours}" --methods ensemble --lambda "$LAM" --weighting linear \
+                     --seeds "${1#snli-ours}" "${SNLI[@]}" ;;
     mpnet)       cmp tweets-binary-mpnet --methods pabee --seeds 0 1 "${MPNET[@]}"
                  cmp "tweets-binary-mpnet-lam$LAM" --methods ensemble --lambda "$LAM" --weighting linear --seeds 0 1 "${MPNET[@]}" ;;
     all) for s in tb-pabee0 tb-lam0.1 tb-lam0.2 tb-lam0.5 tb-finetune tb-pabee12 tb-ours12 tb-uniform snli-pabee \
