@@ -47,8 +47,12 @@ step() {
     snli-ours1|snli-ours2)
                  cmp "snli-binary-minilm-lam$LAM-seeds${1#snli-ours}" --methods ensemble --lambda "$LAM" --weighting linear \
                      --seeds "${1#snli-ours}" "${SNLI[@]}" ;;
-    mpnet)       cmp tweets-binary-mpnet --methods pabee --seeds 0 1 "${MPNET[@]}"
-                 cmp "tweets-binary-mpnet-lam$LAM" --methods ensemble --lambda "$LAM" --weighting linear --seeds 0 1 "${MPNET[@]}" ;;
+    mpnet-pabee0) cmp tweets-binary-mpnet --methods pabee --seeds 0 "${MPNET[@]}" ;;
+    mpnet-pabee1) cmp tweets-binary-mpnet-seeds1 --methods pabee --seeds 1 "${MPNET[@]}" ;;
+    mpnet-ours0|mpnet-ours1)   # one seed per folder, like snli-ours1/2: two MPNet runs at a time fit in a session
+                 local seed=${1#mpnet-ours}; cmp "tweets-binary-mpnet-lam$LAM$([ "$seed" = 0 ] || echo "-seeds$seed")" --methods ensemble \
+                     --lambda "$LAM" --weighting linear --seeds "$seed" "${MPNET[@]}" ;;
+    mpnet)       for s in mpnet-pabee0 mpnet-ours0 mpnet-pabee1 mpnet-ours1; do step "$s"; done ;;
     all) for s in tb-pabee0 tb-lam0.1 tb-lam0.2 tb-lam0.5 tb-finetune tb-pabee12 tb-ours12 tb-uniform snli-pabee \
                   snli-lam snli-finetune snli-ours12 mpnet tb-baselines; do step "$s"; done ;;
     *) echo "unknown step $1" >&2; exit 2 ;;
