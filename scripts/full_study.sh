@@ -9,6 +9,7 @@
 #   bash scripts/full_study.sh STEP...     # steps below, e.g. `tb-pabee0 tb-lam0.2`; `all` for every step
 #   OUT=runs/full bash scripts/full_study.sh all
 #
+# The mpnet-* steps need the encoder first: `python -m layerexit.assets install mpnet-base` (`make assets` skips it).
 # Then `python scripts/results.py collect ...` copies each finished run's small reports into docs/results/.
 set -euo pipefail
 OUT=${OUT:-runs/full}
