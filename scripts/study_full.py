@@ -135,17 +135,20 @@ def load_all(results: Path) -> dict[FullStudy, Loaded]:
 def lambda_table(studies: dict[FullStudy, Loaded]) -> str:
     header = ["study", "λ", "dev: voting (chosen on dev)", "test: voting", "test: last exit", "training"]
     rows = []
+    names = {s.prefix: s.name for s in studies}
     for study, loaded in studies.items():
         for lam, run in sorted(loaded.lambdas.items()):
             test = cell_value(run, "voting")
             last = cell_value(run, "full")
             assert last is not None
             dev = run.report["selected"]["voting"][run.report["select_split"]]
-            mark = "**" if lam == loaded.chosen else ""
+            # bold: chosen by this study's dev; a study that takes its lambda from another says whose it is
+            mark = "**" if lam == loaded.chosen and study.lambda_from is None else ""
+            taken = f" (from the {names.get(study.lambda_from, study.lambda_from)} study)" if study.lambda_from else ""
             rows.append(
                 [
                     study.name,
-                    f"{mark}{lam:g}{mark}",
+                    f"{mark}{lam:g}{mark}{taken}",
                     f"{mark}{100 * dev_voting(run):.2f}{mark} ({dev['speedup']:.2f}x)",
                     "–" if test is None else f"{100 * test[0]:.2f} ({test[1]:.2f}x)",
                     f"{100 * last[0]:.2f}",
