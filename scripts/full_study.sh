@@ -35,6 +35,8 @@ step() {
     tb-ours12)   cmp "tweets-binary-minilm-lam$LAM-seeds12" --methods ensemble --lambda "$LAM" --weighting linear --seeds 1 2 "${TB[@]}" ;;
     tb-uniform)  cmp "tweets-binary-minilm-uniform-lam$LAM" --methods ensemble --lambda "$LAM" --weighting uniform --seeds 0 "${TB[@]}" ;;
     tb-baselines) cmp tweets-binary-minilm-baselines --methods deebert,fastbert --seeds 0 "${TB[@]}" ;;
+    tb-deebert|tb-fastbert)   # the baselines one per folder, to run side by side
+                 cmp "tweets-binary-minilm-${1#tb-}" --methods "${1#tb-}" --seeds 0 "${TB[@]}" ;;
     snli-pabee0) cmp snli-binary-minilm --methods pabee --seeds 0 "${SNLI[@]}" ;;
     snli-pabee12) cmp snli-binary-minilm-seeds12 --methods pabee --seeds 1 2 "${SNLI[@]}" ;;
     snli-pabee1|snli-pabee2)   # one seed per folder: a run that fits in what is left of a session

@@ -4,7 +4,8 @@ Every step of ``scripts/full_study.sh`` writes one compare folder, collected as 
 by ``scripts/results.py collect``. The folders of one study share a prefix (``full-tweets-binary-minilm``)
 and their suffix says what they hold:
 
-    (none), -seeds12, -finetune, -baselines    the runs as they are (PABEE, the fine-tuned model, ...)
+    (none), -seeds12, -finetune, -baselines,   the runs as they are (PABEE, the fine-tuned model, ...)
+    -deebert, -fastbert
     -lam<λ>, -lam<λ>-seeds12                    ours (linear weights) at λ; seed 0 of each λ picks λ
     -uniform-lam<λ>                             ours with uniform weights at the chosen λ (ablation)
 
@@ -42,7 +43,9 @@ FULL_STUDIES = (
         "full-tweets-binary-minilm",
     ),
 )
-SUFFIX = re.compile(r"^(?:-(?P<uniform>uniform-)?lam(?P<lam>\d+(?:\.\d+)?))?(?:-(?:seeds\d+|finetune|baselines))?$")
+SUFFIX = re.compile(
+    r"^(?:-(?P<uniform>uniform-)?lam(?P<lam>\d+(?:\.\d+)?))?(?:-(?:seeds\d+|finetune|baselines|deebert|fastbert))?$"
+)
 
 FULL_ROWS = (
     ("full model (fine-tuned)", "finetune", "full"),
