@@ -261,6 +261,12 @@ def test_task_data_validates_itself() -> None:
         TaskData("t", ["a"], "accuracy", {"train": [Example("x", None, 1)], "dev": [Example("y", None, 0)]})
 
 
+def test_task_data_knows_whether_it_holds_text_pairs() -> None:
+    singles = TaskData("t", ["a"], "accuracy", {"train": [Example("x", None, 0)], "dev": [Example("y", None, 0)]})
+    pairs = TaskData("t", ["a"], "accuracy", {"train": [Example("x", "z", 0)], "dev": [Example("y", "w", 0)]})
+    assert not singles.has_pairs and pairs.has_pairs
+
+
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     suffix=st.sampled_from([".csv", ".tsv", ".jsonl"]),

@@ -295,6 +295,14 @@ def test_predict_from_arguments_file_and_stdin(
     assert len(captured.out.splitlines()) == 2 and "skipped 1 rows" in captured.err
     assert "selected on dev" in captured.err  # no strategy given: the one evaluate selected
 
+    # a second text for a model trained on single texts is refused, naming the run and the option
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"sentence": "good alpha", "other": "beta"}\n')
+    args = ["predict", str(trained_run), "--file", str(pairs), "--text-column", "sentence", "--pair-column", "other"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert str(trained_run) in err and "trained on single texts" in err and "--pair-column" in err
+
     import io
 
     monkeypatch.setattr("sys.stdin", io.StringIO("good good\nbad bad\n"))

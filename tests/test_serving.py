@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 import socket
 import threading
 import time
@@ -21,9 +22,10 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 
 from layerexit import strategies
+from layerexit.errors import LayerExitError
 from layerexit.runtime.loop import all_exits
 from layerexit.runtime.torch_runtime import TorchRuntime
-from layerexit.serving.app import Model, build_app
+from layerexit.serving.app import ApiError, Model, build_app, parse_body
 from layerexit.serving.engine import POLICIES, SCHEDULERS, Closed, Engine, EngineHandle, Overloaded
 
 from .conftest import tiny_model
@@ -315,3 +317,31 @@ def test_loadtest_refuses_other_hosts() -> None:
     with pytest.raises(LayerExitError, match="only target this machine"):
         check_url("http://10.0.0.1:8000")
     assert check_url("http://127.0.0.1:8000/") == "http://127.0.0.1:8000"
+
+
+@pytest.mark.parametrize(
+    ("trained_on_pairs", "body", "message"),
+    [
+        (True, b'{"texts": ["a premise"]}', "trained on text pairs; give the second text of each input ('text_pairs'"),
+        (False, b'{"texts": ["good"], "text_pairs": ["x"]}', "trained on single texts; it takes no second text"),
+    ],
+)
+def test_inputs_of_the_other_kind_than_the_model_was_trained_on_are_a_400(
+    trained_on_pairs: bool, body: bytes, message: str
+) -> None:
+    with pytest.raises(ApiError, match=re.escape(message)) as caught:
+        parse_body(body, 4, trained_on_pairs)
+    assert caught.value.status == 400
+    assert parse_body(body, 4, None)[0]  # a run that recorded neither (older runs) takes both kinds
+
+
+def test_a_run_records_whether_it_was_trained_on_pairs_and_predict_holds_to_it(trained_run: Path) -> None:  # noqa: F811
+    from layerexit.predictor import Predictor
+    from layerexit.run_folder import RunFolder
+
+    assert RunFolder(trained_run).text_pairs() is False
+    predictor = Predictor.from_run(trained_run, "entropy(threshold=0.5)")
+    assert predictor.text_pairs is False
+    assert len(predictor.predict(["good alpha"])) == 1
+    with pytest.raises(LayerExitError, match="trained on single texts"):
+        predictor.predict(["good alpha"], ["beta"])

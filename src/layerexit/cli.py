@@ -112,10 +112,14 @@ def _read_inputs(args: argparse.Namespace) -> tuple[list[str], list[str] | None]
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from layerexit.data.encoding import pairs_problem
     from layerexit.predictor import Predictor
 
     predictor = Predictor.from_run(args.run, args.strategy, threads=args.threads or None, runtime=args.runtime)
     texts, pairs = _read_inputs(args)
+    problem = pairs_problem(predictor.text_pairs, pairs is not None, field="--file with --pair-column")
+    if problem:
+        raise LayerExitError(f"{args.run}: {problem}")
     print(f"strategy: {predictor.strategy} ({predictor.strategy_source})", file=sys.stderr)
     for text, prediction in zip(texts, predictor.predict(texts, pairs, batch_size=args.batch_size), strict=True):
         print(json.dumps({"text": text, **prediction.to_dict()}, ensure_ascii=False))

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from layerexit import strategies
-from layerexit.data.encoding import Encoded, collate, encode
+from layerexit.data.encoding import Encoded, collate, encode, pairs_problem
 from layerexit.errors import LayerExitError
 from layerexit.model import EarlyExitModel
 from layerexit.run_folder import RunFolder
@@ -77,8 +77,11 @@ class Predictor:
         max_length: int = 128,
         source: str = "given",
         runtime: Runtime | None = None,
+        text_pairs: bool | None = None,
     ) -> None:
-        """``runtime``: how to run the model (default: PyTorch); e.g. ``load_runtime(run, "onnx")``."""
+        """``runtime``: how to run the model (default: PyTorch); e.g. ``load_runtime(run, "onnx")``.
+        ``text_pairs``: whether the model was trained on text pairs, so that inputs of the other kind
+        are refused (``None``: not known, either is accepted)."""
         if strategy.needs_labels:
             raise LayerExitError(f"strategy {strategy.name!r} needs labels and cannot be used for prediction")
         self.model = model.eval()
@@ -86,6 +89,7 @@ class Predictor:
         self.strategy = strategy
         self.max_length = max_length
         self.strategy_source = source
+        self.text_pairs = text_pairs
         self.runtime: Runtime = runtime if runtime is not None else TorchRuntime(model)
         names = model.config.label_names
         self.label_names = names or [str(i) for i in range(model.num_labels)]
@@ -114,7 +118,15 @@ class Predictor:
             source = "given"
         model = EarlyExitModel.from_pretrained(run.path)
         backend = load_runtime(run, runtime, model=model, threads=threads)
-        return cls(model, run.tokenizer(), strategy, max_length=run.max_length(), source=source, runtime=backend)
+        return cls(
+            model,
+            run.tokenizer(),
+            strategy,
+            max_length=run.max_length(),
+            source=source,
+            runtime=backend,
+            text_pairs=run.text_pairs(),
+        )
 
     def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> Encoded:
         """Tokenise raw inputs as the model was trained (truncated to ``max_length`` tokens)."""
@@ -122,6 +134,9 @@ class Predictor:
             raise LayerExitError("predict takes a list of texts, not a single string")
         if pairs is not None and len(pairs) != len(texts):
             raise LayerExitError(f"{len(texts)} texts but {len(pairs)} text pairs")
+        problem = pairs_problem(self.text_pairs, pairs is not None)
+        if problem:
+            raise LayerExitError(problem)
         return encode(
             self.tokenizer,
             texts,

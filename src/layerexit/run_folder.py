@@ -2,7 +2,7 @@
 
 A run folder (``layerexit train --output RUN``) holds::
 
-    config.json            the resolved TrainConfig            data.json        the task: name, labels, sizes, source
+    config.json            the resolved TrainConfig            data.json        the task: name, labels, sizes, pairs, source
     layerexit.json         the exits' config (ExitConfig)      model.safetensors  weights (encoder + exits)
     backbone/              the encoder's config and tokenizer  train_log.jsonl    losses during training
     train_summary.json     written when training finished      checkpoint/        while training (resumable)
@@ -194,6 +194,13 @@ class RunFolder:
         if not all(k in info for k in ("label_names", "metric", "task")):
             raise LayerExitError(f"{self.data_file}: not a run's data description (label_names, metric, task expected)")
         return info
+
+    def text_pairs(self) -> bool | None:
+        """Whether the model was trained on text pairs (``None``: not recorded, as in runs before the flag)."""
+        if not self.data_file.is_file():
+            return None
+        flag = self.data_info().get("text_pairs")
+        return None if flag is None else bool(flag)
 
     def report(self, runtime: str = "torch") -> dict[str, Any]:
         path = self.report_file(runtime)

@@ -109,3 +109,13 @@ def encode_split(tokenizer: Any, examples: Sequence[Any], max_length: int, token
         max_length=max_length,
         token_types=token_types,
     )
+
+
+def pairs_problem(trained_on_pairs: bool | None, given_pairs: bool, *, field: str = "pairs") -> str:
+    """What is wrong with giving (or not giving) text pairs to a model, or ``""``: a model trained on pairs
+    needs the second text of every input, one trained on single texts takes none."""
+    if trained_on_pairs and not given_pairs:
+        return f"this model was trained on text pairs; give the second text of each input ({field})"
+    if trained_on_pairs is False and given_pairs:
+        return f"this model was trained on single texts; it takes no second text ({field})"
+    return ""

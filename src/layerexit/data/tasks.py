@@ -70,6 +70,11 @@ class TaskData:
                     raise ValueError(f"{split} example has label {ex.label}, outside 0..{self.num_labels - 1}")
 
     @property
+    def has_pairs(self) -> bool:
+        """Whether the examples are text pairs (premise and hypothesis, say) rather than single texts."""
+        return any(ex.text_pair is not None for ex in self.splits["train"])
+
+    @property
     def num_labels(self) -> int:
         """Number of classes."""
         return len(self.label_names)

@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from layerexit.data.encoding import pairs_problem
 from layerexit.serving.engine import Closed, EngineHandle, Overloaded
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5)
@@ -37,6 +38,8 @@ class Model:
     label_names: list[str]
     max_length: int
     token_types: bool
+    text_pairs: bool | None = None
+    """Whether the model was trained on text pairs (``None``: not recorded; requests of either kind are taken)."""
 
 
 class ApiError(Exception):
@@ -71,7 +74,7 @@ class Metrics:
         self.batch_rows.labels(stage=str(stage)).observe(rows)
 
 
-def parse_body(body: bytes, max_texts: int) -> tuple[list[str], list[str] | None]:
+def parse_body(body: bytes, max_texts: int, text_pairs: bool | None = None) -> tuple[list[str], list[str] | None]:
     """The texts (and pairs) of a classify request, or :class:`ApiError` naming what is wrong."""
     try:
         data = json.loads(body)
@@ -101,6 +104,9 @@ def parse_body(body: bytes, max_texts: int) -> tuple[list[str], list[str] | None
         for i, pair in enumerate(pairs):
             if not isinstance(pair, str) or not pair.strip():
                 raise ApiError(400, f"text_pairs[{i}] must be a non-empty string")
+    problem = pairs_problem(text_pairs, pairs is not None, field="'text_pairs', one per text")
+    if problem:
+        raise ApiError(400, problem)
     return texts, pairs
 
 
@@ -153,7 +159,7 @@ def build_app(
     async def classify(request: Request) -> Response:
         started = time.perf_counter()
         try:
-            texts, pairs = parse_body(await request.body(), max_texts)
+            texts, pairs = parse_body(await request.body(), max_texts, model.text_pairs)
         except ApiError as err:
             return error(err.status, str(err))
         inputs, truncated = tokenize(model, texts, pairs)

@@ -94,6 +94,7 @@ def build(args: argparse.Namespace) -> tuple[Any, EngineHandle]:
         label_names=info["label_names"],
         max_length=run.max_length(),
         token_types=info["token_types"],
+        text_pairs=run.text_pairs(),
     )
     shown = {key: info[key] for key in ("strategy", "strategy_source", "runtime", "num_layers")}
     shown.update(

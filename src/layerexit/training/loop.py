@@ -114,6 +114,7 @@ def train(config: TrainConfig, *, progress: bool = True, resume: bool = False) -
             "label_names": list(task.label_names),
             "metric": task.metric,
             "sizes": {k: len(v) for k, v in task.splits.items()},
+            "text_pairs": task.has_pairs,
             "info": task.info,
         }
         write_text(RunFolder(run_dir).data_file, json.dumps(info, indent=2, default=str) + "\n")
