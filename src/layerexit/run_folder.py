@@ -2,7 +2,8 @@
 
 A run folder (``layerexit train --output RUN``) holds::
 
-    config.json            the resolved TrainConfig            data.json        the task: name, labels, sizes, pairs, source
+    config.json            the resolved TrainConfig            data.json        the task: name, labels, sizes, source,
+                                                                                    whether inputs are text pairs
     layerexit.json         the exits' config (ExitConfig)      model.safetensors  weights (encoder + exits)
     backbone/              the encoder's config and tokenizer  train_log.jsonl    losses during training
     train_summary.json     written when training finished      checkpoint/        while training (resumable)
