@@ -72,6 +72,8 @@ FULL_PAIRS = (
     ("ours + voting − full model (fine-tuned)", ("ensemble", "voting"), ("finetune", "full")),
     ("PABEE + patience − full model (fine-tuned)", ("pabee", "patience"), ("finetune", "full")),
     ("ours + voting − ours uniform + voting", ("ensemble", "voting"), ("ensemble-uniform", "voting")),
+    ("ours + voting − DeeBERT + entropy", ("ensemble", "voting"), ("deebert", "entropy")),
+    ("ours + voting − FastBERT + entropy", ("ensemble", "voting"), ("fastbert", "entropy")),
 )
 
 
