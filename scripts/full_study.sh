@@ -45,6 +45,8 @@ step() {
     snli-lam0.1|snli-lam0.2|snli-lam0.5)
                  cmp "snli-binary-minilm-${1#snli-}" --methods ensemble --lambda "${1#snli-lam}" --weighting linear --seeds 0 "${SNLI[@]}" ;;
     snli-lam)    for l in 0.1 0.2 0.5; do step "snli-lam$l"; done ;;
+    snli-deebert|snli-fastbert)
+                 cmp "snli-binary-minilm-${1#snli-}" --methods "${1#snli-}" --seeds 0 "${SNLI[@]}" ;;
     snli-finetune) cmp snli-binary-minilm-finetune --methods finetune --seeds 0 "${SNLI[@]}" ;;
     snli-ours12) cmp "snli-binary-minilm-lam$LAM-seeds12" --methods ensemble --lambda "$LAM" --weighting linear --seeds 1 2 "${SNLI[@]}" ;;
     snli-ours1|snli-ours2)

@@ -213,6 +213,13 @@ def test_compare_trains_every_method_once_and_reuses_finished_runs(
     assert len(summary["cells"]["ensemble"]["voting"]["values"]) == 2  # two seeds
     assert (out / "compare.png").stat().st_size > 10_000
     assert json.loads((out / "righttool-seed0" / "layerexit.json").read_text())["temperatures"]
+    for method in ("deebert", "fastbert"):  # their first stage is the finetune run of the seed, trained once
+        stages = json.loads((out / f"{method}-seed1" / "train_summary.json").read_text())["stages"]
+        assert [s["stage"] for s in stages] == [
+            "finetune",
+            "self-distillation" if method == "fastbert" else "internal-exits",
+        ]
+        assert stages[0]["trained_in"] == str(out / "finetune-seed1")
 
     # a second call retrains nothing: the run folders are left as they are
     stamp = (out / "ensemble-seed0" / "model.safetensors").stat().st_mtime_ns

@@ -40,7 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         code = launch(args.num_processes, [*args.argv, "--num-processes", "1", "--no-evaluate"])
         run_dir = Path(config.output or Path("runs") / config.run_name())
     else:
-        run_dir = train(config, progress=not args.quiet, resume=args.resume)
+        run_dir = train(config, progress=not args.quiet, resume=args.resume, first_stage_from=args.first_stage_from)
         if not is_main_process():
             return 0
         print(f"run folder: {run_dir}")
@@ -303,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate on dev and test after training",
     )
     train.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
+    train.add_argument(
+        "--first-stage-from",
+        type=Path,
+        metavar="RUN",
+        help="deebert, fastbert: start at the second stage from RUN, a finished finetune run with the same options",
+    )
     train.add_argument(
         "--num-processes", type=int, default=1, help="data-parallel processes on this machine (Accelerate, gloo/NCCL)"
     )

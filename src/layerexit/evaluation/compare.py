@@ -3,7 +3,9 @@ seeds, every (method, strategy) pair evaluated, one table and one plot.
 
 Each method trains into ``<output>/<method>-seed<seed>/``; a run that finished training and
 evaluation is reused and an interrupted one is resumed from its checkpoint, so an interrupted
-comparison continues where it stopped.
+comparison continues where it stopped. DeeBERT and FastBERT begin with the ``finetune`` method as
+their first stage: it is trained once per seed, in ``<output>/finetune-seed<seed>/`` (also when
+``finetune`` is not among the methods), and they start at their second stage from it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from layerexit.evaluation.evaluate import evaluate_run, pareto_front
 from layerexit.evaluation.sweep import FAMILIES
 from layerexit.run_folder import RunFolder
 from layerexit.strategies import Entropy, MaxProb, Patience, Static, Voting
-from layerexit.training.objectives import OBJECTIVES
+from layerexit.training.objectives import OBJECTIVES, STARTS_WITH_FINETUNE
 
 DEFAULT_METHODS = ("finetune", "static:3", "static:4", "deebert", "fastbert", "pabee", "righttool", "ensemble")
 NATIVE = {  # each training method's own strategy family
@@ -81,11 +83,15 @@ def compare(
                 _say(f"{run.name}: done, reusing", progress)
                 continue
             config = replace(base, objective=name, static_layers=layers, seed=seed, output=str(run))
-            if (run / "train_summary.json").is_file():
+            if RunFolder(run).training_finished():
                 _say(f"{run.name}: trained, evaluating", progress)
             elif run.exists():
                 _say(f"{run.name}: interrupted, resuming", progress)
                 train(config, progress=progress, resume=True)
+            elif name in STARTS_WITH_FINETUNE:
+                source = _fine_tuned(replace(base, seed=seed), output, progress)
+                _say(f"{run.name}: training its second stage, from {source.name}", progress)
+                train(config, progress=progress, first_stage_from=source)
             else:
                 _say(f"{run.name}: training", progress)
                 train(config, progress=progress)
@@ -99,6 +105,20 @@ def compare(
     write_csv(summary, output / "compare.csv")
     plot_compare(reports, summary, output / "compare.png")
     return summary
+
+
+def _fine_tuned(base: TrainConfig, output: Path, progress: bool) -> Path:
+    """``<output>/finetune-seed<seed>/``, trained (or resumed) to the end: DeeBERT's and FastBERT's first stage."""
+    from layerexit.training.loop import train
+
+    run = output / f"finetune-seed{base.seed}"
+    config = replace(base, objective="finetune", static_layers=0, output=str(run))
+    if not RunFolder(run).training_finished():
+        resuming = run.exists()
+        doing = "resuming" if resuming else "training"
+        _say(f"{run.name}: {doing} (the first stage of DeeBERT and FastBERT)", progress)
+        train(config, progress=progress, resume=resuming)
+    return run
 
 
 def summarise(reports: dict[tuple[str, int], dict[str, Any]], methods: list[str], seeds: list[int]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from layerexit.errors import LayerExitError
 from layerexit.evaluation.evaluate import collect_probs, per_layer_scores
 from layerexit.model import EarlyExitModel, check_state
 from layerexit.run_folder import RunFolder
-from layerexit.training import checkpoint, objectives
+from layerexit.training import checkpoint, objectives, reuse
 from layerexit.training.distributed import Processes
 from layerexit.training.recipe import (
     calibrate_temperatures,
@@ -33,12 +33,16 @@ from layerexit.training.recipe import (
 )
 
 
-def train(config: TrainConfig, *, progress: bool = True, resume: bool = False) -> Path:
+def train(
+    config: TrainConfig, *, progress: bool = True, resume: bool = False, first_stage_from: Path | None = None
+) -> Path:
     """Train an early-exit model as ``config`` says; returns the run folder.
 
     Run under ``accelerate launch`` (or ``layerexit train --num-processes N``), every process calls
     this; process 0 alone writes files. ``resume`` continues the run in ``config.output`` from its
-    checkpoint, with the same result as a run that was never interrupted.
+    checkpoint, with the same result as a run that was never interrupted. ``first_stage_from``, a
+    finished run that trained this run's first stage (a ``finetune`` run for ``deebert``), starts
+    training at the second stage from its weights, with the same result (:mod:`.reuse`).
     """
     from layerexit.assets import resolve_encoder
 
@@ -105,6 +109,11 @@ def train(config: TrainConfig, *, progress: bool = True, resume: bool = False) -
         raise LayerExitError(str(err)) from None
     if start is not None and not 0 <= start.position.stage < len(stages):
         raise LayerExitError(f"{start.path}: stage {start.position.stage} does not exist in {config.objective!r}")
+    source = Path(first_stage_from) if first_stage_from is not None and start is None else None
+    done: list[dict[str, Any]] = list(start.state["results"]) if start else []  # finished stages
+    if source is not None:
+        done = [{**reuse.first_stage_result(source, config, stages), "trained_in": str(source)}]
+    log_offset = int(start.state["log_offset"]) if start else 0
 
     if runtime.is_main and start is None:  # a resumed run's files stay as they are until it is under way
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -118,6 +127,13 @@ def train(config: TrainConfig, *, progress: bool = True, resume: bool = False) -
             "info": task.info,
         }
         write_text(RunFolder(run_dir).data_file, json.dumps(info, indent=2, default=str) + "\n")
+        if source is not None:
+            log_offset = reuse.copy_first_stage_files(source, run_dir, stages[0].name)
+    if source is not None:
+        with _transformers_progress(progress):
+            model = EarlyExitModel.from_pretrained(source)
+        if runtime.is_main:
+            model.save_pretrained(run_dir, tokenizer)
     run = _Run(
         config=config,
         runtime=runtime,
@@ -126,14 +142,15 @@ def train(config: TrainConfig, *, progress: bool = True, resume: bool = False) -
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         metric=task.metric,
         progress=progress,
-        log_offset=int(start.state["log_offset"]) if start else 0,
-        results=list(start.state["results"]) if start else [],
+        log_offset=log_offset,
+        results=done,
         seconds=float(start.state["seconds"]) if start else 0.0,
     )
     try:
-        for index, stage in enumerate(stages):
-            if start is not None and index < start.position.stage:
-                continue
+        first = start.position.stage if start is not None else len(done)
+        for index, stage in enumerate(stages[first:], start=first):
+            if index > 0:  # a later stage's dropout does not depend on how the one before it ran
+                seed_everything(config.seed + index)
             here = start if start is not None and index == start.position.stage else None
             run.results.append(fit_stage(model, stage, index, encoded["train"], encoded["dev"], run, resume=here))
             runtime.barrier()

@@ -22,6 +22,8 @@ Trainable = Literal["all", "internal_exits"]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 OBJECTIVES = ("ensemble", "relevancy", "pabee", "finetune", "deebert", "fastbert", "righttool", "static")
+STARTS_WITH_FINETUNE = ("deebert", "fastbert")
+"""Two-stage methods whose first stage is the whole ``finetune`` method (:mod:`.reuse`)."""
 OBJECTIVE_HELP = {
     "ensemble": "the paper: relevancy - lambda * diversity over all exits",
     "relevancy": "cross-entropy at every exit, uniform weights (lambda = 0)",
