@@ -121,3 +121,21 @@ def test_full_study_reads_folder_suffixes_and_chooses_lambda_on_dev() -> None:
     assert full.choose_lambda({0.5: run(0.90), 0.1: run(0.91), 0.2: run(0.91)}) == 0.1  # ties to the smaller
     assert full.choose_lambda({0.1: run(0.90), 0.2: run(0.92)}) == 0.2
     assert full.choose_lambda({}) is None
+
+
+def test_full_study_script_all_makes_the_committed_folders(tmp_path: Path) -> None:
+    """`full_study.sh all` names one compare folder per committed docs/results/full-* folder, no other."""
+    fake = tmp_path / "python"  # stands for the interpreter: prints the compare command it was given
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+    out = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "full_study.sh"), "all"],
+        env={"PATH": "/usr/bin:/bin", "PY": str(fake), "OUT": "OUT"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    made = [line.split("--output OUT/", 1)[1].split()[0] for line in out.splitlines() if "--output OUT/" in line]
+    committed = sorted(p.name.removeprefix("full-") for p in (ROOT / "docs" / "results").glob("full-*"))
+    assert sorted(made) == committed
+    assert len(made) == len(set(made))
