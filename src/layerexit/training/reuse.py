@@ -5,7 +5,7 @@ Both methods begin by fine-tuning the encoder and the final exit, which is the w
 ``layerexit compare`` trains it once per seed (the ``finetune`` run) and starts DeeBERT and FastBERT
 at their second stage from it. Each stage after the first draws its dropout from a generator seeded
 for that stage, so a run started this way ends with the same weights as one that trained its first
-stage itself (``tests/test_training.py`` pins this).
+stage itself (``tests/test_reuse.py`` pins this).
 """
 
 from __future__ import annotations
