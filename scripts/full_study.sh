@@ -36,8 +36,9 @@ step() {
     tb-ours12)   cmp "tweets-binary-minilm-lam$LAM-seeds12" --methods ensemble --lambda "$LAM" --weighting linear --seeds 1 2 "${TB[@]}" ;;
     tb-uniform)  cmp "tweets-binary-minilm-uniform-lam$LAM" --methods ensemble --lambda "$LAM" --weighting uniform --seeds 0 "${TB[@]}" ;;
     tb-baselines) cmp tweets-binary-minilm-baselines --methods deebert,fastbert --seeds 0 "${TB[@]}" ;;
-    tb-deebert|tb-fastbert)   # the baselines one per folder, to run side by side
-                 cmp "tweets-binary-minilm-${1#tb-}" --methods "${1#tb-}" --seeds 0 "${TB[@]}" ;;
+    tb-deebert|tb-fastbert)   # the baselines one per folder, to run side by side, from tb-finetune's run
+                 cmp "tweets-binary-minilm-${1#tb-}" --methods "${1#tb-}" --seeds 0 "${TB[@]}" \
+                     --finetune-from "$OUT/tweets-binary-minilm-finetune" ;;
     snli-pabee0) cmp snli-binary-minilm --methods pabee --seeds 0 "${SNLI[@]}" ;;
     snli-pabee12) cmp snli-binary-minilm-seeds12 --methods pabee --seeds 1 2 "${SNLI[@]}" ;;
     snli-pabee1|snli-pabee2)   # one seed per folder: a run that fits in what is left of a session
@@ -46,8 +47,9 @@ step() {
     snli-lam0.1|snli-lam0.2|snli-lam0.5)
                  cmp "snli-binary-minilm-${1#snli-}" --methods ensemble --lambda "${1#snli-lam}" --weighting linear --seeds 0 "${SNLI[@]}" ;;
     snli-lam)    for l in 0.1 0.2 0.5; do step "snli-lam$l"; done ;;
-    snli-deebert|snli-fastbert)
-                 cmp "snli-binary-minilm-${1#snli-}" --methods "${1#snli-}" --seeds 0 "${SNLI[@]}" ;;
+    snli-deebert|snli-fastbert)   # from snli-finetune's run
+                 cmp "snli-binary-minilm-${1#snli-}" --methods "${1#snli-}" --seeds 0 "${SNLI[@]}" \
+                     --finetune-from "$OUT/snli-binary-minilm-finetune" ;;
     snli-finetune) cmp snli-binary-minilm-finetune --methods finetune --seeds 0 "${SNLI[@]}" ;;
     snli-ours12) cmp "snli-binary-minilm-lam$SNLI_LAM-seeds12" --methods ensemble --lambda "$SNLI_LAM" --weighting linear \
                      --seeds 1 2 "${SNLI[@]}" ;;
@@ -60,6 +62,12 @@ step() {
                  local seed=${1#mpnet-ours}; cmp "tweets-binary-mpnet-lam$LAM$([ "$seed" = 0 ] || echo "-seeds$seed")" --methods ensemble \
                      --lambda "$LAM" --weighting linear --seeds "$seed" "${MPNET[@]}" ;;
     mpnet)       for s in mpnet-pabee0 mpnet-ours0 mpnet-pabee1 mpnet-ours1; do step "$s"; done ;;
+    mpnet-finetune0|mpnet-finetune1)
+                 local seed=${1#mpnet-finetune}; cmp "tweets-binary-mpnet-finetune$([ "$seed" = 0 ] || echo "-seeds$seed")" \
+                     --methods finetune --seeds "$seed" "${MPNET[@]}" ;;
+    mpnet-deebert|mpnet-fastbert)   # from mpnet-finetune0's run
+                 cmp "tweets-binary-mpnet-${1#mpnet-}" --methods "${1#mpnet-}" --seeds 0 "${MPNET[@]}" \
+                     --finetune-from "$OUT/tweets-binary-mpnet-finetune" ;;
     all) # the folders docs/results/full-* were collected from
          for s in tb-pabee0 tb-lam0.1 tb-lam0.2 tb-lam0.5 tb-finetune tb-pabee12 tb-ours12 tb-uniform snli-pabee0 \
                   snli-pabee1 snli-pabee2 snli-lam snli-finetune snli-ours1 snli-ours2 mpnet tb-deebert tb-fastbert \

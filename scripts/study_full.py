@@ -4,8 +4,8 @@ Every step of ``scripts/full_study.sh`` writes one compare folder, collected as 
 by ``scripts/results.py collect``. The folders of one study share a prefix (``full-tweets-binary-minilm``)
 and their suffix says what they hold:
 
-    (none), -seeds12, -finetune, -baselines,   the runs as they are (PABEE, the fine-tuned model, ...)
-    -deebert, -fastbert
+    (none), -seeds12, -finetune, -baselines,   the runs as they are (PABEE, the fine-tuned model, ...),
+    -deebert, -fastbert, -finetune-seeds1      a -seeds<N> tail for seeds run in a folder of their own
     -lam<λ>, -lam<λ>-seeds12                    ours (linear weights) at λ; seed 0 of each λ picks λ
     -uniform-lam<λ>                             ours with uniform weights at the chosen λ (ablation)
 
@@ -44,7 +44,7 @@ FULL_STUDIES = (
     ),
 )
 SUFFIX = re.compile(
-    r"^(?:-(?P<uniform>uniform-)?lam(?P<lam>\d+(?:\.\d+)?))?(?:-(?:seeds\d+|finetune|baselines|deebert|fastbert))?$"
+    r"^(?:-(?P<uniform>uniform-)?lam(?P<lam>\d+(?:\.\d+)?))?(?:-(?:finetune|baselines|deebert|fastbert))?(?:-seeds\d+)?$"
 )
 
 FULL_ROWS = (
@@ -178,12 +178,15 @@ def timing_table(studies: dict[FullStudy, Loaded]) -> str:
             total += sum(seconds)
             sizes = json.loads((chosen[0].path / "data.json").read_text(encoding="utf-8"))["sizes"]
             cfg = chosen[0].train["config"]
+            # a run started from another's first stage (compare --finetune-from) timed its own stages only
+            reused = any("trained_in" in stage for r in chosen for stage in r.train["stages"])
+            note = " (its second stage; finetune's first)" if reused else ""
             rows.append(
                 [
                     study.name,
                     spec,
                     ", ".join(str(r.seed) for r in chosen),
-                    f"{statistics.mean(seconds) / 60:.0f}",
+                    f"{statistics.mean(seconds) / 60:.0f}{note}",
                     str(sum(stage["steps"] for stage in chosen[0].train["stages"])),
                     f"{sizes['train']} / {sizes.get('dev', 0)} / {sizes.get('test', 0)}, {cfg['epochs']} epochs",
                 ]

@@ -228,6 +228,19 @@ def test_compare_trains_every_method_once_and_reuses_finished_runs(
     assert (out / "ensemble-seed0" / "model.safetensors").stat().st_mtime_ns == stamp
     assert (out / "pabee-seed1" / "train_summary.json").is_file()
 
+    # a comparison of its own starts DeeBERT from this one's fine-tuning and trains no finetune run
+    other = tmp_path / "cmp-deebert"
+    at = args.index("--output") + 1
+    own = [*args[:at], str(other), *args[at + 1 :]]
+    own[own.index("--methods") + 1 : own.index("--seeds") + 3] = ["deebert", "--seeds", "1"]
+    assert main([*own, "--finetune-from", str(out)]) == 0
+    stages = json.loads((other / "deebert-seed1" / "train_summary.json").read_text())["stages"]
+    assert stages[0]["trained_in"] == str(out / "finetune-seed1")
+    assert not (other / "finetune-seed1").exists()
+    assert main([*own[:-1], "3", "--finetune-from", str(out)]) == 2
+    assert f"{out / 'finetune-seed3'}: no finished finetune run of seed 3" in capsys.readouterr().err
+    assert not (other / "deebert-seed3").exists() and not (out / "finetune-seed3").exists()
+
     assert main(["analyze", str(out / "ensemble-seed0")]) == 0
     for figure in ("exit_distribution.png", "voting_values.png", "closest_exit_ensemble.png"):
         assert (out / "ensemble-seed0" / "eval" / figure).is_file()

@@ -112,9 +112,18 @@ def test_study_numbers_on_hand_made_cases() -> None:
 def test_full_study_reads_folder_suffixes_and_chooses_lambda_on_dev() -> None:
     _study_module("studylib")
     full = _study_module("study_full")
-    for suffix in ("", "-seeds12", "-finetune", "-baselines", "-lam0.2", "-lam0.2-seeds12", "-uniform-lam0.1"):
+    for suffix in (
+        "",
+        "-seeds12",
+        "-finetune",
+        "-baselines",
+        "-lam0.2",
+        "-lam0.2-seeds12",
+        "-uniform-lam0.1",
+        "-finetune-seeds1",
+    ):
         assert full.SUFFIX.match(suffix), suffix
-    for suffix in ("-lam", "-other", "-lam0.2-extra", "-3seeds"):
+    for suffix in ("-lam", "-other", "-lam0.2-extra", "-3seeds", "-seeds1-finetune", "-finetune-deebert"):
         assert not full.SUFFIX.match(suffix), suffix
     got = full.SUFFIX.match("-uniform-lam0.5-seeds12")
     assert got.group("lam") == "0.5" and got.group("uniform")

@@ -239,7 +239,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise LayerExitError("--seeds needs at least one seed")
     base = from_namespace(TrainConfig, args)
     output = Path(args.output or Path("runs") / f"compare-{base.slug()}")
-    summary = compare(base, methods, args.seeds, output, progress=not args.quiet)
+    finetune_from = Path(args.finetune_from) if args.finetune_from else None
+    summary = compare(base, methods, args.seeds, output, progress=not args.quiet, finetune_from=finetune_from)
     print(format_table(summary))
     print(f"\nwrote {output}/compare.md, compare.json, compare.csv, compare.png")
     return 0
@@ -422,6 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; every method runs with each")
     cmp.add_argument("--output", default="", help="folder of the comparison (default: runs/compare-<task>-...)")
+    cmp.add_argument(
+        "--finetune-from",
+        default="",
+        metavar="DIR",
+        help="a comparison folder whose finished finetune-seed<N> runs DeeBERT and FastBERT start their second "
+        "stage from (default: this comparison's own, trained when missing)",
+    )
 
     analyze = command(
         "analyze",

@@ -5,7 +5,9 @@ Each method trains into ``<output>/<method>-seed<seed>/``; a run that finished t
 evaluation is reused and an interrupted one is resumed from its checkpoint, so an interrupted
 comparison continues where it stopped. DeeBERT and FastBERT begin with the ``finetune`` method as
 their first stage: it is trained once per seed, in ``<output>/finetune-seed<seed>/`` (also when
-``finetune`` is not among the methods), and they start at their second stage from it.
+``finetune`` is not among the methods), and they start at their second stage from it. With
+``finetune_from`` they start from that comparison's finished ``finetune-seed<seed>/`` instead, so that
+the baselines can run in folders of their own, side by side, from one fine-tuning.
 """
 
 from __future__ import annotations
@@ -68,8 +70,11 @@ def compare(
     output: Path,
     *,
     progress: bool = True,
+    finetune_from: Path | None = None,
 ) -> dict[str, Any]:
-    """Train (or reuse) every (method, seed), evaluate, and write ``compare.{json,csv,md,png}``."""
+    """Train (or reuse) every (method, seed), evaluate, and write ``compare.{json,csv,md,png}``.
+    ``finetune_from``: the comparison folder whose finished ``finetune-seed<seed>`` runs DeeBERT and
+    FastBERT start from (default: ``output``'s own, trained there when missing)."""
     from layerexit.training.loop import train
 
     parsed = [(spec, *parse_method(spec)) for spec in methods]
@@ -89,7 +94,7 @@ def compare(
                 _say(f"{run.name}: interrupted, resuming", progress)
                 train(config, progress=progress, resume=True)
             elif name in STARTS_WITH_FINETUNE:
-                source = _fine_tuned(replace(base, seed=seed), output, progress)
+                source = _fine_tuned(replace(base, seed=seed), output, progress, finetune_from)
                 _say(f"{run.name}: training its second stage, from {source.name}", progress)
                 train(config, progress=progress, first_stage_from=source)
             else:
@@ -107,10 +112,19 @@ def compare(
     return summary
 
 
-def _fine_tuned(base: TrainConfig, output: Path, progress: bool) -> Path:
-    """``<output>/finetune-seed<seed>/``, trained (or resumed) to the end: DeeBERT's and FastBERT's first stage."""
+def _fine_tuned(base: TrainConfig, output: Path, progress: bool, elsewhere: Path | None = None) -> Path:
+    """``<output>/finetune-seed<seed>/``, trained (or resumed) to the end: DeeBERT's and FastBERT's first
+    stage; or ``<elsewhere>/finetune-seed<seed>/``, which another comparison must have trained."""
     from layerexit.training.loop import train
 
+    if elsewhere is not None:
+        run = elsewhere / f"finetune-seed{base.seed}"
+        if not RunFolder(run).training_finished():
+            raise LayerExitError(
+                f"{run}: no finished finetune run of seed {base.seed} to start DeeBERT and FastBERT from "
+                f"(train it first: layerexit compare --methods finetune --seeds {base.seed} --output {elsewhere})"
+            )
+        return run
     run = output / f"finetune-seed{base.seed}"
     config = replace(base, objective="finetune", static_layers=0, output=str(run))
     if not RunFolder(run).training_finished():
