@@ -35,6 +35,12 @@ step() {
     tb-pabee12)  cmp tweets-binary-minilm-seeds12 --methods pabee --seeds 1 2 "${TB[@]}" ;;
     tb-ours12)   cmp "tweets-binary-minilm-lam$LAM-seeds12" --methods ensemble --lambda "$LAM" --weighting linear --seeds 1 2 "${TB[@]}" ;;
     tb-uniform)  cmp "tweets-binary-minilm-uniform-lam$LAM" --methods ensemble --lambda "$LAM" --weighting uniform --seeds 0 "${TB[@]}" ;;
+    tb-onelr)    # the defaults' measurements on dev (seed 0, the chosen lambda): one learning rate for encoder and exits,
+                 cmp "tweets-binary-minilm-lam$LAM-onelr" --methods ensemble --lambda "$LAM" --weighting linear --head-lr 5e-5 \
+                     --seeds 0 "${TB[@]}" ;;
+    tb-epochs3)  # ... and a third epoch (every other run trains 2)
+                 cmp "tweets-binary-minilm-lam$LAM-epochs3" --methods ensemble --lambda "$LAM" --weighting linear --seeds 0 \
+                     "${TB[@]}" --epochs 3 ;;
     tb-baselines) cmp tweets-binary-minilm-baselines --methods deebert,fastbert --seeds 0 "${TB[@]}" ;;
     tb-deebert|tb-fastbert)   # the baselines one per folder, to run side by side, from tb-finetune's run
                  cmp "tweets-binary-minilm-${1#tb-}" --methods "${1#tb-}" --seeds 0 "${TB[@]}" \
