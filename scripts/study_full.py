@@ -22,7 +22,17 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from studylib import Run, StudyError, cell_value, differences_table, load_folder, rows_table, seeds_of, table
+from studylib import (
+    Run,
+    StudyError,
+    cell_value,
+    differences_table,
+    load_folder,
+    paired_difference,
+    rows_table,
+    seeds_of,
+    table,
+)
 
 
 @dataclass(frozen=True)
@@ -195,6 +205,66 @@ def timing_table(studies: dict[FullStudy, Loaded]) -> str:
     return table(header, rows)
 
 
+# the measurements behind the --head-lr and --epochs defaults: ours at the chosen lambda, seed 0, one
+# option changed per folder <prefix>-lam<λ><suffix> (scripts/full_study.sh tb-onelr, tb-epochs3)
+DEFAULT_VARIANTS = ("-onelr", "-epochs3")
+
+
+def defaults_table(results: Path, studies: dict[FullStudy, Loaded]) -> str:
+    header = [
+        "study",
+        "encoder lr, exits lr, epochs",
+        "dev: voting (chosen on dev)",
+        "dev: last exit",
+        "test: voting",
+        "test: last exit",
+        "test: voting − defaults",
+        "best epoch",
+        "training",
+    ]
+    rows = []
+    for study, loaded in studies.items():
+        if loaded.chosen is None or study.lambda_from is not None or loaded.chosen not in loaded.lambdas:
+            continue
+        base = loaded.lambdas[loaded.chosen]
+        variants = []
+        for suffix in DEFAULT_VARIANTS:
+            folder = results / f"{study.prefix}-lam{loaded.chosen:g}{suffix}"
+            run = load_folder(folder).get(("ensemble", 0))
+            if run is not None:
+                variants.append(run)
+        if not variants:
+            continue
+        for run in (base, *variants):
+            cfg = run.train["config"]
+            split = run.report["select_split"]
+            dev = run.report["splits"][split]
+            test, last = cell_value(run, "voting"), cell_value(run, "full")
+            assert test is not None and last is not None
+            if run is base:
+                against = "(the defaults)"
+            else:
+                got = paired_difference({("a", 0): run, ("b", 0): base}, ("a", "voting"), ("b", "voting"))
+                assert got is not None
+                diff, lo, hi, *_ = got
+                against = f"{100 * diff:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+            stage = run.train["stages"][-1]
+            rows.append(
+                [
+                    f"{study.name}, λ = {loaded.chosen:g}, seed {run.seed}",
+                    f"{cfg['lr']:g}, {cfg['head_lr']:g}, {cfg['epochs']}",
+                    f"{100 * dev_voting(run):.2f} ({run.report['selected']['voting'][split]['speedup']:.2f}x)",
+                    f"{100 * dev['full_model'][run.metric]:.2f}",
+                    f"{100 * test[0]:.2f} ({test[1]:.2f}x)",
+                    f"{100 * last[0]:.2f}",
+                    against,
+                    f"{stage['best_epoch']} of {cfg['epochs']}",
+                    f"{run.train['seconds'] / 60:.0f} min",
+                ]
+            )
+    return table(header, rows) if rows else "(no runs of other defaults committed yet)"
+
+
 def tables(results: Path) -> dict[str, str]:
     studies = load_all(results)
     if not studies:
@@ -205,4 +275,5 @@ def tables(results: Path) -> dict[str, str]:
         "fullpairs": differences_table({s.name: lo.runs for s, lo in studies.items() if lo.runs}, FULL_PAIRS, 2),
         "fulllambda": lambda_table(studies),
         "fulltiming": timing_table(studies),
+        "fulldefaults": defaults_table(results, studies),
     }

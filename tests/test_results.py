@@ -57,7 +57,7 @@ def test_study_script_reproduces_every_table_of_docs_results() -> None:
         [sys.executable, str(ROOT / "scripts" / "study.py"), "--check"], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
-    assert "11 tables match" in done.stdout
+    assert "12 tables match" in done.stdout
 
 
 def test_study_check_fails_on_an_edited_number(tmp_path: Path) -> None:
@@ -123,7 +123,16 @@ def test_full_study_reads_folder_suffixes_and_chooses_lambda_on_dev() -> None:
         "-finetune-seeds1",
     ):
         assert full.SUFFIX.match(suffix), suffix
-    for suffix in ("-lam", "-other", "-lam0.2-extra", "-3seeds", "-seeds1-finetune", "-finetune-deebert"):
+    for suffix in (
+        "-lam",
+        "-other",
+        "-lam0.2-extra",
+        "-3seeds",
+        "-seeds1-finetune",
+        "-finetune-deebert",
+        "-lam0.1-onelr",
+        "-lam0.1-epochs3",
+    ):
         assert not full.SUFFIX.match(suffix), suffix
     got = full.SUFFIX.match("-uniform-lam0.5-seeds12")
     assert got.group("lam") == "0.5" and got.group("uniform")
