@@ -11,8 +11,12 @@ from transformers import (
     DebertaV2Config,
     DistilBertConfig,
     ElectraConfig,
+    LlamaConfig,
+    ModernBertConfig,
     MPNetConfig,
     PretrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
     RobertaConfig,
 )
 
@@ -64,10 +68,42 @@ def tiny_config(arch: str) -> PretrainedConfig:
             max_relative_positions=32,
             norm_rel_ebd="layer_norm",
         )
+    if arch == "modernbert":  # a 4-token window, so the sliding-window layers differ from the global ones
+        return ModernBertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            local_attention=4,
+            layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+            cls_token_id=2,
+            sep_token_id=3,
+        )
+    decoders = {"qwen2": Qwen2Config, "llama": LlamaConfig, "qwen3": Qwen3Config}
+    if arch in decoders:
+        return decoders[arch](
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        )
     raise ValueError(arch)
 
 
 ARCHITECTURES = ["bert", "albert", "roberta", "distilbert", "electra", "mpnet", "deberta-v2"]
+"""The encoders every part of the project is tested on (the ONNX export included)."""
+NEWER_ARCHITECTURES = ["modernbert", "qwen2", "llama", "qwen3"]
+"""ModernBERT and decoder-only classifiers: parity, training, retrofit and the PyTorch runtime."""
 
 
 def tiny_model(

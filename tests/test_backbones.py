@@ -9,24 +9,27 @@ from transformers import AutoModel, GPT2Config
 from layerexit.backbones import wrap
 from layerexit.errors import LayerExitError
 
-from .conftest import ARCHITECTURES, random_batch, tiny_config
+from .conftest import ARCHITECTURES, NEWER_ARCHITECTURES, random_batch, tiny_config
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ARCHITECTURES + NEWER_ARCHITECTURES)
 def test_layer_by_layer_matches_output_hidden_states(arch: str) -> None:
     torch.manual_seed(0)
     model = AutoModel.from_config(tiny_config(arch)).eval()
     ids, mask = random_batch()
     with torch.no_grad():
-        reference = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1:]
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        reference = list(out.hidden_states[1:])
         states = wrap(model).forward_all(ids, mask)
+    if arch in NEWER_ARCHITECTURES:  # the final norm is part of the last layer: its states are last_hidden_state
+        reference[-1] = out.last_hidden_state
     assert len(states) == len(reference) == 4
     for ref, got in zip(reference, states, strict=True):
         keep = mask.bool()
         torch.testing.assert_close(got[keep], ref[keep], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["bert", "mpnet", "deberta-v2"])
+@pytest.mark.parametrize("arch", ["bert", "mpnet", "deberta-v2", "modernbert", "qwen2"])
 def test_rows_of_a_batch_match_running_them_alone(arch: str) -> None:
     """Dropping rows and padding (what online inference does) leaves each row's states unchanged."""
     torch.manual_seed(0)

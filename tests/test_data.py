@@ -232,13 +232,13 @@ def test_jsonl_errors_name_the_line(tmp_path: Path) -> None:
     message = error_of(write(tmp_path / "j.jsonl", good + '{"txt": "b", "label": 0}\n'))
     assert "line 2: no key 'text' (the text_column); keys found: 'txt', 'label'" in message
     message = error_of(write(tmp_path / "j.jsonl", good + '{"text": "b", "label": 0.5}\n'))
-    assert "line 2: label must be a string or an integer, found float" in message
+    assert "line 2: label must be a string, an integer, a boolean or a float holding an integer, found float" in message
     message = error_of(write(tmp_path / "j.jsonl", good + '{"text": 7, "label": 0}\n'))
     assert "line 2: expected text to be a string, found int" in message
 
 
 def test_unsupported_extension_and_folder_without_train(tmp_path: Path) -> None:
-    assert "unsupported file type '.txt'" in error_of(write(tmp_path / "a.txt", "hello"))
+    assert "unsupported file type '.xml'" in error_of(write(tmp_path / "a.xml", "hello"))
     write(tmp_path / "d" / "notes.md", "x")
     message = error_of(tmp_path / "d")
     assert "no train file" in message and "notes.md" in message

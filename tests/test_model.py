@@ -14,7 +14,7 @@ from layerexit.errors import LayerExitError
 from layerexit.model import EarlyExitModel, ExitConfig
 from layerexit.runtime.loop import early_exit_forward
 
-from .conftest import ARCHITECTURES, random_batch, tiny_model
+from .conftest import ARCHITECTURES, NEWER_ARCHITECTURES, random_batch, tiny_model
 
 
 @pytest.mark.parametrize("head", ["mlp", "linear"])
@@ -164,7 +164,7 @@ def test_skipped_layers_are_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
     assert calls == [1]
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ARCHITECTURES + NEWER_ARCHITECTURES)
 def test_every_architecture_runs_online(arch: str) -> None:
     model = tiny_model(arch)
     ids, mask = random_batch()

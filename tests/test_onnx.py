@@ -47,11 +47,11 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Export
     return get
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", [*ARCHITECTURES, "qwen2"])
 def test_every_exit_matches_pytorch_with_padding(arch: str, exported: Callable[[str], Exported]) -> None:
     model, runtime, folder = exported(arch)
     manifest = json.loads((folder / MANIFEST_NAME).read_text())
-    if arch not in ("mpnet", "deberta-v2"):  # plain attention: fused into ORT's Attention operator
+    if arch not in ("mpnet", "deberta-v2", "qwen2"):  # plain attention: fused into ORT's Attention operator
         assert all(layer["fused_ops"].get("Attention") == 1 for layer in manifest["layers"])
     assert max(g["probe_error"] for g in [manifest["embed"], *manifest["layers"], manifest["full"]]) < 1e-5
     left_padded = torch.tensor([[0, 0, 1, 1, 1], [1, 0, 1, 1, 0]])  # fused attention keeps any 0/1 mask exact
@@ -67,6 +67,12 @@ def test_every_exit_matches_pytorch_with_padding(arch: str, exported: Callable[[
         torch.testing.assert_close(runtime.full(ids, mask), reference[-1], atol=PARITY, rtol=0)
         # numpy inputs work the same
         torch.testing.assert_close(all_exits(runtime, ids.numpy(), mask.numpy()), probs)
+
+
+def test_an_architecture_that_does_not_export_cleanly_says_so(tmp_path: Path) -> None:
+    """ModernBERT's sliding-window layers do not trace to a graph equal to PyTorch: refused, not approximated."""
+    with pytest.raises(LayerExitError, match="layer_2 graph differs from PyTorch"):
+        export_onnx(tiny_model("modernbert"), tmp_path)
 
 
 def test_token_type_ids_reach_the_graph(exported: Callable[[str], Exported]) -> None:

@@ -71,6 +71,9 @@ class Backbone(nn.Module):
         positions = getattr(self.config, "max_position_embeddings", None)
         return positions if isinstance(positions, int) else None
 
+    causal: bool = False
+    """A decoder: each token sees only the ones before it, so only the last token has read the whole input."""
+
     fusable: bool = False
     """Whether the attention is the plain pattern ONNX Runtime's transformer optimizer fuses (BERT-like,
     ALBERT, DistilBERT; not MPNet's or DeBERTa's relative-position attention)."""
@@ -229,12 +232,110 @@ class DebertaV2Backbone(Backbone):
         return out
 
 
+class ModernBertBackbone(Backbone):
+    """ModernBERT: rotary positions, global and sliding-window attention layers in turn, a final norm.
+
+    The final norm belongs to the last layer here, so the last layer's states are the encoder's
+    ``last_hidden_state`` (what its classification head reads), as for the decoders below.
+    """
+
+    model_types = ("modernbert",)
+
+    @property
+    def uses_token_type_ids(self) -> bool:
+        return False
+
+    def embed(self, input_ids: Tensor, padding_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        return self.model.embeddings(input_ids=input_ids)
+
+    def layer_kwargs(self, hidden: Tensor, padding_mask: Tensor) -> LayerKwargs:
+        from transformers.masking_utils import create_bidirectional_mask, create_bidirectional_sliding_window_mask
+
+        mask_kwargs = {"config": self.config, "inputs_embeds": hidden, "attention_mask": padding_mask}
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        return {
+            "attention_mask": {
+                "full_attention": create_bidirectional_mask(**mask_kwargs),
+                "sliding_attention": create_bidirectional_sliding_window_mask(**mask_kwargs),
+            },
+            "position_embeddings": {
+                kind: self.model.rotary_emb(hidden, positions, kind) for kind in set(self.config.layer_types)
+            },
+        }
+
+    def layer(self, index: int, hidden: Tensor, kwargs: LayerKwargs) -> Tensor:
+        layer = self.model.layers[index]
+        kind = layer.attention_type
+        out = _first(
+            layer(
+                hidden,
+                attention_mask=kwargs["attention_mask"][kind],
+                position_embeddings=kwargs["position_embeddings"][kind],
+            )
+        )
+        return self.model.final_norm(out) if index == self.num_layers - 1 else out
+
+
+class DecoderBackbone(Backbone):
+    """Decoder-only models used as classifiers (Llama, Qwen2, Qwen3, Mistral): causal attention, rotary
+    positions, a final norm after the last layer (kept in the last layer here, as for ModernBERT).
+
+    Inputs are right-padded, so every real token keeps its position (0, 1, ...) when rows are dropped
+    or padding is trimmed.
+    """
+
+    model_types = ("llama", "qwen2", "qwen3", "mistral")
+    causal = True
+
+    @property
+    def uses_token_type_ids(self) -> bool:
+        return False
+
+    def embed(self, input_ids: Tensor, padding_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def _layer_types(self) -> list[str]:
+        return list(getattr(self.config, "layer_types", None) or ["full_attention"] * self.num_layers)
+
+    def layer_kwargs(self, hidden: Tensor, padding_mask: Tensor) -> LayerKwargs:
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        mask_kwargs = {
+            "config": self.config,
+            "inputs_embeds": hidden,
+            "attention_mask": padding_mask,
+            "cache": None,
+            "position_ids": positions,
+        }
+        build = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+        return {
+            "attention_mask": {kind: build[kind](**mask_kwargs) for kind in set(self._layer_types())},
+            "position_embeddings": self.model.rotary_emb(hidden, positions),
+            "position_ids": positions,
+        }
+
+    def layer(self, index: int, hidden: Tensor, kwargs: LayerKwargs) -> Tensor:
+        out = _first(
+            self.model.layers[index](
+                hidden,
+                attention_mask=kwargs["attention_mask"][self._layer_types()[index]],
+                position_embeddings=kwargs["position_embeddings"],
+                position_ids=kwargs["position_ids"],
+                use_cache=False,
+            )
+        )
+        return self.model.norm(out) if index == self.num_layers - 1 else out
+
+
 _BACKBONES: tuple[type[Backbone], ...] = (
     BertLikeBackbone,
     AlbertBackbone,
     DistilBertBackbone,
     MPNetBackbone,
     DebertaV2Backbone,
+    ModernBertBackbone,
+    DecoderBackbone,
 )
 
 

@@ -50,6 +50,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_retrofit(args: argparse.Namespace) -> int:
+    from layerexit.training.retrofit import RetrofitConfig, retrofit
+
+    config = from_namespace(RetrofitConfig, args)
+    run_dir = retrofit(config, progress=not args.quiet)
+    print(f"run folder: {run_dir}")
+    if not args.evaluate:
+        return 0
+    return _evaluate(run_dir, ["dev", "test"], list(FAMILIES), config.eval_batch_size, not args.quiet)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     return _evaluate(
         Path(args.run),
@@ -313,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--num-processes", type=int, default=1, help="data-parallel processes on this machine (Accelerate, gloo/NCCL)"
     )
+
+    from layerexit.training.retrofit import RetrofitConfig
+
+    retro = command("retrofit", cmd_retrofit, "Add exits to a fine-tuned classifier, keeping its head and its answers")
+    retro.add_argument("classifier", help=RetrofitConfig.__dataclass_fields__["classifier"].metadata["help"])
+    add_arguments(retro, RetrofitConfig, skip=("classifier",))
+    retro.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True, help="evaluate afterwards")
 
     evaluate = command("evaluate", cmd_evaluate, "Replay every exit strategy over a run's dev and test splits")
     evaluate.add_argument("run", help="run folder written by `layerexit train`")

@@ -59,8 +59,9 @@ class TrainConfig:
     head: Literal["mlp", "linear"] = option(
         "mlp", "internal classifier: one-hidden-layer MLP (paper) or linear (PABEE)"
     )
-    pooling: Literal["auto", "mean", "first"] = option(
-        "auto", "exit pooling; auto = mean for sentence-transformers encoders, else first token"
+    pooling: Literal["auto", "mean", "first", "last"] = option(
+        "auto",
+        "exit pooling; auto = mean for sentence-transformers encoders, the last token for decoders, else first token",
     )
     epochs: int = option(2, "training epochs (per stage for two-stage methods)")
     lr: float = option(5e-5, "peak learning rate of AdamW for the encoder")

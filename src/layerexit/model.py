@@ -19,9 +19,10 @@ from torch import Tensor, nn
 from layerexit.atomic import fsync_path, read_json_object, replacing, save_safetensors, write_json
 from layerexit.backbones import Backbone, without_pooler, wrap
 from layerexit.errors import LayerExitError
+from layerexit.pooling import Pooling, pool
 
 HeadKind = Literal["mlp", "linear"]
-Pooling = Literal["first", "mean"]
+FinalHead = Literal["exit", "native"]
 
 CONFIG_NAME = "layerexit.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -39,7 +40,7 @@ class ExitConfig:
     head: HeadKind = "mlp"
     """``mlp``: the paper's one-hidden-layer classifier; ``linear``: PABEE's single linear layer."""
     pooling: Pooling = "mean"
-    """``mean`` over the attention mask, or the ``first`` token's state."""
+    """``mean`` over the attention mask, the ``first`` token's state, or the ``last`` real token's (decoders)."""
     dropout: float = 0.1
     label_names: list[str] = field(default_factory=list)
     num_layers: int = 0
@@ -47,6 +48,9 @@ class ExitConfig:
     backbone_revision: str | None = None
     temperatures: list[float] = field(default_factory=list)
     """Per-exit softmax temperatures (RightTool's calibration); empty means 1 everywhere."""
+    final_head: FinalHead = "exit"
+    """``exit``: the last exit is an exit like the others; ``native``: it is the head of the fine-tuned
+    classifier the model was retrofitted to (:mod:`layerexit.native_heads`), so full depth answers as it does."""
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -54,8 +58,10 @@ class ExitConfig:
             raise LayerExitError(f"num_labels must be at least 2, got {self.num_labels}")
         if self.head not in ("mlp", "linear"):
             raise LayerExitError(f"head must be 'mlp' or 'linear', got {self.head!r}")
-        if self.pooling not in ("first", "mean"):
-            raise LayerExitError(f"pooling must be 'first' or 'mean', got {self.pooling!r}")
+        if self.pooling not in ("first", "mean", "last"):
+            raise LayerExitError(f"pooling must be 'first', 'mean' or 'last', got {self.pooling!r}")
+        if self.final_head not in ("exit", "native"):
+            raise LayerExitError(f"final_head must be 'exit' or 'native', got {self.final_head!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise LayerExitError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.label_names and len(self.label_names) != self.num_labels:
@@ -79,7 +85,7 @@ class ExitConfig:
         if unknown:
             raise LayerExitError(f"{source}: unknown keys {unknown}; expected some of {sorted(known)}")
         kinds: dict[str, Any] = {"backbone": str, "num_labels": int, "num_layers": int, "format_version": int}
-        kinds.update(dropout=(int, float), head=str, pooling=str)
+        kinds.update(dropout=(int, float), head=str, pooling=str, final_head=str)
         for key, kind in kinds.items():
             if key in data and (not isinstance(data[key], kind) or isinstance(data[key], bool)):
                 raise LayerExitError(f"{source}: {key} has the wrong type ({data[key]!r})")
@@ -105,14 +111,6 @@ class EarlyExitOutput:
         return self.logits.float().softmax(-1)  # (L, B, C)
 
 
-def pool(hidden: Tensor, padding_mask: Tensor, how: Pooling) -> Tensor:
-    """(B, T, H) -> (B, H): the first token, or the mean over non-padded tokens."""
-    if how == "first":
-        return hidden[:, 0]
-    weights = padding_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-
-
 class ExitHead(nn.Module):
     """An internal classifier: pooling, then a linear layer or a one-hidden-layer MLP."""
 
@@ -125,7 +123,11 @@ class ExitHead(nn.Module):
         self.temperature = 1.0
 
     def forward(self, hidden: Tensor, padding_mask: Tensor) -> Tensor:
-        x = self.dropout(pool(hidden, padding_mask, self.pooling))  # (B, H)
+        return self.classify(pool(hidden, padding_mask, self.pooling))
+
+    def classify(self, pooled: Tensor) -> Tensor:
+        """Logits from the pooled state (B, H): what training on cached pooled states calls."""
+        x = self.dropout(pooled)  # (B, H)
         if self.hidden is not None:
             x = self.dropout(torch.tanh(self.hidden(x)))  # (B, H)
         logits = self.classifier(x)  # (B, C)
@@ -136,8 +138,11 @@ class EarlyExitModel(nn.Module):
     """An encoder with one exit per layer. ``forward`` runs every layer (training, offline replay);
     :mod:`layerexit.runtime.loop` runs only the layers each sample needs."""
 
-    def __init__(self, backbone: Backbone, config: ExitConfig) -> None:
+    def __init__(self, backbone: Backbone, config: ExitConfig, final: nn.Module | None = None) -> None:
+        """``final``: the fine-tuned classifier's own head as the last exit (``config.final_head == "native"``)."""
         super().__init__()
+        if (final is not None) != (config.final_head == "native"):
+            raise LayerExitError("a native final head is given exactly when config.final_head is 'native'")
         if config.num_layers not in (0, backbone.num_layers):
             raise LayerExitError(
                 f"config has {config.num_layers} exits but the backbone has {backbone.num_layers} layers"
@@ -149,6 +154,8 @@ class EarlyExitModel(nn.Module):
             ExitHead(backbone.hidden_size, config.num_labels, config.head, config.pooling, config.dropout)
             for _ in range(backbone.num_layers)
         )
+        if final is not None:
+            self.exits[-1] = final
         if config.temperatures:
             self.set_temperatures(config.temperatures)
 
@@ -158,7 +165,7 @@ class EarlyExitModel(nn.Module):
             raise LayerExitError(f"temperatures must be {self.num_layers} positive numbers, got {temperatures}")
         self.config.temperatures = [float(t) for t in temperatures]
         for head, t in zip(self.exits, temperatures, strict=True):
-            cast(ExitHead, head).temperature = float(t)
+            cast(ExitHead, head).temperature = float(t)  # a NativeHead has the same attribute
 
     @property
     def num_layers(self) -> int:
@@ -191,6 +198,38 @@ class EarlyExitModel(nn.Module):
             **config,
         )
         return cls(wrap(encoder), exit_config)
+
+    @classmethod
+    def from_classifier(cls, name_or_path: str, *, seed: int | None = None, **config: Any) -> EarlyExitModel:
+        """Exits around a fine-tuned sequence classifier (local folder or hub name): its encoder, and its own
+        head as the last exit, unchanged; the internal exits are fresh. Labels and their names are its own.
+        ``pooling="auto"`` pools the last token of a decoder and the mean of an encoder's tokens."""
+        from transformers import AutoModelForSequenceClassification
+
+        from layerexit.native_heads import label_names, split_classifier
+
+        try:
+            classifier = AutoModelForSequenceClassification.from_pretrained(name_or_path, use_safetensors=True)
+        except (OSError, ValueError) as err:
+            raise LayerExitError(
+                f"cannot load a sequence classifier from {name_or_path!r} (safetensors weights are needed): {err}"
+            ) from None
+        encoder, head = split_classifier(classifier)
+        backbone = wrap(encoder)
+        if config.get("pooling", "auto") == "auto":
+            config["pooling"] = "last" if backbone.causal else "mean"
+        if seed is not None:
+            torch.manual_seed(seed)
+        names = label_names(classifier.config)
+        exit_config = ExitConfig(
+            backbone=name_or_path,
+            num_labels=len(names),
+            label_names=names,
+            backbone_revision=getattr(classifier.config, "_commit_hash", None),
+            final_head="native",
+            **config,
+        )
+        return cls(backbone, exit_config, final=head).eval()
 
     def forward(
         self,
@@ -272,8 +311,18 @@ class EarlyExitModel(nn.Module):
         def build(device: str) -> EarlyExitModel:
             with torch.device(device):
                 try:
+                    fresh = replace(config, temperatures=list(config.temperatures))
+                    if config.final_head == "native":
+                        from transformers import AutoModelForSequenceClassification
+
+                        from layerexit.native_heads import split_classifier
+
+                        encoder, head = split_classifier(
+                            AutoModelForSequenceClassification.from_config(backbone_config)
+                        )
+                        return cls(wrap(encoder), fresh, final=head)
                     encoder = without_pooler(AutoModel.from_config(backbone_config))
-                    return cls(wrap(encoder), replace(config, temperatures=list(config.temperatures)))
+                    return cls(wrap(encoder), fresh)
                 except LayerExitError:
                     raise
                 except Exception as err:  # transformers and torch raise many types for sizes they cannot use

@@ -7,6 +7,7 @@ A run folder (``layerexit train --output RUN``) holds::
     layerexit.json         the exits' config (ExitConfig)      model.safetensors  weights (encoder + exits)
     backbone/              the encoder's config and tokenizer  train_log.jsonl    losses during training
     train_summary.json     written when training finished      checkpoint/        while training (resumable)
+    retrofit.json          `layerexit retrofit`'s options (its runs only)
     eval/                  report.json, points.csv, exit_layers.csv, tradeoff.png, probs_<split>.safetensors
     eval-onnx/, eval-onnx-int8/   the same, from the exported graphs
     calibration.json       `layerexit calibrate`               bench.json         `layerexit bench`
@@ -38,6 +39,7 @@ CONFIG = "config.json"
 DATA_INFO = "data.json"
 TRAIN_LOG = "train_log.jsonl"
 SUMMARY = "train_summary.json"
+RETROFIT = "retrofit.json"
 CHECKPOINT = "checkpoint"
 EVAL = "eval"
 CALIBRATION = "calibration.json"
@@ -82,6 +84,11 @@ class RunFolder:
     @property
     def train_log_file(self) -> Path:
         return self.path / TRAIN_LOG
+
+    @property
+    def retrofit_file(self) -> Path:
+        """The options of ``layerexit retrofit`` (a retrofitted run also has ``config.json``)."""
+        return self.path / RETROFIT
 
     @property
     def summary_file(self) -> Path:

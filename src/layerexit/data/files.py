@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from layerexit.data.tables import AUTO, _column, _read_text, _table_rows
-from layerexit.data.tasks import TaskData, _finish, _index_labels, _merge_skipped, _raw_label, _RawSplit, _with_dev
+from layerexit.data.tasks import (
+    UNLABELLED,
+    TaskData,
+    _finish,
+    _index_labels,
+    _merge_skipped,
+    _raw_label,
+    _RawSplit,
+    _with_dev,
+)
 from layerexit.errors import LayerExitError
 
 
@@ -106,19 +115,32 @@ def _read_jsonl_file(path: Path, text: str, cols: _Columns) -> _RawSplit:
     return raw
 
 
-_SUFFIXES = {".csv": ",", ".tsv": "\t", ".jsonl": ""}
+def _read_lines_file(path: Path, text: str) -> _RawSplit:
+    """A plain text file: one unlabelled text per line (blank lines are skipped, not counted); it has no
+    columns, so a label column named for other files does not apply to it."""
+    raw = _RawSplit(str(path), "line")
+    for line, content in enumerate(text.split("\n"), start=1):
+        if content.strip():
+            raw.add(line, content.strip(), None, "", False)
+    return raw
+
+
+_SUFFIXES = {".csv": ",", ".tsv": "\t", ".jsonl": "", ".txt": ""}
 
 
 def _read_user_file(path: Path, cols: _Columns, encoding: str) -> _RawSplit:
     suffix = path.suffix.lower()
     if suffix not in _SUFFIXES:
-        raise LayerExitError(f"{path}: unsupported file type {path.suffix!r}; use .csv, .tsv or .jsonl")
+        raise LayerExitError(f"{path}: unsupported file type {path.suffix!r}; use .csv, .tsv, .jsonl or .txt")
+    if suffix == ".txt" and cols.pair is not None:
+        raise LayerExitError(f"{path}: a .txt file holds one text per line, without pairs; use a CSV/TSV/JSONL file")
     text = _read_text(path, encoding)
-    raw = (
-        _read_jsonl_file(path, text, cols)
-        if suffix == ".jsonl"
-        else _read_table_file(path, text, _SUFFIXES[suffix], cols)
-    )
+    if suffix == ".txt":
+        raw = _read_lines_file(path, text)
+    elif suffix == ".jsonl":
+        raw = _read_jsonl_file(path, text, cols)
+    else:
+        raw = _read_table_file(path, text, _SUFFIXES[suffix], cols)
     if not raw.rows:
         reasons = ", ".join(f"{n} with {r}" for r, n in raw.skipped.items())
         raise LayerExitError(f"{path}: no usable rows ({reasons})")
@@ -146,13 +168,18 @@ def _user_task(
     max_eval: int | None,
     seed: int,
 ) -> TaskData:
-    label_names, splits = _index_labels(raw, None)
+    labelled = any(label for part in raw.values() for *_, label in part.rows)
+    label_names, splits = _index_labels(raw, None if labelled else [""])
+    label_names = label_names if labelled else [UNLABELLED]
     splits, rule = _with_dev(splits, name, sources["train"])
     info = {
         "source": sources,
         "split_rule": rule,
         **extra,
-        "labels": "label names are the distinct training labels, sorted (numerically if all are integers)",
+        "labels": "label names are the distinct training labels, sorted (numerically if all are integers)"
+        if labelled
+        else "none: the texts are unlabelled",
+        "labelled": labelled,
         "skipped": _merge_skipped(raw),
     }
     return _finish(name, label_names, "accuracy", splits, info, max_train, max_eval, seed)

@@ -27,7 +27,7 @@ def _split_files(folder: Path) -> dict[str, Path]:
         present = ", ".join(sorted(p.name for p in folder.iterdir())[:20]) or "nothing"
         known = ", ".join(f"'{k}'" for k in sorted(_LAYOUTS))
         raise LayerExitError(
-            f"{folder}: no train file (train.csv, train.tsv or train.jsonl, with dev/validation "
+            f"{folder}: no train file (train.csv, train.tsv, train.jsonl or train.txt, with dev/validation "
             f"and test files alongside) and not a known benchmark folder ({known}); found: {present}"
         )
     return {split: found[split][0] for split in ("train", "dev", "test") if split in found}
@@ -60,7 +60,7 @@ def load_task(
     """
     _check_limit(max_train, "max_train")
     _check_limit(max_eval, "max_eval")
-    cols = _Columns(text_column, text_pair_column, label_column)
+    cols = _Columns(text_column, text_pair_column, label_column or None)
     custom_columns = cols != _Columns("text", None, "label")
     spec_text = str(spec)
     if spec_text in _BUILTINS:

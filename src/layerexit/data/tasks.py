@@ -74,6 +74,36 @@ class TaskData:
         """Whether the examples are text pairs (premise and hypothesis, say) rather than single texts."""
         return any(ex.text_pair is not None for ex in self.splits["train"])
 
+    def relabelled(self, names: Sequence[str]) -> TaskData:
+        """This task with its labels named and numbered as ``names`` (a classifier's ``id2label``): each
+        label of the data must be one of them, or the integer ``i`` where the classifier names ``LABEL_i``.
+        Unlabelled texts simply take the names."""
+        names = list(names)
+        if not self.labelled:
+            return TaskData(self.name, names, self.metric, self.splits, dict(self.info))
+        index = {name: i for i, name in enumerate(names)}
+        mapping = []
+        for name in self.label_names:
+            found = index.get(name, index.get(f"LABEL_{name}") if name.isdigit() else None)
+            if found is None:
+                raise LayerExitError(
+                    f"the data's label {name!r} is not one of the classifier's labels {names}; give data "
+                    "labelled with the classifier's label names, or texts without labels (label column '')"
+                )
+            mapping.append(found)
+        if self.label_names == names:
+            return self
+        splits = {
+            split: [Example(ex.text, ex.text_pair, mapping[ex.label]) for ex in examples]
+            for split, examples in self.splits.items()
+        }
+        return TaskData(self.name, names, self.metric, splits, dict(self.info))
+
+    @property
+    def labelled(self) -> bool:
+        """False for texts read without labels (every example then has label 0, :data:`UNLABELLED`)."""
+        return bool(self.info.get("labelled", True))
+
     @property
     def num_labels(self) -> int:
         """Number of classes."""
@@ -126,16 +156,34 @@ class _RawSplit:
 
 
 def _raw_label(value: Any, where: str) -> str:
-    """A label as a string key: strings (stripped) and integers are accepted, anything else is an error."""
+    """A label as a string key, as users store labels: strings (stripped), integers, booleans, and floats
+    that hold integers (``1.0``, as pandas writes an integer column with gaps). Booleans keep the file's
+    spelling (``true``/``false`` in JSON); anything else is an error naming the place."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, str) and value.strip():
-        return value.strip()
-    if isinstance(value, int) and not isinstance(value, bool):
+        text = value.strip()
+        return _integer_text(text) or text
+    if isinstance(value, int):
         return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     if isinstance(value, str) or value is None:
         raise LayerExitError(f"{where}: empty label")
     raise LayerExitError(
-        f"{where}: label must be a string or an integer, found {type(value).__name__} {str(value)[:40]!r}"
+        f"{where}: label must be a string, an integer, a boolean or a float holding an integer, "
+        f"found {type(value).__name__} {str(value)[:40]!r}"
     )
+
+
+def _integer_text(text: str) -> str | None:
+    """``"1.0"`` -> ``"1"``: a float cell that holds an integer names the same label as the integer."""
+    match = re.fullmatch(r"(-?\d{1,18})\.0*", text)
+    return match.group(1) if match else None
+
+
+UNLABELLED = "(unlabelled)"
+"""The one label name of a task read without labels (``label_column=""``, or a ``.txt`` file)."""
 
 
 def _label_order(labels: Iterable[str]) -> list[str]:

@@ -239,6 +239,8 @@ def evaluate_run(
     report["model"] = config.model
     report["objective"] = config.objective
     report["runtime"] = runtime
+    if info.get("labels") == "reference":
+        report["labels"] = "reference: the texts are unlabelled, so accuracy is agreement with the classifier"
     report["forward_seconds"] = _carried_seconds(run, runtime, seconds)
     run.write_json(run.report_file(runtime), report)
     write_points_csv(points, run.points_file(runtime))
@@ -302,8 +304,11 @@ class SplitSource:
         if self._runtime is None:
             self._runtime = load_runtime(self.run, self.runtime_name, model=self.model)
         probs = loop.collect_probs(self._runtime, encoded, self.batch_size, pad_id, progress=self.progress)
-        self.run.write_probs(split, probs, encoded.labels, self.runtime_name)
-        return probs, encoded.labels
+        labels = encoded.labels
+        if self.run.data_info().get("labels") == "reference":  # unlabelled texts: the classifier labels them
+            labels = probs[-1].argmax(-1)
+        self.run.write_probs(split, probs, labels, self.runtime_name)
+        return probs, labels
 
 
 def load_run_split(
@@ -314,6 +319,8 @@ def load_run_split(
 
     config = run.config()
     task = config.load_task()
+    if model.config.final_head == "native":  # a retrofitted classifier numbers the labels its own way
+        task = task.relabelled(list(model.config.label_names))
     examples = task.splits.get(split)
     if not examples:
         if not required:

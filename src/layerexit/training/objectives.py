@@ -21,7 +21,7 @@ from layerexit import losses
 Trainable = Literal["all", "internal_exits"]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
-OBJECTIVES = ("ensemble", "relevancy", "pabee", "finetune", "deebert", "fastbert", "righttool", "static")
+OBJECTIVES = ("ensemble", "relevancy", "pabee", "finetune", "deebert", "fastbert", "righttool", "static", "retrofit")
 STARTS_WITH_FINETUNE = ("deebert", "fastbert")
 """Two-stage methods whose first stage is the whole ``finetune`` method (:mod:`.reuse`)."""
 OBJECTIVE_HELP = {
@@ -33,6 +33,7 @@ OBJECTIVE_HELP = {
     "fastbert": "FastBERT: fine-tune backbone + final exit, then distil the final exit into the internal ones",
     "righttool": "RightTool: relevancy (uniform), then per-exit temperatures fitted on dev",
     "static": "a model cut to its first `static_layers` layers with one classifier",
+    "retrofit": "exits added to a fine-tuned classifier, its encoder frozen and its head kept (`layerexit retrofit`)",
 }
 
 
@@ -138,6 +139,8 @@ def build(
         if static_layers is None or not 1 <= static_layers <= num_layers:
             raise ValueError(f"objective 'static' needs static_layers in [1, {num_layers}], got {static_layers}")
         return [Stage(f"static-{static_layers}", final_exit_ce, "all", static_layers, (static_layers,))]
+    if name == "retrofit":
+        raise ValueError("retrofit starts from a fine-tuned classifier: run `layerexit retrofit CLASSIFIER --task ...`")
     raise ValueError(f"unknown objective {name!r}; known: {', '.join(OBJECTIVES)}")
 
 

@@ -43,6 +43,16 @@ def resolve_pooling(config: TrainConfig, encoder_path: str) -> str:
     """
     if config.pooling != "auto":
         return config.pooling
+    from transformers import AutoConfig
+
+    from layerexit.backbones import DecoderBackbone
+
+    try:
+        model_type = AutoConfig.from_pretrained(encoder_path).model_type
+    except (OSError, ValueError):  # loading the encoder itself says what is wrong
+        model_type = ""
+    if model_type in DecoderBackbone.model_types:
+        return "last"  # causal attention: only the last token has read the whole input
     folder = Path(encoder_path)
     sentence_transformer = (folder / "modules.json").is_file() or (folder / "1_Pooling").is_dir()
     return "mean" if sentence_transformer else "first"

@@ -1,0 +1,335 @@
+"""Retrofit: internal exits for a classifier the user already has, its encoder frozen, its head kept.
+
+``layerexit retrofit CLASSIFIER --task DATA`` loads a fine-tuned sequence classifier, keeps its own head
+as the last exit (:mod:`layerexit.native_heads`), runs its frozen encoder once over the training texts,
+keeps every layer's pooled state and the classifier's own logits, and then trains each internal exit on
+those cached states for as many epochs as it needs: seconds per epoch, not an encoder pass each. Each
+exit keeps the epoch whose loss on a held-out share of the training texts is lowest.
+
+The exits learn from the classifier's own output distribution (``--loss distill``, no labels needed),
+from the labels (``labels``), or from both (``both``, the mean of the two losses). Texts without labels
+(a ``.txt`` file, or ``--label-column ''``) are labelled by the classifier itself: evaluation then
+reports agreement with it as the accuracy. The result is an ordinary run folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from layerexit.atomic import write_text
+from layerexit.config import TrainConfig, _check_types, option, save_config
+from layerexit.data.encoding import Encoded, batches, encode_split, load_tokenizer
+from layerexit.errors import LayerExitError
+from layerexit.model import EarlyExitModel, ExitHead
+from layerexit.pooling import Pooling, pool
+from layerexit.run_folder import RunFolder
+from layerexit.training.recipe import seed_everything
+
+Loss = Literal["distill", "labels", "both"]
+
+
+@dataclass
+class RetrofitConfig:
+    """The options of ``layerexit retrofit``; saved as ``retrofit.json`` beside the run's ``config.json``."""
+
+    classifier: str = option("", "the fine-tuned sequence classifier: a local folder (save_pretrained) or a hub name")
+    task: str = option(
+        "",
+        "texts to train the exits on: a built-in task, a CSV/TSV/JSONL file or folder (with labels, or without: "
+        "--label-column ''), or a .txt file of one text per line",
+    )
+    output: str = option("", "run folder to create (default: runs/<task>-<classifier>-retrofit-seed<seed>)")
+    loss: Literal["distill", "labels", "both"] = option(
+        "distill",
+        "what the exits learn: the classifier's own output distribution (distill, needs no labels), the labels, "
+        "or both; chosen by the retrofit benchmark (docs/retrofit.md)",
+    )
+    head: Literal["mlp", "linear"] = option("mlp", "internal exits: one-hidden-layer MLP or linear")
+    pooling: Literal["auto", "mean", "first", "last"] = option(
+        "auto", "how an internal exit pools its layer's tokens; auto = the last token for decoders, else the mean"
+    )
+    epochs: int = option(30, "epochs over the cached states; each exit keeps its best epoch on the held-out share")
+    lr: float = option(1e-3, "peak learning rate of AdamW for the exits")
+    batch_size: int = option(128, "exit training batch size (cached states)")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    exit_dropout: float = option(0.1, "dropout inside the internal exits")
+    holdout: float = option(0.1, "share of the training texts held out to choose each exit's epoch")
+    max_length: int = option(128, "tokens per input (longer inputs are truncated, as the classifier's pipeline does)")
+    eval_batch_size: int = option(64, "batch size of the encoder pass")
+    max_train: int = option(0, "use at most this many training texts (0: all)")
+    max_eval: int = option(0, "use at most this many dev and test texts each (0: all)")
+    text_column: str = option("text", "column of the text, for data files")
+    text_pair_column: str = option("", "column of the second text of a pair, for data files")
+    label_column: str = option("label", "column of the label, for data files ('': the texts have no labels)")
+    seed: int = option(0, "random seed (exit weights, data order, dropout)")
+    data_seed: int = option(0, "seed of the --max-train / --max-eval subsets")
+    threads: int = option(0, "torch threads (0: torch's default)")
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        checks = [
+            (bool(self.classifier), "give the fine-tuned classifier (a folder or a hub name)"),
+            (bool(self.task), "give --task: the texts to train the exits on"),
+            (self.loss in ("distill", "labels", "both"), f"--loss must be distill, labels or both, got {self.loss!r}"),
+            (self.head in ("mlp", "linear"), f"--head must be mlp or linear, got {self.head!r}"),
+            (
+                self.pooling in ("auto", "mean", "first", "last"),
+                f"--pooling must be auto, mean, first or last, got {self.pooling!r}",
+            ),
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}"),
+            (self.batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be >= 1"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.exit_dropout < 1, f"--exit-dropout must be in [0, 1), got {self.exit_dropout}"),
+            (0 < self.holdout < 0.5, f"--holdout must be in (0, 0.5), got {self.holdout}"),
+            (self.max_length >= 8, f"--max-length must be >= 8, got {self.max_length}"),
+            (self.max_train >= 0 and self.max_eval >= 0, "--max-train and --max-eval must be >= 0"),
+            (self.threads >= 0, "--threads must be >= 0"),
+            (0 <= self.seed < 2**32 and 0 <= self.data_seed < 2**32, "seeds must be in [0, 2**32)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LayerExitError(message)
+
+    def run_name(self) -> str:
+        return f"{self.train_config('').slug()}-retrofit-seed{self.seed}"
+
+    def train_config(self, output: str) -> TrainConfig:
+        """The run's ``config.json``: what evaluation, serving and the report read from any run."""
+        return TrainConfig(
+            model=self.classifier,
+            task=self.task,
+            output=output,
+            objective="retrofit",
+            head=self.head,
+            pooling=self.pooling,
+            epochs=self.epochs,
+            head_lr=self.lr,
+            batch_size=self.batch_size,
+            eval_batch_size=self.eval_batch_size,
+            max_length=self.max_length,
+            weight_decay=self.weight_decay,
+            max_train=self.max_train,
+            max_eval=self.max_eval,
+            text_column=self.text_column,
+            text_pair_column=self.text_pair_column,
+            label_column=self.label_column,
+            seed=self.seed,
+            data_seed=self.data_seed,
+            threads=self.threads,
+            exit_dropout=self.exit_dropout,
+        )
+
+
+@dataclass
+class Cache:
+    """What the frozen encoder computed once: pooled states of the internal layers and the classifier's logits."""
+
+    states: Tensor
+    """(L - 1, N, H) float32: the pooled state after each internal layer."""
+    reference: Tensor
+    """(N, C): the classifier's own logits (the last exit)."""
+
+
+@torch.inference_mode()
+def cache_states(
+    model: EarlyExitModel,
+    data: Encoded,
+    batch_size: int,
+    pad_id: int,
+    progress: bool,
+    poolings: tuple[Pooling, ...] | None = None,
+) -> dict[str, Cache]:
+    """One pass of the frozen encoder over ``data``, in batches of similar lengths: for each pooling (the
+    exits' own by default), the pooled states of the internal layers, and the classifier's logits."""
+    model.eval()
+    n, layers = len(data), model.num_layers
+    poolings = poolings or (cast(ExitHead, model.exits[0]).pooling,)
+    states = {how: torch.empty(layers - 1, n, model.backbone.hidden_size) for how in poolings}
+    reference = torch.empty(n, model.num_labels)
+    bar = tqdm(total=n, desc="encoder pass", unit="text", disable=not progress)
+    for batch in batches(data, batch_size, pad_id, by_length=True):
+        mask, rows = batch["attention_mask"], batch["index"]
+        hidden = model.backbone.embed(batch["input_ids"], mask, batch.get("token_type_ids"))
+        kwargs = model.backbone.layer_kwargs(hidden, mask)
+        for i in range(layers):
+            hidden = model.backbone.layer(i, hidden, kwargs)
+            if i < layers - 1:
+                for how in poolings:
+                    states[how][i, rows] = pool(hidden, mask, how).float()
+        reference[rows] = model.exits[-1](hidden, mask).float()
+        bar.update(len(rows))
+    bar.close()
+    return {how: Cache(states[how], reference) for how in poolings}
+
+
+def fresh_exits(model: EarlyExitModel, head: str, pooling: Pooling, dropout: float, seed: int) -> None:
+    """Replace the internal exits by new ones (the last exit, the classifier's head, stays)."""
+    torch.manual_seed(seed)
+    for i in range(model.num_layers - 1):
+        model.exits[i] = ExitHead(model.backbone.hidden_size, model.num_labels, cast(Any, head), pooling, dropout)
+    model.config.head, model.config.pooling, model.config.dropout = cast(Any, head), pooling, dropout
+
+
+def exit_loss(logits: Tensor, reference: Tensor, labels: Tensor, loss: Loss) -> Tensor:
+    """The loss of one exit: KL divergence to the classifier's distribution, cross-entropy, or their mean."""
+    log_probs = logits.float().log_softmax(-1)
+    distill = F.kl_div(log_probs, reference.float().log_softmax(-1), reduction="batchmean", log_target=True)
+    if loss == "distill":
+        return distill
+    hard = F.nll_loss(log_probs, labels)
+    return hard if loss == "labels" else (distill + hard) / 2
+
+
+def fit_exits(
+    model: EarlyExitModel,
+    train: Cache,
+    train_labels: Tensor,
+    held: Cache,
+    held_labels: Tensor,
+    config: RetrofitConfig,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Train the internal exits on cached states; each keeps its epoch of lowest held-out loss."""
+    heads = [cast(ExitHead, model.exits[i]) for i in range(model.num_layers - 1)]
+    params = [p for head in heads for p in head.parameters()]
+    decay = [p for p in params if p.dim() > 1]
+    rest = [p for p in params if p.dim() <= 1]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=config.lr
+    )
+    n = train.states.shape[1]
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    warmup = max(1, int(0.05 * total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    best: list[dict[str, Any]] = [{"epoch": 0, "loss": math.inf, "state": None} for _ in heads]
+    history: list[list[float]] = []
+    bar = tqdm(range(1, config.epochs + 1), desc="exits", unit="epoch", disable=not progress)
+    for epoch in bar:
+        for head in heads:
+            head.train()
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, config.batch_size):
+            rows = order[start : start + config.batch_size]
+            reference, labels = train.reference[rows], train_labels[rows]
+            loss = sum(
+                exit_loss(head.classify(train.states[i, rows]), reference, labels, config.loss)
+                for i, head in enumerate(heads)
+            )
+            optimizer.zero_grad(set_to_none=True)
+            cast(Tensor, loss).backward()
+            optimizer.step()
+            scheduler.step()
+        losses = held_out_losses(heads, held, held_labels, config.loss)
+        history.append([round(x, 5) for x in losses])
+        for i, value in enumerate(losses):
+            if value < best[i]["loss"]:
+                best[i] = {"epoch": epoch, "loss": value, "state": copy.deepcopy(heads[i].state_dict())}
+        bar.set_postfix(held_out=f"{sum(losses) / len(losses):.4f}")
+    for head, chosen in zip(heads, best, strict=True):
+        head.load_state_dict(chosen["state"])
+        head.eval()
+    return [
+        {"exit": i + 1, "best_epoch": chosen["epoch"], "held_out_loss": round(chosen["loss"], 5)}
+        for i, chosen in enumerate(best)
+    ] + [{"held_out_loss_by_epoch": history}]
+
+
+@torch.no_grad()
+def held_out_losses(heads: list[ExitHead], held: Cache, labels: Tensor, loss: Loss) -> list[float]:
+    values = []
+    for i, head in enumerate(heads):
+        head.eval()
+        values.append(float(exit_loss(head.classify(held.states[i]), held.reference, labels, loss)))
+    return values
+
+
+def _rows(cache: Cache, rows: Tensor) -> Cache:
+    return Cache(cache.states[:, rows], cache.reference[rows])
+
+
+def retrofit(config: RetrofitConfig, *, progress: bool = True) -> Path:
+    """Add trained internal exits to ``config.classifier``; returns the new run folder."""
+    run_dir = Path(config.output or Path("runs") / config.run_name())
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise LayerExitError(f"{run_dir} already exists and is not empty; choose another --output or remove it")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    seed_everything(config.seed)
+    started = time.perf_counter()
+    model = EarlyExitModel.from_classifier(
+        config.classifier, seed=config.seed, head=config.head, pooling=config.pooling, dropout=config.exit_dropout
+    )
+    tokenizer = load_tokenizer(config.classifier)
+    positions = model.backbone.max_positions
+    if positions is not None and config.max_length > positions:
+        raise LayerExitError(f"--max-length {config.max_length} exceeds the classifier's {positions} positions")
+    train_config = config.train_config(str(run_dir))
+    task = train_config.load_task().relabelled(list(model.config.label_names))
+    if config.loss != "distill" and not task.labelled:
+        raise LayerExitError(f"--loss {config.loss} needs labels, and {config.task} has none; use --loss distill")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = encode_split(tokenizer, task.splits["train"], config.max_length, model.backbone.uses_token_type_ids)
+    cache = next(iter(cache_states(model, encoded, config.eval_batch_size, pad_id, progress).values()))
+    encoder_seconds = time.perf_counter() - started
+    labels = encoded.labels if task.labelled else cache.reference.argmax(-1)
+
+    order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(config.seed))
+    held_count = max(1, round(config.holdout * len(encoded)))
+    if len(encoded) - held_count < 1:
+        raise LayerExitError(f"{config.task}: {len(encoded)} training text(s) are too few to hold some out")
+    held_rows, train_rows = order[:held_count], order[held_count:]
+    exits = fit_exits(
+        model,
+        _rows(cache, train_rows),
+        labels[train_rows],
+        _rows(cache, held_rows),
+        labels[held_rows],
+        config,
+        progress,
+    )
+    seconds = time.perf_counter() - started
+
+    run = RunFolder(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(train_config, run.config_file)
+    run.write_json(run.retrofit_file, asdict(config))
+    info = {
+        "task": task.name,
+        "label_names": list(task.label_names),
+        "metric": task.metric,
+        "sizes": {k: len(v) for k, v in task.splits.items()},
+        "text_pairs": task.has_pairs,
+        "labels": "given" if task.labelled else "reference",
+        "info": task.info,
+    }
+    write_text(run.data_file, json.dumps(info, indent=2, default=str) + "\n")
+    model.save_pretrained(run_dir, tokenizer)
+    summary = {
+        "method": "retrofit",
+        "classifier": config.classifier,
+        "train_texts": len(train_rows),
+        "held_out_texts": len(held_rows),
+        "labelled": task.labelled,
+        "encoder_pass_seconds": round(encoder_seconds, 1),
+        "seconds": round(seconds, 1),
+        "exits": exits,
+        "config": asdict(config),
+    }
+    write_text(run.summary_file, json.dumps(summary, indent=2) + "\n")
+    return run_dir
