@@ -18,7 +18,8 @@ transformers, its standard head, ``save_pretrained``). Then:
     .venv/bin/python benchmarks/retrofit.py --classifier runs/classifiers/tweets-binary-minilm \\
         --task tweets-binary --max-length 64 --threads 2 --out runs/retrofit-bench/tweets-binary --sweep
 
-Figures are printed and written to ``OUT/retrofit_bench.json``.
+Figures are printed and written to ``OUT/retrofit_bench.json``; every exit's probabilities on dev and test
+(float16) to ``OUT/probs_<split>.safetensors``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from layerexit import strategies
 from layerexit.cli import main as cli
@@ -87,6 +89,8 @@ def sweep(args: argparse.Namespace, base: RetrofitConfig) -> list[dict[str, Any]
     ]
     candidates += [{"head": "mlp", "pooling": "mean", "loss": loss, "epochs": 30} for loss in ("labels", "both")]
     candidates += [{"head": "mlp", "pooling": "mean", "loss": "distill", "epochs": e} for e in (10, 60)]
+    if args.candidates:  # a later round: e.g. '[{"head": "mlp", "pooling": "mean", "loss": "both", "epochs": 100}]'
+        candidates = json.loads(args.candidates)
     results = []
     for candidate in candidates:
         config = replace(base, **candidate)
@@ -112,6 +116,7 @@ def sweep(args: argparse.Namespace, base: RetrofitConfig) -> list[dict[str, Any]
         per_exit = (probs.argmax(-1) == probs[-1].argmax(-1)).float().mean(-1)
         row = {
             **candidate,
+            "lr": config.lr,
             "train_seconds": round(seconds, 1),
             "best_epochs": [e["best_epoch"] for e in picked[:-1]],
             "dev_agreement_per_exit": [round(float(a), 4) for a in per_exit],
@@ -187,6 +192,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--sweep", action="store_true", help="measure the exits' head, pooling, loss and epochs on dev")
+    parser.add_argument("--sweep-only", action="store_true", help="the sweep alone (OUT/retrofit_sweep.json)")
+    parser.add_argument("--candidates", default="", help="JSON list of sweep candidates instead of the first round")
+    parser.add_argument("--sweep-name", default="retrofit_sweep", help="file name (no suffix) of the sweep's JSON")
     parser.add_argument("--skip-unlabelled", action="store_true")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -199,8 +207,11 @@ def main() -> None:
         max_eval=args.max_eval,
     )
     figures: dict[str, Any] = {"classifier": str(args.classifier), "task": args.task, "threads": args.threads}
-    if args.sweep:
+    if args.sweep or args.sweep_only:
         figures["sweep"] = sweep(args, base)
+        (args.out / f"{args.sweep_name}.json").write_text(json.dumps(figures, indent=2) + "\n")
+        if args.sweep_only:
+            return
 
     task = base.train_config("").load_task()
     labelled = end_to_end(args, base, "labelled", args.task)
@@ -231,6 +242,12 @@ def main() -> None:
             unlabelled = end_to_end(args, base, "unlabelled", str(folder))
             unlabelled.pop("_probs"), unlabelled.pop("_labels")
             figures["unlabelled"] = unlabelled
+    for split in ("dev", "test"):  # small enough to keep: every exit's probabilities, float16
+        stored, stored_labels = RunFolder(args.out / "labelled").read_probs(split)
+        save_file(
+            {"probs": stored.to(torch.float16).contiguous(), "labels": stored_labels.contiguous()},
+            str(args.out / f"probs_{split}.safetensors"),
+        )
     (args.out / "retrofit_bench.json").write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps(figures, indent=2))
 

@@ -129,6 +129,12 @@ def test_retrofit_keeps_the_classifiers_answers(user_classifier: tuple[Path, Pat
         == 0
     )
     assert main(["predict", str(run), "good movie", "--quiet"]) == 0
+    assert main(["export", str(run), "--runtime", "onnx", "--quiet"]) == 0
+    assert main(["bench", str(run), "--samples", "8", "--batch-sizes", "1", "4", "--repeats", "1", "--threads", "1",
+                 "--runtime", "torch", "onnx", "--quiet"]) == 0  # fmt: skip
+    assert json.loads(folder.bench_file.read_text())
+    assert main(["report", str(run), "--quiet"]) == 0
+    assert "retrofit" in (run / "report.html").read_text()
 
 
 def test_a_retrofitted_run_answers_over_http(user_classifier: tuple[Path, Path], retrofitted: Path) -> None:

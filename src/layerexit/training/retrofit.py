@@ -36,8 +36,6 @@ from layerexit.pooling import Pooling, pool
 from layerexit.run_folder import RunFolder
 from layerexit.training.recipe import seed_everything
 
-Loss = Literal["distill", "labels", "both"]
-
 
 @dataclass
 class RetrofitConfig:
@@ -53,14 +51,16 @@ class RetrofitConfig:
     loss: Literal["distill", "labels", "both"] = option(
         "distill",
         "what the exits learn: the classifier's own output distribution (distill, needs no labels), the labels, "
-        "or both; chosen by the retrofit benchmark (docs/retrofit.md)",
+        "or the mean of both (chosen on dev: docs/retrofit.md)",
     )
     head: Literal["mlp", "linear"] = option("mlp", "internal exits: one-hidden-layer MLP or linear")
     pooling: Literal["auto", "mean", "first", "last"] = option(
         "auto", "how an internal exit pools its layer's tokens; auto = the last token for decoders, else the mean"
     )
-    epochs: int = option(30, "epochs over the cached states; each exit keeps its best epoch on the held-out share")
-    lr: float = option(1e-3, "peak learning rate of AdamW for the exits")
+    epochs: int = option(
+        100, "epochs over the cached states; each exit keeps its best epoch on the held-out share (docs/retrofit.md)"
+    )
+    lr: float = option(2e-3, "peak learning rate of AdamW for the exits (chosen on dev: docs/retrofit.md)")
     batch_size: int = option(128, "exit training batch size (cached states)")
     weight_decay: float = option(0.01, "AdamW weight decay")
     exit_dropout: float = option(0.1, "dropout inside the internal exits")
@@ -182,7 +182,7 @@ def fresh_exits(model: EarlyExitModel, head: str, pooling: Pooling, dropout: flo
     model.config.head, model.config.pooling, model.config.dropout = cast(Any, head), pooling, dropout
 
 
-def exit_loss(logits: Tensor, reference: Tensor, labels: Tensor, loss: Loss) -> Tensor:
+def exit_loss(logits: Tensor, reference: Tensor, labels: Tensor, loss: str) -> Tensor:
     """The loss of one exit: KL divergence to the classifier's distribution, cross-entropy, or their mean."""
     log_probs = logits.float().log_softmax(-1)
     distill = F.kl_div(log_probs, reference.float().log_softmax(-1), reduction="batchmean", log_target=True)
@@ -251,7 +251,7 @@ def fit_exits(
 
 
 @torch.no_grad()
-def held_out_losses(heads: list[ExitHead], held: Cache, labels: Tensor, loss: Loss) -> list[float]:
+def held_out_losses(heads: list[ExitHead], held: Cache, labels: Tensor, loss: str) -> list[float]:
     values = []
     for i, head in enumerate(heads):
         head.eval()
@@ -281,7 +281,7 @@ def retrofit(config: RetrofitConfig, *, progress: bool = True) -> Path:
         raise LayerExitError(f"--max-length {config.max_length} exceeds the classifier's {positions} positions")
     train_config = config.train_config(str(run_dir))
     task = train_config.load_task().relabelled(list(model.config.label_names))
-    if config.loss != "distill" and not task.labelled:
+    if config.loss in ("labels", "both") and not task.labelled:
         raise LayerExitError(f"--loss {config.loss} needs labels, and {config.task} has none; use --loss distill")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     encoded = encode_split(tokenizer, task.splits["train"], config.max_length, model.backbone.uses_token_type_ids)
