@@ -20,6 +20,7 @@ file whole, old or new. Every JSON read fails with a message naming the file and
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ from layerexit.runtime.base import parse_runtime
 
 if TYPE_CHECKING:
     from layerexit.config import TrainConfig
+    from layerexit.data.tasks import TaskData
 
 CONFIG = "config.json"
 DATA_INFO = "data.json"
@@ -240,6 +242,20 @@ class RunFolder:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, data)
         return path
+
+    def write_task(self, task: TaskData, **extra: Any) -> Path:
+        """``data.json``: the task's name, label names, metric, split sizes, whether inputs are text pairs,
+        its provenance, and ``extra`` (a retrofit's ``labels``: ``given`` or ``reference``)."""
+        info = {
+            "task": task.name,
+            "label_names": list(task.label_names),
+            "metric": task.metric,
+            "sizes": {k: len(v) for k, v in task.splits.items()},
+            "text_pairs": task.has_pairs,
+            **extra,
+            "info": task.info,
+        }
+        return self.write_text(self.data_file, json.dumps(info, indent=2, default=str) + "\n")
 
     def write_text(self, path: Path, text: str) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)

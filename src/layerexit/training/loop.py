@@ -118,15 +118,7 @@ def train(
     if runtime.is_main and start is None:  # a resumed run's files stay as they are until it is under way
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, RunFolder(run_dir).config_file)
-        info = {
-            "task": task.name,
-            "label_names": list(task.label_names),
-            "metric": task.metric,
-            "sizes": {k: len(v) for k, v in task.splits.items()},
-            "text_pairs": task.has_pairs,
-            "info": task.info,
-        }
-        write_text(RunFolder(run_dir).data_file, json.dumps(info, indent=2, default=str) + "\n")
+        RunFolder(run_dir).write_task(task)
         if source is not None:
             log_offset = reuse.copy_first_stage_files(source, run_dir, stages[0].name)
     if source is not None:

@@ -309,16 +309,7 @@ def retrofit(config: RetrofitConfig, *, progress: bool = True) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(train_config, run.config_file)
     run.write_json(run.retrofit_file, asdict(config))
-    info = {
-        "task": task.name,
-        "label_names": list(task.label_names),
-        "metric": task.metric,
-        "sizes": {k: len(v) for k, v in task.splits.items()},
-        "text_pairs": task.has_pairs,
-        "labels": "given" if task.labelled else "reference",
-        "info": task.info,
-    }
-    write_text(run.data_file, json.dumps(info, indent=2, default=str) + "\n")
+    run.write_task(task, labels="given" if task.labelled else "reference")
     model.save_pretrained(run_dir, tokenizer)
     summary = {
         "method": "retrofit",
