@@ -293,3 +293,19 @@ def test_newer_families_also_train_from_scratch(arch: str, tmp_path: Path) -> No
     assert main(args) == 0
     assert json.loads((run / "layerexit.json").read_text())["pooling"] == ("last" if arch == "qwen2" else "first")
     assert len(RunFolder(run).report()["splits"]["test"]["per_layer"]["accuracy"]) == 4
+
+
+def test_text_pairs_without_labels(user_classifier: tuple[Path, Path], tmp_path: Path) -> None:
+    """A CSV of pairs with no label column: --label-column '' reads it unlabelled."""
+    classifier, task = user_classifier
+    data = tmp_path / "pairs"
+    data.mkdir()
+    for split in ("train", "dev", "test"):
+        texts = [line.rsplit(",", 1)[0] for line in (task / f"{split}.csv").read_text().splitlines()[1:]]
+        (data / f"{split}.csv").write_text("premise,hypothesis\n" + "".join(f"{t},{t[::-1]}\n" for t in texts))
+    run = tmp_path / "run"
+    extra = ("--text-column", "premise", "--text-pair-column", "hypothesis", "--label-column", "")
+    assert main(retrofit_args(classifier, data, run, *extra)) == 0
+    folder = RunFolder(run)
+    assert folder.data_info()["labels"] == "reference" and folder.text_pairs()
+    assert folder.report()["splits"]["test"]["per_layer"]["accuracy"][-1] == 1.0
