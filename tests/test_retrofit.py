@@ -309,3 +309,11 @@ def test_text_pairs_without_labels(user_classifier: tuple[Path, Path], tmp_path:
     folder = RunFolder(run)
     assert folder.data_info()["labels"] == "reference" and folder.text_pairs()
     assert folder.report()["splits"]["test"]["per_layer"]["accuracy"][-1] == 1.0
+
+
+def test_a_cache_larger_than_memory_is_refused_before_the_encoder_pass() -> None:
+    from layerexit.training.retrofit import check_cache_fits
+
+    check_cache_fits(1000, 5, 384)  # 7 MiB
+    with pytest.raises(LayerExitError, match=r"need .* GiB, more than half of this machine's .* use --max-train"):
+        check_cache_fits(10**9, 11, 768)

@@ -15,8 +15,8 @@ reports agreement with it as the accuracy. The result is an ordinary run folder.
 from __future__ import annotations
 
 import copy
-import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from layerexit.atomic import write_text
 from layerexit.config import TrainConfig, _check_types, option, save_config
 from layerexit.data.encoding import Encoded, batches, encode_split, load_tokenizer
 from layerexit.errors import LayerExitError
@@ -174,6 +173,21 @@ def cache_states(
     return {how: Cache(states[how], reference) for how in poolings}
 
 
+def check_cache_fits(texts: int, layers: int, hidden: int, share: float = 0.5) -> None:
+    """Refuse, before the encoder pass, a cache of pooled states larger than ``share`` of this machine's memory."""
+    need = texts * layers * hidden * 4  # float32
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not every system says
+        return
+    if need > share * memory:
+        raise LayerExitError(
+            f"the cached states of {texts:,} training texts ({layers} layers x {hidden} values each) need "
+            f"{need / 2**30:.1f} GiB, more than half of this machine's {memory / 2**30:.0f} GiB; "
+            f"use --max-train {int(share * memory / (layers * hidden * 4)):,} or fewer"
+        )
+
+
 def fresh_exits(model: EarlyExitModel, head: str, pooling: Pooling, dropout: float, seed: int) -> None:
     """Replace the internal exits by new ones (the last exit, the classifier's head, stays)."""
     torch.manual_seed(seed)
@@ -283,6 +297,7 @@ def retrofit(config: RetrofitConfig, *, progress: bool = True) -> Path:
     task = train_config.load_task().relabelled(list(model.config.label_names))
     if config.loss in ("labels", "both") and not task.labelled:
         raise LayerExitError(f"--loss {config.loss} needs labels, and {config.task} has none; use --loss distill")
+    check_cache_fits(len(task.splits["train"]), model.num_layers - 1, model.backbone.hidden_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     encoded = encode_split(tokenizer, task.splits["train"], config.max_length, model.backbone.uses_token_type_ids)
     cache = next(iter(cache_states(model, encoded, config.eval_batch_size, pad_id, progress).values()))
@@ -322,5 +337,5 @@ def retrofit(config: RetrofitConfig, *, progress: bool = True) -> Path:
         "exits": exits,
         "config": asdict(config),
     }
-    write_text(run.summary_file, json.dumps(summary, indent=2) + "\n")
+    run.write_json(run.summary_file, summary)
     return run_dir
