@@ -241,10 +241,6 @@ class ModernBertBackbone(Backbone):
 
     model_types = ("modernbert",)
 
-    @property
-    def uses_token_type_ids(self) -> bool:
-        return False
-
     def embed(self, input_ids: Tensor, padding_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
         return self.model.embeddings(input_ids=input_ids)
 
@@ -286,10 +282,6 @@ class DecoderBackbone(Backbone):
 
     model_types = ("llama", "qwen2", "qwen3", "mistral")
     causal = True
-
-    @property
-    def uses_token_type_ids(self) -> bool:
-        return False
 
     def embed(self, input_ids: Tensor, padding_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
         return self.model.embed_tokens(input_ids)
