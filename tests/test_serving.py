@@ -214,6 +214,28 @@ def test_bad_input_is_a_4xx_naming_the_problem(client: TestClient, body: bytes, 
     assert message in response.json()["error"]
 
 
+def test_a_body_over_the_limit_is_a_413_before_it_is_read_whole(trained_run: Path) -> None:  # noqa: F811
+    from layerexit.predictor import Predictor
+
+    predictor = Predictor.from_run(trained_run, "entropy(threshold=0.5)")
+    engine = Engine(predictor.runtime, predictor.strategy, scheduler="pooled", max_queue=8)
+    model = Model(predictor.tokenizer, predictor.label_names, 12, predictor.model.backbone.uses_token_type_ids)
+    small = TestClient(build_app(engine, model, max_texts=4, max_body_bytes=100))
+    body = json.dumps({"texts": ["good " * 40]}).encode()  # 213 bytes
+    response = small.post("/v1/classify", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "at most 100 (--max-body-bytes)" in response.json()["error"]
+
+    def chunks() -> Any:  # no content-length: the limit is met while the body streams in
+        yield body[:80]
+        yield body[80:]
+
+    response = small.post("/v1/classify", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "more than 100 bytes" in response.json()["error"]
+    response = small.post("/v1/classify", json={"texts": ["good alpha"]})
+    assert response.status_code == 200 and response.json()["results"][0]["label"] in ("neg", "pos")
+    engine.close(drain=True)
+
+
 @pytest.mark.parametrize("pairs", [False, True])
 def test_tokenize_truncates_exactly_as_the_tokenizer_does(trained_run: Path, pairs: bool) -> None:  # noqa: F811
     from layerexit.predictor import Predictor

@@ -280,7 +280,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
 
 
-LIMITS = {"batch_size": 1, "batch_sizes": 1, "samples": 1, "repeats": 1, "threads": 0, "num_processes": 1, "seeds": 0}
+LIMITS = {
+    "batch_size": 1,
+    "batch_sizes": 1,
+    "samples": 1,
+    "repeats": 1,
+    "threads": 0,
+    "num_processes": 1,
+    "seeds": 0,
+    "max_body_bytes": 1,
+}
 """Lowest allowed value of integer options of the commands (TrainConfig checks its own fields)."""
 
 

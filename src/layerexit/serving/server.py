@@ -104,7 +104,7 @@ def build(args: argparse.Namespace) -> tuple[Any, EngineHandle]:
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
     )
-    return build_app(engine, model, max_texts=args.max_texts, info=shown), engine
+    return build_app(engine, model, max_texts=args.max_texts, max_body_bytes=args.max_body_bytes, info=shown), engine
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -144,6 +144,12 @@ def add_parsers(command: Any) -> None:
     )
     serve.add_argument("--max-queue", type=int, default=256, help="inputs held at most; beyond, 503")
     serve.add_argument("--max-texts", type=int, default=64, help="texts per request at most; beyond, 413")
+    serve.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=1 << 20,
+        help="request body size in bytes at most (1 MiB), checked while it is read, before parsing; beyond, 413",
+    )
     serve.add_argument("--threads", type=int, default=0, help="torch / ONNX Runtime threads (0: default)")
     serve.add_argument(
         "--engine",
