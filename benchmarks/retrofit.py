@@ -42,7 +42,14 @@ from layerexit.cli import main as cli
 from layerexit.data.encoding import encode_split, load_tokenizer
 from layerexit.model import EarlyExitModel
 from layerexit.run_folder import RunFolder
-from layerexit.training.retrofit import RetrofitConfig, cache_states, fit_exits, fresh_exits, retrofit
+from layerexit.training.retrofit import (
+    RetrofitConfig,
+    cache_states,
+    fit_exits,
+    fresh_exits,
+    holdout_split,
+    retrofit,
+)
 
 GRID = {
     "entropy": [strategies.Entropy(threshold=t / 100) for t in range(1, 100)],
@@ -80,9 +87,7 @@ def sweep(args: argparse.Namespace, base: RetrofitConfig) -> list[dict[str, Any]
     train = cache_states(model, encode("train"), 64, pad, True, poolings=("mean", "first"))
     dev = cache_states(model, encode("dev"), 64, pad, True, poolings=("mean", "first"))
     print(f"encoder passes over train and dev: {time.perf_counter() - started:.0f} s")
-    n = train["mean"].states.shape[1]
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(base.seed))
-    held, rows = order[: round(base.holdout * n)], order[round(base.holdout * n) :]
+    held, rows = holdout_split(train["mean"].states.shape[1], base.holdout, base.seed)
     labels = torch.tensor([ex.label for ex in task.splits["train"]])
     candidates = [
         {"head": h, "pooling": p, "loss": "distill", "epochs": 30} for h in ("mlp", "linear") for p in ("mean", "first")
@@ -97,14 +102,8 @@ def sweep(args: argparse.Namespace, base: RetrofitConfig) -> list[dict[str, Any]
         cache = train[config.pooling]
         fresh_exits(model, config.head, config.pooling, config.exit_dropout, config.seed)
         started = time.perf_counter()
-        picked = fit_exits(
-            model,
-            type(cache)(cache.states[:, rows], cache.reference[rows]),
-            labels[rows],
-            type(cache)(cache.states[:, held], cache.reference[held]),
-            labels[held],
-            config,
-            progress=False,
+        picked, _ = fit_exits(
+            model, cache.rows(rows), labels[rows], cache.rows(held), labels[held], config, progress=False
         )
         seconds = time.perf_counter() - started
         with torch.no_grad():
@@ -118,7 +117,7 @@ def sweep(args: argparse.Namespace, base: RetrofitConfig) -> list[dict[str, Any]
             **candidate,
             "lr": config.lr,
             "train_seconds": round(seconds, 1),
-            "best_epochs": [e["best_epoch"] for e in picked[:-1]],
+            "best_epochs": [e["best_epoch"] for e in picked],
             "dev_agreement_per_exit": [round(float(a), 4) for a in per_exit],
             "dev_at_1pct": fastest_at(probs, 0.01),
         }

@@ -140,6 +140,18 @@ class Cache:
     reference: Tensor
     """(N, C): the classifier's own logits (the last exit)."""
 
+    def rows(self, index: Tensor) -> Cache:
+        return Cache(self.states[:, index], self.reference[index])
+
+
+def holdout_split(n: int, share: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(held-out rows, training rows) of ``n`` cached texts: a seeded ``share`` held out to pick each exit's epoch."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held = max(1, round(share * n))
+    if n - held < 1:
+        raise LayerExitError(f"{n} training text(s) are too few to hold some out")
+    return order[:held], order[held:]
+
 
 @torch.inference_mode()
 def cache_states(
@@ -214,8 +226,9 @@ def fit_exits(
     held_labels: Tensor,
     config: RetrofitConfig,
     progress: bool,
-) -> list[dict[str, Any]]:
-    """Train the internal exits on cached states; each keeps its epoch of lowest held-out loss."""
+) -> tuple[list[dict[str, Any]], list[list[float]]]:
+    """Train the internal exits on cached states; each keeps its epoch of lowest held-out loss. Returns each
+    exit's chosen epoch and loss, and the held-out loss of every exit after every epoch."""
     heads = [cast(ExitHead, model.exits[i]) for i in range(model.num_layers - 1)]
     params = [p for head in heads for p in head.parameters()]
     decay = [p for p in params if p.dim() > 1]
@@ -258,10 +271,11 @@ def fit_exits(
     for head, chosen in zip(heads, best, strict=True):
         head.load_state_dict(chosen["state"])
         head.eval()
-    return [
+    chosen_epochs = [
         {"exit": i + 1, "best_epoch": chosen["epoch"], "held_out_loss": round(chosen["loss"], 5)}
         for i, chosen in enumerate(best)
-    ] + [{"held_out_loss_by_epoch": history}]
+    ]
+    return chosen_epochs, history
 
 
 @torch.no_grad()
@@ -271,10 +285,6 @@ def held_out_losses(heads: list[ExitHead], held: Cache, labels: Tensor, loss: st
         head.eval()
         values.append(float(exit_loss(head.classify(held.states[i]), held.reference, labels, loss)))
     return values
-
-
-def _rows(cache: Cache, rows: Tensor) -> Cache:
-    return Cache(cache.states[:, rows], cache.reference[rows])
 
 
 def retrofit(config: RetrofitConfig, *, progress: bool = True) -> Path:
@@ -300,23 +310,12 @@ def retrofit(config: RetrofitConfig, *, progress: bool = True) -> Path:
     check_cache_fits(len(task.splits["train"]), model.num_layers - 1, model.backbone.hidden_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     encoded = encode_split(tokenizer, task.splits["train"], config.max_length, model.backbone.uses_token_type_ids)
-    cache = next(iter(cache_states(model, encoded, config.eval_batch_size, pad_id, progress).values()))
+    cache = cache_states(model, encoded, config.eval_batch_size, pad_id, progress)[model.config.pooling]
     encoder_seconds = time.perf_counter() - started
     labels = encoded.labels if task.labelled else cache.reference.argmax(-1)
-
-    order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(config.seed))
-    held_count = max(1, round(config.holdout * len(encoded)))
-    if len(encoded) - held_count < 1:
-        raise LayerExitError(f"{config.task}: {len(encoded)} training text(s) are too few to hold some out")
-    held_rows, train_rows = order[:held_count], order[held_count:]
-    exits = fit_exits(
-        model,
-        _rows(cache, train_rows),
-        labels[train_rows],
-        _rows(cache, held_rows),
-        labels[held_rows],
-        config,
-        progress,
+    held_rows, train_rows = holdout_split(len(encoded), config.holdout, config.seed)
+    exits, history = fit_exits(
+        model, cache.rows(train_rows), labels[train_rows], cache.rows(held_rows), labels[held_rows], config, progress
     )
     seconds = time.perf_counter() - started
 
@@ -335,6 +334,7 @@ def retrofit(config: RetrofitConfig, *, progress: bool = True) -> Path:
         "encoder_pass_seconds": round(encoder_seconds, 1),
         "seconds": round(seconds, 1),
         "exits": exits,
+        "held_out_loss_by_epoch": history,
         "config": asdict(config),
     }
     run.write_json(run.summary_file, summary)
