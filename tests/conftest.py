@@ -118,9 +118,14 @@ def tiny_model(
         num_labels=num_labels,
         head=head,
         pooling=pooling,  # type: ignore[arg-type]
+        separator_id=SEPARATOR if pooling == "pair" else None,
         dropout=0.0,
     )
     return EarlyExitModel(wrap(encoder), config).eval()
+
+
+SEPARATOR = 3
+"""The separator token of tiny models whose exits pool text pairs (``[SEP]`` in the tests' vocabularies)."""
 
 
 def random_batch(batch: int = 6, length: int = 11, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

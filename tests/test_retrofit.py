@@ -310,6 +310,21 @@ def test_text_pairs_without_labels(user_classifier: tuple[Path, Path], tmp_path:
     folder = RunFolder(run)
     assert folder.data_info()["labels"] == "reference" and folder.text_pairs()
     assert folder.report()["splits"]["test"]["per_layer"]["accuracy"][-1] == 1.0
+    # pairs: the exits compare the two texts, found by the tokenizer's [SEP], on PyTorch and ONNX Runtime alike
+    config = json.loads((run / "layerexit.json").read_text())
+    assert (config["pooling"], config["separator_id"]) == (
+        "pair",
+        AutoTokenizer.from_pretrained(classifier).sep_token_id,
+    )
+    from layerexit import Predictor
+
+    texts, pairs = ["alpha good beta", "bad gamma delta"], ["gamma", "beta alpha good"]
+    answers = {}
+    assert main(["export", str(run), "--runtime", "onnx", "--quiet"]) == 0
+    for runtime in ("torch", "onnx"):
+        predictor = Predictor.from_run(run, "entropy(threshold=0.3)", threads=1, runtime=runtime)
+        answers[runtime] = [(p.label, p.exit_layer) for p in predictor.predict(texts, pairs)]
+    assert answers["torch"] == answers["onnx"]
 
 
 def test_a_cache_larger_than_memory_is_refused_before_the_encoder_pass() -> None:

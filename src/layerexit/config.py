@@ -59,9 +59,10 @@ class TrainConfig:
     head: Literal["mlp", "linear"] = option(
         "mlp", "internal classifier: one-hidden-layer MLP (paper) or linear (PABEE)"
     )
-    pooling: Literal["auto", "mean", "first", "last"] = option(
+    pooling: Literal["auto", "mean", "first", "last", "pair"] = option(
         "auto",
-        "exit pooling; auto = mean for sentence-transformers encoders, the last token for decoders, else first token",
+        "exit pooling; auto = mean for sentence-transformers encoders, the last token for decoders, else first "
+        "token; pair = [u, v, |u-v|, u*v] of the two texts' means, for text-pair tasks",
     )
     epochs: int = option(2, "training epochs (per stage for two-stage methods)")
     lr: float = option(5e-5, "peak learning rate of AdamW for the encoder")

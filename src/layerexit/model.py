@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from layerexit.atomic import fsync_path, read_json_object, replacing, save_safetensors, write_json
 from layerexit.backbones import Backbone, without_pooler, wrap
 from layerexit.errors import LayerExitError
-from layerexit.pooling import Pooling, pool
+from layerexit.pooling import POOLINGS, Pooling, pool, pooled_size, second_text
 
 HeadKind = Literal["mlp", "linear"]
 FinalHead = Literal["exit", "native"]
@@ -40,7 +40,10 @@ class ExitConfig:
     head: HeadKind = "mlp"
     """``mlp``: the paper's one-hidden-layer classifier; ``linear``: PABEE's single linear layer."""
     pooling: Pooling = "mean"
-    """``mean`` over the attention mask, the ``first`` token's state, or the ``last`` real token's (decoders)."""
+    """``mean`` over the attention mask, the ``first`` token's state, the ``last`` real token's (decoders), or
+    ``pair`` features of a two-text input (:mod:`layerexit.pooling`)."""
+    separator_id: int | None = None
+    """The token id that ends the first text of a pair (the tokenizer's ``sep_token_id``): ``pair`` needs it."""
     dropout: float = 0.1
     label_names: list[str] = field(default_factory=list)
     num_layers: int = 0
@@ -58,8 +61,10 @@ class ExitConfig:
             raise LayerExitError(f"num_labels must be at least 2, got {self.num_labels}")
         if self.head not in ("mlp", "linear"):
             raise LayerExitError(f"head must be 'mlp' or 'linear', got {self.head!r}")
-        if self.pooling not in ("first", "mean", "last"):
-            raise LayerExitError(f"pooling must be 'first', 'mean' or 'last', got {self.pooling!r}")
+        if self.pooling not in POOLINGS:
+            raise LayerExitError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.pooling == "pair" and self.separator_id is None:
+            raise LayerExitError("pair pooling needs separator_id: the token that ends the first text")
         if self.final_head not in ("exit", "native"):
             raise LayerExitError(f"final_head must be 'exit' or 'native', got {self.final_head!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -86,6 +91,8 @@ class ExitConfig:
             raise LayerExitError(f"{source}: unknown keys {unknown}; expected some of {sorted(known)}")
         kinds: dict[str, Any] = {"backbone": str, "num_labels": int, "num_layers": int, "format_version": int}
         kinds.update(dropout=(int, float), head=str, pooling=str, final_head=str)
+        if data.get("separator_id") is not None:
+            kinds["separator_id"] = int
         for key, kind in kinds.items():
             if key in data and (not isinstance(data[key], kind) or isinstance(data[key], bool)):
                 raise LayerExitError(f"{source}: {key} has the wrong type ({data[key]!r})")
@@ -112,21 +119,23 @@ class EarlyExitOutput:
 
 
 class ExitHead(nn.Module):
-    """An internal classifier: pooling, then a linear layer or a one-hidden-layer MLP."""
+    """An internal classifier: pooling, then a linear layer or a one-hidden-layer MLP (H hidden units)."""
 
     def __init__(self, hidden_size: int, num_labels: int, head: HeadKind, pooling: Pooling, dropout: float):
         super().__init__()
         self.pooling = pooling
+        width = pooled_size(hidden_size, pooling)
         self.dropout = nn.Dropout(dropout)
-        self.hidden: nn.Linear | None = nn.Linear(hidden_size, hidden_size) if head == "mlp" else None
-        self.classifier = nn.Linear(hidden_size, num_labels)
+        self.hidden: nn.Linear | None = nn.Linear(width, hidden_size) if head == "mlp" else None
+        self.classifier = nn.Linear(hidden_size if head == "mlp" else width, num_labels)
         self.temperature = 1.0
 
-    def forward(self, hidden: Tensor, padding_mask: Tensor) -> Tensor:
-        return self.classify(pool(hidden, padding_mask, self.pooling))
+    def forward(self, hidden: Tensor, padding_mask: Tensor, second: Tensor | None = None) -> Tensor:
+        """``second``: the second text's tokens (B, T), for ``pair`` pooling."""
+        return self.classify(pool(hidden, padding_mask, self.pooling, second))
 
     def classify(self, pooled: Tensor) -> Tensor:
-        """Logits from the pooled state (B, H): what training on cached pooled states calls."""
+        """Logits from the pooled state (B, H or 4H): what training on cached pooled states calls."""
         x = self.dropout(pooled)  # (B, H)
         if self.hidden is not None:
             x = self.dropout(torch.tanh(self.hidden(x)))  # (B, H)
@@ -170,6 +179,13 @@ class EarlyExitModel(nn.Module):
     @property
     def num_layers(self) -> int:
         return self.backbone.num_layers
+
+    def second_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor | None:
+        """The second text's tokens (B, T) where the exits pool pairs, else ``None``: computed once per batch."""
+        if self.config.pooling != "pair":
+            return None
+        assert self.config.separator_id is not None  # ExitConfig checks it
+        return second_text(input_ids, attention_mask, self.config.separator_id)
 
     @property
     def num_labels(self) -> int:
@@ -242,10 +258,11 @@ class EarlyExitModel(nn.Module):
         backbone = self.backbone
         hidden = backbone.embed(input_ids, attention_mask, token_type_ids)  # (B, T, H)
         kwargs = backbone.layer_kwargs(hidden, attention_mask)
+        second = self.second_text(input_ids, attention_mask)
         logits = []
         for i in range(depth or self.num_layers):
             hidden = backbone.layer(i, hidden, kwargs)  # (B, T, H)
-            logits.append(self.exits[i](hidden, attention_mask))  # (B, C)
+            logits.append(self.exits[i](hidden, attention_mask, second))  # (B, C)
         return EarlyExitOutput(logits=torch.stack(logits))  # (depth, B, C)
 
     def save_pretrained(self, directory: str | os.PathLike[str], tokenizer: Any = None) -> None:

@@ -64,7 +64,8 @@ class NativeHead(nn.Module):
         self.classifier_pooling = "cls"
         """ModernBERT's ``config.classifier_pooling``: ``cls`` (first token) or ``mean``."""
 
-    def forward(self, hidden: Tensor, padding_mask: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, padding_mask: Tensor, second: Tensor | None = None) -> Tensor:
+        """``second`` is accepted, and ignored, so that every exit is called alike."""
         m: Any = self
         if self.kind == "pooler":  # BertPooler: dense + tanh over the first token
             logits = m.classifier(m.dropout(m.pooler(hidden)))

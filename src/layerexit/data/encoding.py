@@ -111,6 +111,17 @@ def encode_split(tokenizer: Any, examples: Sequence[Any], max_length: int, token
     )
 
 
+def separator_id(tokenizer: Any) -> int:
+    """The token that ends the first text of a pair, which ``pair`` pooling finds the second text by."""
+    sep = getattr(tokenizer, "sep_token_id", None)
+    if not isinstance(sep, int):
+        raise LayerExitError(
+            f"pair pooling needs a tokenizer with a separator token between the two texts; "
+            f"{type(tokenizer).__name__} ({getattr(tokenizer, 'name_or_path', '?')}) has none: use --pooling mean"
+        )
+    return sep
+
+
 def pairs_problem(trained_on_pairs: bool | None, given_pairs: bool, *, field: str = "pairs") -> str:
     """What is wrong with giving (or not giving) text pairs to a model, or ``""``: a model trained on pairs
     needs the second text of every input, one trained on single texts takes none."""

@@ -44,12 +44,15 @@ class Rows:
     """A batch of rows between layers, in a runtime's own array type.
 
     ``hidden`` (b, t, H) and ``mask`` (b, t) are torch tensors or numpy arrays, whichever the runtime
-    computes with; ``extra`` is the runtime's cache for these exact rows (PyTorch keeps the attention
-    mask it built for its layers there), dropped whenever the rows change.
+    computes with; ``second`` (b, t), in the same type, marks the second text's tokens where the exits
+    pool text pairs (:func:`layerexit.pooling.second_text`), else it is ``None``; ``extra`` is the
+    runtime's cache for these exact rows (PyTorch keeps the attention mask it built for its layers
+    there), dropped whenever the rows change.
     """
 
     hidden: Any
     mask: Any
+    second: Any = None
     extra: Any = None
 
     def __len__(self) -> int:

@@ -49,18 +49,20 @@ class _EmbedStage(nn.Module):
 
 
 class _LayerStage(nn.Module):
-    """(hidden, attention_mask) -> (hidden after layer ``index``, probabilities of its exit)."""
+    """(hidden, attention_mask, [second_text]) -> (hidden after layer ``index``, probabilities of its exit)."""
 
     def __init__(self, model: EarlyExitModel, index: int) -> None:
         super().__init__()
         self.model = model
         self.index = index
 
-    def forward(self, hidden: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, hidden: Tensor, attention_mask: Tensor, second_text: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         backbone = self.model.backbone
         kwargs = backbone.layer_kwargs(hidden, attention_mask)
         hidden = backbone.layer(self.index, hidden, kwargs)  # (B, T, H)
-        probs = self.model.exits[self.index](hidden, attention_mask).float().softmax(-1)  # (B, C)
+        probs = self.model.exits[self.index](hidden, attention_mask, second_text).float().softmax(-1)  # (B, C)
         return hidden, probs
 
 
@@ -77,7 +79,8 @@ class _FullStage(nn.Module):
         kwargs = backbone.layer_kwargs(hidden, attention_mask)
         for i in range(backbone.num_layers):
             hidden = backbone.layer(i, hidden, kwargs)
-        return self.model.exits[-1](hidden, attention_mask).float().softmax(-1)  # (B, C)
+        second = self.model.second_text(input_ids, attention_mask)
+        return self.model.exits[-1](hidden, attention_mask, second).float().softmax(-1)  # (B, C)
 
 
 def _example_inputs(model: EarlyExitModel, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -101,6 +104,9 @@ def _probe_inputs(model: EarlyExitModel, device: torch.device) -> tuple[Tensor, 
     mask = (torch.arange(11, device=device)[None, :] < torch.tensor([11, 7, 3], device=device)[:, None]).long()
     types = torch.zeros_like(ids)
     types[0, 6:] = 1
+    separator = model.config.separator_id
+    if separator is not None:  # so that pair exits see a second text in two rows
+        ids[0, 5], ids[1, 3] = separator, separator
     return ids * mask, mask, types
 
 
@@ -132,6 +138,10 @@ def _stages(model: EarlyExitModel, device: torch.device) -> list[_Stage]:
     probe_tokens = (probe_ids, probe_mask, probe_types) if uses_types else (probe_ids, probe_mask)
     token_probe = {name: t.cpu().numpy() for name, t in zip(token_names, probe_tokens, strict=True)}
     mask_np = probe_mask.cpu().numpy()
+    pairs = model.config.pooling == "pair"
+    layer_names = ["hidden", "attention_mask", "second_text"] if pairs else ["hidden", "attention_mask"]
+    example_second = (torch.arange(8, device=device) >= 4).long().expand(2, 8) * mask  # (2, 8)
+    probe_second = model.second_text(probe_ids, probe_mask)  # (3, 11) or None
 
     example_hidden = backbone.embed(*token_example)
     hidden = backbone.embed(*probe_tokens)
@@ -142,15 +152,18 @@ def _stages(model: EarlyExitModel, device: torch.device) -> list[_Stage]:
     for i in range(model.num_layers):
         layer_input = hidden.cpu().numpy()
         hidden = backbone.layer(i, hidden, kwargs)
-        probs = model.exits[i](hidden, probe_mask).float().softmax(-1)
+        probs = model.exits[i](hidden, probe_mask, probe_second).float().softmax(-1)
+        probe = {"hidden": layer_input, "attention_mask": mask_np}
+        if probe_second is not None:
+            probe["second_text"] = probe_second.cpu().numpy()
         stages.append(
             _Stage(
                 f"layer_{i + 1}",
                 _LayerStage(model, i),
-                (example_hidden, mask),
-                ["hidden", "attention_mask"],
+                (example_hidden, mask, example_second) if pairs else (example_hidden, mask),
+                layer_names,
                 ["hidden_out", "probs"],
-                {"hidden": layer_input, "attention_mask": mask_np},
+                probe,
                 [hidden.cpu().numpy(), probs.cpu().numpy()],
             )
         )

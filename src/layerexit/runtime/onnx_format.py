@@ -4,11 +4,13 @@
 An export folder holds
 
 * ``embed.onnx``: ``(input_ids, [attention_mask], [token_type_ids]) -> hidden`` (B, T, H);
-* ``layer_1.onnx`` .. ``layer_L.onnx``: ``(hidden, attention_mask) -> (hidden_out, probs)``, each the
-  transformer layer *fused with its exit head and softmax*, so one ORT call per layer gives both the
-  next hidden states and the exit's probabilities (B, C). ``attention_mask`` is the plain (B, T) 0/1
+* ``layer_1.onnx`` .. ``layer_L.onnx``: ``(hidden, attention_mask, [second_text]) -> (hidden_out, probs)``,
+  each the transformer layer *fused with its exit head and softmax*, so one ORT call per layer gives both
+  the next hidden states and the exit's probabilities (B, C). ``attention_mask`` is the plain (B, T) 0/1
   padding mask; the graph builds the model's own attention mask (and MPNet's position bias, DeBERTa's
-  relative positions) from it, so dropping exited rows or trimming padding needs no mask work here;
+  relative positions) from it, so dropping exited rows or trimming padding needs no mask work here.
+  ``second_text`` (B, T) 0/1 marks the second text's tokens when the exits pool text pairs (the runtime
+  finds them from the token ids, :func:`layerexit.pooling.second_text`);
 * ``full.onnx``: ``(input_ids, attention_mask, [token_type_ids]) -> probs`` of the last exit, the plain
   full model a user would deploy instead of early exit (the latency baseline);
 * ``onnx_manifest.json``: file names, input and output names, sha256 of every file, opset, whether the

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from layerexit.errors import LayerExitError
 from layerexit.model import ExitConfig
+from layerexit.pooling import second_text
 from layerexit.runtime.base import Rows, used_length
 from layerexit.runtime.onnx_format import MANIFEST_NAME, GraphEntry, graph_entry, read_manifest, require_onnx, sha256
 
@@ -86,6 +87,7 @@ class OnnxRuntime:
         self._full_entry = full
         self._embed = self._session(embed)
         self._layers = [self._session(entry) for entry in layers]
+        self._reads_second = ["second_text" in entry.inputs for entry in layers]
         self._full: Any = None  # created on first use: it holds a second copy of every weight
 
     @classmethod
@@ -116,8 +118,11 @@ class OnnxRuntime:
             ("input_ids", "attention_mask", "token_type_ids"),
         }
         embed = graph_entry(data.get("embed"), f"{where} embed", token_inputs, ("hidden",))
+        layer_inputs = {("hidden", "attention_mask")}
+        if config.pooling == "pair":  # a native last exit does not read the second text: its input is pruned
+            layer_inputs.add(("hidden", "attention_mask", "second_text"))
         layers = [
-            graph_entry(entry, f"{where} layer {i + 1}", {("hidden", "attention_mask")}, ("hidden_out", "probs"))
+            graph_entry(entry, f"{where} layer {i + 1}", layer_inputs, ("hidden_out", "probs"))
             for i, entry in enumerate(raw_layers)
         ]
         full = graph_entry(data.get("full"), f"{where} full", token_inputs, ("probs",))
@@ -179,22 +184,30 @@ class OnnxRuntime:
 
     def embed(self, input_ids: ArrayLike, attention_mask: ArrayLike, token_type_ids: ArrayLike | None = None) -> Rows:
         feed, mask = self._token_feed(self._embed_entry.inputs, input_ids, attention_mask, token_type_ids)
-        return Rows(self._embed.run(None, feed)[0], mask)  # (B, T, H)
+        second = None
+        if self.config.pooling == "pair":
+            assert self.config.separator_id is not None  # ExitConfig checks it
+            ids = torch.from_numpy(_as_int64(input_ids, "input_ids"))
+            second = second_text(ids, torch.from_numpy(mask), self.config.separator_id).numpy()  # (B, T)
+        return Rows(self._embed.run(None, feed)[0], mask, second)  # (B, T, H)
 
     def layer(self, layer: int, rows: Rows) -> tuple[Rows, Tensor]:
-        hidden, probs = self._layers[layer - 1].run(
-            _LAYER_OUTPUTS, {"hidden": rows.hidden, "attention_mask": rows.mask}
-        )
-        return Rows(hidden, rows.mask), torch.from_numpy(probs)  # (b, t, H), (b, C)
+        feed = {"hidden": rows.hidden, "attention_mask": rows.mask}
+        if self._reads_second[layer - 1]:
+            feed["second_text"] = rows.second
+        hidden, probs = self._layers[layer - 1].run(_LAYER_OUTPUTS, feed)
+        return Rows(hidden, rows.mask, rows.second), torch.from_numpy(probs)  # (b, t, H), (b, C)
 
     def take(self, rows: Rows, keep: Tensor, *, trim: bool = True) -> Rows:
         index = keep.numpy()
         hidden, mask = rows.hidden[index], rows.mask[index]
+        second = None if rows.second is None else rows.second[index]
         if trim:
             length = used_length(mask)
             if length < mask.shape[1]:
                 hidden, mask = np.ascontiguousarray(hidden[:, :length]), np.ascontiguousarray(mask[:, :length])
-        return Rows(hidden, mask)
+                second = None if second is None else np.ascontiguousarray(second[:, :length])
+        return Rows(hidden, mask, second)
 
     def join(self, parts: Sequence[Rows]) -> Rows:
         if len(parts) == 1:
@@ -202,7 +215,10 @@ class OnnxRuntime:
         length = max(int(p.mask.shape[1]) for p in parts)
         hidden = np.concatenate([np.pad(p.hidden, ((0, 0), (0, length - p.hidden.shape[1]), (0, 0))) for p in parts])
         mask = np.concatenate([np.pad(p.mask, ((0, 0), (0, length - p.mask.shape[1]))) for p in parts])
-        return Rows(hidden, mask)
+        if parts[0].second is None:
+            return Rows(hidden, mask)
+        second = np.concatenate([np.pad(p.second, ((0, 0), (0, length - p.second.shape[1]))) for p in parts])
+        return Rows(hidden, mask, second)
 
     def full(self, input_ids: ArrayLike, attention_mask: ArrayLike, token_type_ids: ArrayLike | None = None) -> Tensor:
         """The last exit's probabilities (B, C) from the single ``full`` graph: the plain full model."""

@@ -44,24 +44,26 @@ class TorchRuntime:
     def embed(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Rows:
         ids, mask, *types = self._tokens(input_ids, attention_mask, token_type_ids)
         hidden = self.model.backbone.embed(ids, mask, types[0] if types else None)  # (B, T, H)
-        return Rows(hidden, mask)
+        return Rows(hidden, mask, self.model.second_text(ids, mask))
 
     @torch.inference_mode()
     def layer(self, layer: int, rows: Rows) -> tuple[Rows, Tensor]:
         backbone = self.model.backbone
         kwargs = rows.extra if rows.extra is not None else backbone.layer_kwargs(rows.hidden, rows.mask)
         hidden = backbone.layer(layer - 1, rows.hidden, kwargs)  # (b, t, H)
-        probs = self.model.exits[layer - 1](hidden, rows.mask).float().softmax(-1)  # (b, C)
-        return Rows(hidden, rows.mask, kwargs), probs.cpu()
+        probs = self.model.exits[layer - 1](hidden, rows.mask, rows.second).float().softmax(-1)  # (b, C)
+        return Rows(hidden, rows.mask, rows.second, kwargs), probs.cpu()
 
     def take(self, rows: Rows, keep: Tensor, *, trim: bool = True) -> Rows:
         index = keep.to(self.device)
         hidden, mask = rows.hidden.index_select(0, index), rows.mask.index_select(0, index)
+        second = None if rows.second is None else rows.second.index_select(0, index)
         if trim:
             length = used_length(mask)
             if length < mask.shape[1]:
                 hidden, mask = hidden[:, :length], mask[:, :length]
-        return Rows(hidden, mask)
+                second = None if second is None else second[:, :length]
+        return Rows(hidden, mask, second)
 
     def join(self, parts: Sequence[Rows]) -> Rows:
         if len(parts) == 1:
@@ -69,7 +71,10 @@ class TorchRuntime:
         length = max(int(p.mask.shape[1]) for p in parts)
         hidden = torch.cat([F.pad(p.hidden, (0, 0, 0, length - p.hidden.shape[1])) for p in parts])  # (b, t, H)
         mask = torch.cat([F.pad(p.mask, (0, length - p.mask.shape[1])) for p in parts])  # (b, t)
-        return Rows(hidden, mask)
+        if parts[0].second is None:
+            return Rows(hidden, mask)
+        second = torch.cat([F.pad(p.second, (0, length - p.second.shape[1])) for p in parts])  # (b, t)
+        return Rows(hidden, mask, second)
 
     @torch.inference_mode()
     def full(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
@@ -79,4 +84,5 @@ class TorchRuntime:
         if types:
             kwargs["token_type_ids"] = types[0]
         hidden = self.model.backbone.model(**kwargs).last_hidden_state  # (B, T, H)
-        return self.model.exits[-1](hidden, mask).float().softmax(-1).cpu()  # (B, C)
+        second = self.model.second_text(ids, mask)
+        return self.model.exits[-1](hidden, mask, second).float().softmax(-1).cpu()  # (B, C)

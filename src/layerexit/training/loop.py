@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from layerexit import losses
 from layerexit.atomic import write_text
 from layerexit.config import TrainConfig, save_config
-from layerexit.data.encoding import Encoded, collate, encode_split, load_tokenizer
+from layerexit.data.encoding import Encoded, collate, encode_split, load_tokenizer, separator_id
 from layerexit.errors import LayerExitError
 from layerexit.evaluation.evaluate import collect_probs, per_layer_scores
 from layerexit.model import EarlyExitModel, check_state
@@ -75,13 +75,17 @@ def train(
 
     encoder_path = resolve_encoder(config.model)
     tokenizer = load_tokenizer(encoder_path)
+    pooling = resolve_pooling(config, encoder_path)
+    if pooling == "pair" and not task.has_pairs:
+        raise LayerExitError(f"--pooling pair is for inputs of two texts; task {task.name!r} has single texts")
     with _transformers_progress(progress):
         model = EarlyExitModel.from_backbone(
             config.model,
             task.num_labels,
             seed=config.seed,
             head=config.head,
-            pooling=resolve_pooling(config, encoder_path),
+            pooling=pooling,
+            separator_id=separator_id(tokenizer) if pooling == "pair" else None,
             label_names=list(task.label_names),
             dropout=config.exit_dropout,
         )
