@@ -111,10 +111,16 @@ def encode_split(tokenizer: Any, examples: Sequence[Any], max_length: int, token
     )
 
 
-def separator_id(tokenizer: Any) -> int:
-    """The token that ends the first text of a pair, which ``pair`` pooling finds the second text by."""
+def tokenizer_separator(tokenizer: Any) -> int | None:
+    """The token that ends the first text of a pair, which ``pair`` pooling finds the second text by, if any."""
     sep = getattr(tokenizer, "sep_token_id", None)
-    if not isinstance(sep, int):
+    return sep if isinstance(sep, int) else None
+
+
+def separator_id(tokenizer: Any) -> int:
+    """:func:`tokenizer_separator`, or a clear error where the tokenizer has none."""
+    sep = tokenizer_separator(tokenizer)
+    if sep is None:
         raise LayerExitError(
             f"pair pooling needs a tokenizer with a separator token between the two texts; "
             f"{type(tokenizer).__name__} ({getattr(tokenizer, 'name_or_path', '?')}) has none: use --pooling mean"

@@ -118,7 +118,7 @@ class OnnxRuntime:
             ("input_ids", "attention_mask", "token_type_ids"),
         }
         embed = graph_entry(data.get("embed"), f"{where} embed", token_inputs, ("hidden",))
-        layer_inputs = {("hidden", "attention_mask")}
+        layer_inputs: set[tuple[str, ...]] = {("hidden", "attention_mask")}
         if config.pooling == "pair":  # a native last exit does not read the second text: its input is pruned
             layer_inputs.add(("hidden", "attention_mask", "second_text"))
         layers = [

@@ -35,6 +35,18 @@ def resolve_weighting(config: TrainConfig, model_type: str) -> losses.Weighting:
     return "uniform" if model_type == "albert" else "linear"
 
 
+def is_decoder(path: str) -> bool:
+    """Whether the model at ``path`` (folder or hub name) is decoder-only, from its config alone."""
+    from transformers import AutoConfig
+
+    from layerexit.backbones import DecoderBackbone
+
+    try:
+        return AutoConfig.from_pretrained(path).model_type in DecoderBackbone.model_types
+    except (OSError, ValueError):  # loading the model itself says what is wrong
+        return False
+
+
 def resolve_pooling(config: TrainConfig, encoder_path: str) -> str:
     """``auto``: mean pooling for sentence-transformers encoders (trained with it), else the first token.
 
@@ -43,15 +55,7 @@ def resolve_pooling(config: TrainConfig, encoder_path: str) -> str:
     """
     if config.pooling != "auto":
         return config.pooling
-    from transformers import AutoConfig
-
-    from layerexit.backbones import DecoderBackbone
-
-    try:
-        model_type = AutoConfig.from_pretrained(encoder_path).model_type
-    except (OSError, ValueError):  # loading the encoder itself says what is wrong
-        model_type = ""
-    if model_type in DecoderBackbone.model_types:
+    if is_decoder(encoder_path):
         return "last"  # causal attention: only the last token has read the whole input
     folder = Path(encoder_path)
     sentence_transformer = (folder / "modules.json").is_file() or (folder / "1_Pooling").is_dir()

@@ -28,12 +28,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from layerexit.config import TrainConfig, _check_types, option, save_config
-from layerexit.data.encoding import Encoded, batches, encode_split, load_tokenizer, separator_id
+from layerexit.data.encoding import Encoded, batches, encode_split, load_tokenizer, separator_id, tokenizer_separator
 from layerexit.errors import LayerExitError
 from layerexit.model import EarlyExitModel, ExitHead
 from layerexit.pooling import POOLINGS, Pooling, pool, pooled_size, second_text
 from layerexit.run_folder import RunFolder
-from layerexit.training.recipe import seed_everything
+from layerexit.training.recipe import is_decoder, seed_everything
 
 
 @dataclass
@@ -112,7 +112,7 @@ class RetrofitConfig:
             return self.pooling
         if decoder:
             return "last"
-        return "pair" if pairs and isinstance(getattr(tokenizer, "sep_token_id", None), int) else "mean"
+        return "pair" if pairs and tokenizer_separator(tokenizer) is not None else "mean"
 
     def run_name(self) -> str:
         return f"{self.train_config('').slug()}-retrofit-seed{self.seed}"
@@ -180,9 +180,7 @@ def cache_states(
     model.eval()
     n, layers = len(data), model.num_layers
     poolings = poolings or (cast(ExitHead, model.exits[0]).pooling,)
-    separator = model.config.separator_id
-    if "pair" in poolings and separator is None:
-        raise LayerExitError("pair pooling needs the model's separator_id")
+    separator = model.config.separator_id  # pair pooling without it fails in pool()
     hidden_size = model.backbone.hidden_size
     states = {how: torch.empty(layers - 1, n, pooled_size(hidden_size, how)) for how in poolings}
     reference = torch.empty(n, model.num_labels)
@@ -308,18 +306,6 @@ def held_out_losses(heads: list[ExitHead], held: Cache, labels: Tensor, loss: st
     return values
 
 
-def _is_decoder(classifier: str) -> bool:
-    """Whether ``classifier`` is a decoder-only model (read from its config; loading it says what is wrong)."""
-    from transformers import AutoConfig
-
-    from layerexit.backbones import DecoderBackbone
-
-    try:
-        return AutoConfig.from_pretrained(classifier).model_type in DecoderBackbone.model_types
-    except (OSError, ValueError):
-        return False
-
-
 def retrofit(config: RetrofitConfig, *, progress: bool = True) -> Path:
     """Add trained internal exits to ``config.classifier``; returns the new run folder."""
     run_dir = Path(config.output or Path("runs") / config.run_name())
@@ -332,7 +318,7 @@ def retrofit(config: RetrofitConfig, *, progress: bool = True) -> Path:
     tokenizer = load_tokenizer(config.classifier)
     train_config = config.train_config(str(run_dir))
     task = train_config.load_task()
-    pooling = config.resolve_pooling(_is_decoder(config.classifier), task.has_pairs, tokenizer)
+    pooling = config.resolve_pooling(is_decoder(config.classifier), task.has_pairs, tokenizer)
     model = EarlyExitModel.from_classifier(
         config.classifier,
         seed=config.seed,
