@@ -68,3 +68,8 @@ def score(metric: str, pred: Tensor, labels: Tensor) -> float:
 def speedup(exit_layer: Tensor, num_layers: int) -> float:
     """The paper's speed-up: L divided by the mean number of layers run (embeddings not counted)."""
     return num_layers / float(exit_layer.float().mean())
+
+
+def per_layer_scores(probs: Tensor, labels: Tensor, metric: str) -> list[float]:
+    """The metric of each exit used alone: [score of exit 1, ..., exit L]. probs: (L, N, C)."""
+    return [score(metric, p.argmax(-1), labels) for p in probs]

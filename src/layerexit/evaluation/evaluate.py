@@ -25,23 +25,7 @@ from layerexit.model import EarlyExitModel
 from layerexit.run_folder import RunFolder
 from layerexit.runtime import load_runtime, loop
 from layerexit.runtime.base import Runtime
-from layerexit.runtime.torch_runtime import TorchRuntime
 from layerexit.strategies import Static, family_of
-
-
-def collect_probs(model: EarlyExitModel, data: Encoded, batch_size: int, pad_id: int, **options: Any) -> Tensor:
-    """:func:`layerexit.runtime.loop.collect_probs` on the PyTorch runtime of ``model``, whose train/eval
-    mode is restored afterwards (training evaluates dev between epochs). (L, N, C), in input order."""
-    was_training = model.training
-    try:
-        return loop.collect_probs(TorchRuntime(model), data, batch_size, pad_id, **options)
-    finally:
-        model.train(was_training)
-
-
-def per_layer_scores(probs: Tensor, labels: Tensor, metric: str) -> list[float]:
-    """The metric of each exit used alone: [score of exit 1, ..., exit L]."""
-    return [metrics.score(metric, p.argmax(-1), labels) for p in probs]
 
 
 def metric_names(task_metric: str) -> list[str]:
@@ -82,7 +66,7 @@ def evaluate_probs(
         report["splits"][split] = {
             "size": int(y.numel()),
             "full_model": {n: round(metrics.score(n, p[-1].argmax(-1), y), 5) for n in names},
-            "per_layer": {n: [round(s, 5) for s in per_layer_scores(p, y, n)] for n in names},
+            "per_layer": {n: [round(s, 5) for s in metrics.per_layer_scores(p, y, n)] for n in names},
             "oracle": {"speedup": round(oracle.speedup, 4), **{n: round(oracle.scores[n], 5) for n in names}},
         }
     if select_split in points:

@@ -3,7 +3,7 @@
 * :mod:`layerexit.runtime.base`: the protocol (``embed``, ``layer``, ``take``, ``join``, ``full``) and
   the runtime names;
 * :mod:`layerexit.runtime.loop`: the exit loop every caller uses (``early_exit``, ``all_exits``,
-  ``collect_probs``);
+  ``collect_probs``, ``model_probs``);
 * :mod:`layerexit.runtime.torch_runtime`, :mod:`layerexit.runtime.onnx_runtime`: the implementations;
   :mod:`layerexit.runtime.onnx_export` writes what the ONNX one loads.
 """

@@ -13,6 +13,7 @@ and the serving engine's scheduler drive.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -138,6 +139,18 @@ def collect_probs(
         bar.update(len(batch["index"]))
     bar.close()
     return out
+
+
+def model_probs(model: EarlyExitModel, data: Encoded, batch_size: int, pad_id: int, **options: Any) -> Tensor:
+    """:func:`collect_probs` on the PyTorch runtime of ``model``, whose train/eval mode is restored
+    afterwards (training evaluates dev between epochs). (L, N, C), in input order."""
+    from layerexit.runtime.torch_runtime import TorchRuntime
+
+    was_training = model.training
+    try:
+        return collect_probs(TorchRuntime(model), data, batch_size, pad_id, **options)
+    finally:
+        model.train(was_training)
 
 
 def early_exit_forward(

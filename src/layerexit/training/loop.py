@@ -15,14 +15,14 @@ from typing import Any, BinaryIO
 import torch
 from tqdm.auto import tqdm
 
-from layerexit import losses
+from layerexit import losses, metrics
 from layerexit.atomic import write_text
 from layerexit.config import TrainConfig, save_config
 from layerexit.data.encoding import Encoded, collate, encode_split, load_tokenizer, separator_id
 from layerexit.errors import LayerExitError
-from layerexit.evaluation.evaluate import collect_probs, per_layer_scores
 from layerexit.model import EarlyExitModel, check_state
 from layerexit.run_folder import RunFolder
+from layerexit.runtime.loop import model_probs
 from layerexit.training import checkpoint, objectives, reuse
 from layerexit.training.distributed import Processes
 from layerexit.training.recipe import (
@@ -385,10 +385,10 @@ def fit_stage(
                 save(checkpoint.Position(index, epoch, b + 1, step), epoch_start)
         bar.close()
         if runtime.is_main:
-            probs = collect_probs(
+            probs = model_probs(
                 model, dev_data, config.eval_batch_size, run.pad_id, progress=run.progress, depth=stage.depth
             )
-            scores = per_layer_scores(probs, dev_data.labels, run.metric)
+            scores = metrics.per_layer_scores(probs, dev_data.labels, run.metric)
             score = sum(scores[i - 1] for i in stage.exits) / len(stage.exits)
             run.write_log(
                 {

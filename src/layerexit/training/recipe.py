@@ -12,8 +12,8 @@ import torch
 from layerexit import losses
 from layerexit.config import TrainConfig
 from layerexit.data.encoding import Encoded
-from layerexit.evaluation.evaluate import collect_probs
 from layerexit.model import EarlyExitModel
+from layerexit.runtime.loop import model_probs
 
 
 def seed_everything(seed: int) -> None:
@@ -82,7 +82,7 @@ def calibrate_temperatures(
 ) -> list[float]:
     """RightTool: fit one temperature per exit on dev, store it in the saved model."""
     model.set_temperatures([1.0] * model.num_layers)  # fitted on the raw logits, also when run again
-    probs = collect_probs(model, dev, config.eval_batch_size, pad_id)  # (L, N, C)
+    probs = model_probs(model, dev, config.eval_batch_size, pad_id)  # (L, N, C)
     logits = probs.clamp_min(1e-12).log()  # equal to the logits up to a per-row constant
     temperatures = [fit_temperature(layer_logits, dev.labels) for layer_logits in logits]
     model.set_temperatures(temperatures)
