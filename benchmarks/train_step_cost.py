@@ -2,7 +2,7 @@
 in one run (issue 12, point 4): is the diversity term cheap?
 
 Each method gets its own copy of the same freshly built MiniLM-L6 model with exits, the training loop's
-own stage (``objectives.build``), parameter groups and AdamW, and the same batches of the real task.
+own stage (``methods.build``), parameter groups and AdamW, and the same batches of the real task.
 Rounds alternate between the methods so that they share the machine's drift; the figure per method is
 the median over its timed steps (forward, loss, backward, clipping, optimizer step), after warm-up steps.
 
@@ -21,13 +21,12 @@ from pathlib import Path
 
 import torch
 
+from layerexit import methods
 from layerexit.atomic import write_json
 from layerexit.config import TrainConfig
 from layerexit.data.encoding import collate, encode_split, load_tokenizer
 from layerexit.model import EarlyExitModel
-from layerexit.training import objectives
 from layerexit.training.loop import _parameter_groups
-from layerexit.training.recipe import resolve_weighting
 
 METHODS = {
     "finetune": {"objective": "finetune"},
@@ -63,14 +62,12 @@ def main() -> None:
         collate(data, list(range(i * args.batch_size, (i + 1) * args.batch_size)), pad_id)
         for i in range(args.steps + args.warmup)
     ]
-    weighting = resolve_weighting(config, base.backbone.model.config.model_type)
+    model_type = base.backbone.model.config.model_type
 
     runs = {}
     for name, options in METHODS.items():
         method = TrainConfig(**{**vars(config), **options})
-        stage = objectives.build(
-            method.objective, base.num_layers, lam=method.lam, weighting=weighting, drop_last_diversity=True
-        )[0]
+        stage = methods.build(method.objective, base.num_layers, method.method_options(), model_type)[0]
         model = copy.deepcopy(base).train()
         optimizer = torch.optim.AdamW(_parameter_groups(model, stage, method))
         runs[name] = (model, stage, optimizer)
@@ -102,7 +99,7 @@ def main() -> None:
         "seconds_per_step": {k: round(v, 4) for k, v in medians.items()},
         "ratio_to_finetune": {k: round(v / medians["finetune"], 3) for k, v in medians.items()},
         "lambda": METHODS["ensemble"]["lam"],
-        "weighting": weighting,
+        "weighting": methods.resolve_weighting(methods.EnsembleOptions(weighting=config.weighting), model_type),
     }
     print(f"{'method':<10} {'s/step (median)':>16} {'x finetune':>11}")
     for name in METHODS:

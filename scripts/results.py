@@ -8,7 +8,7 @@
 eval/points.csv and eval/exit_layers.csv (never weights or stored probabilities), plus the
 comparison's compare.* files. `refresh` copies the run files again (after `layerexit evaluate`
 replayed a run) for the runs the committed folder already lists, keeping its own compare.* files.
-`build` recomputes the table from the per-run reports alone, with `layerexit.evaluation.compare.summarise`.
+`build` recomputes the table from the per-run reports alone, with `layerexit.compare.summarise`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from layerexit.evaluation.compare import format_table, summarise
+from layerexit.compare import format_table, summarise
 
 RUN_FILES = (
     "config.json",

@@ -73,12 +73,12 @@ def test_ensemble_is_relevancy_minus_lambda_diversity(logits: torch.Tensor, labe
 
 def test_detached_teacher_gets_no_gradient_from_diversity(logits: torch.Tensor) -> None:
     z = logits.clone().requires_grad_(True)
-    losses.diversity(z[:2], detach_target=True).backward()
+    losses.diversity(z[:2], detach_teacher=True).backward()
     assert z.grad is not None
     assert torch.all(z.grad[0] == 0)  # exit 1 is only ever a target
     assert z.grad[1].abs().sum() > 0
     z.grad = None
-    losses.diversity(z[:2], detach_target=False).backward()
+    losses.diversity(z[:2], detach_teacher=False).backward()
     assert z.grad[0].abs().sum() > 0
 
 

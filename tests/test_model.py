@@ -189,7 +189,7 @@ def test_temperatures_scale_probabilities_and_survive_saving(tmp_path: Path) -> 
 
 
 def test_fitted_temperature_lowers_dev_nll() -> None:
-    from layerexit.training.recipe import fit_temperature
+    from layerexit.methods import fit_temperature
 
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 3, (400,), generator=g)

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from layerexit import losses
+from layerexit import methods as objectives
 from layerexit.config import TrainConfig
+from layerexit.methods import EnsembleOptions, StaticOptions
 from layerexit.model import EarlyExitModel
-from layerexit.training import objectives
 from layerexit.training.loop import _parameter_groups
 
 from .conftest import random_batch, tiny_model
@@ -36,13 +37,13 @@ def test_method_stages() -> None:
     assert [s.name for s in objectives.build("ensemble", 4)] == ["ensemble"]
     assert [s.name for s in objectives.build("deebert", 4)] == ["finetune", "internal-exits"]
     assert [s.name for s in objectives.build("fastbert", 4)] == ["finetune", "self-distillation"]
-    assert [(s.name, s.depth, s.exits) for s in objectives.build("static", 4, static_layers=2)] == [
+    assert [(s.name, s.depth, s.exits) for s in objectives.build("static", 4, StaticOptions(static_layers=2))] == [
         ("static-2", 2, (2,))
     ]
     with pytest.raises(ValueError, match="unknown objective"):
         objectives.build("magic", 4)
     with pytest.raises(ValueError, match="static_layers"):
-        objectives.build("static", 4, static_layers=5)
+        objectives.build("static", 4, StaticOptions(static_layers=5))
 
 
 @pytest.mark.parametrize("name", ["ensemble", "relevancy", "pabee", "righttool"])
@@ -72,7 +73,7 @@ def test_second_stage_freezes_encoder_and_final_exit(name: str) -> None:
 
 def test_static_trains_only_its_layers_and_exit() -> None:
     model = tiny_model(head="linear")
-    changed = _one_step(model, objectives.build("static", 4, static_layers=2)[0])
+    changed = _one_step(model, objectives.build("static", 4, StaticOptions(static_layers=2))[0])
     assert _changed(changed, "backbone.model.encoder.layer.1.")
     assert not _changed(changed, "backbone.model.encoder.layer.2.")
     assert not _changed(changed, "backbone.model.encoder.layer.3.")
@@ -84,7 +85,9 @@ def test_stage_losses_are_the_documented_formulas() -> None:
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 8, 3, generator=g)
     labels = torch.randint(0, 3, (8,), generator=g)
-    ensemble = objectives.build("ensemble", 4, lam=0.3, weighting="linear", drop_last_diversity=True)[0]
+    ensemble = objectives.build("ensemble", 4, EnsembleOptions(lam=0.3, weighting="linear", drop_last_diversity=True))[
+        0
+    ]
     div_w = torch.tensor([0.1, 0.2, 0.3, 0.0])  # beta_i = alpha_i = i / 10, beta_L = 0
     expected = losses.relevancy(logits, labels, losses.layer_weights(4, "linear")) - 0.3 * losses.diversity(
         logits, div_w
@@ -117,9 +120,13 @@ def test_lambda_weighs_each_exits_diversity_against_its_own_relevancy(weighting:
     logits = torch.randn(5, 16, 3, generator=g)
     labels = torch.randint(0, 3, (16,), generator=g)
     lam = 0.2
-    alpha, beta = objectives.ensemble_weights(5, weighting, drop_last)  # type: ignore[arg-type]
+    alpha, beta = losses.ensemble_weights(5, weighting, drop_last)  # type: ignore[arg-type]
     assert torch.equal(beta[:-1], alpha[:-1]) and float(beta[-1]) == (0.0 if drop_last else float(alpha[-1]))
-    loss = objectives.build("ensemble", 5, lam=lam, weighting=weighting, drop_last_diversity=drop_last)[0].loss
+    loss = objectives.build(
+        "ensemble",
+        5,
+        EnsembleOptions(lam=lam, weighting=weighting, drop_last_diversity=drop_last),  # type: ignore[arg-type]
+    )[0].loss
     q = logits.log_softmax(-1)  # (L, B, C)
     x = q.exp()
     expected = 0.0
@@ -132,9 +139,9 @@ def test_lambda_weighs_each_exits_diversity_against_its_own_relevancy(weighting:
 
 
 def test_auto_weighting_is_linear_except_for_albert() -> None:
-    from layerexit.training.recipe import resolve_weighting
+    from layerexit.methods import resolve_weighting
 
-    assert resolve_weighting(TrainConfig(), "bert") == "linear"
-    assert resolve_weighting(TrainConfig(), "mpnet") == "linear"
-    assert resolve_weighting(TrainConfig(), "albert") == "uniform"
-    assert resolve_weighting(TrainConfig(weighting="uniform"), "bert") == "uniform"
+    assert resolve_weighting(EnsembleOptions(), "bert") == "linear"
+    assert resolve_weighting(EnsembleOptions(), "mpnet") == "linear"
+    assert resolve_weighting(EnsembleOptions(), "albert") == "uniform"
+    assert resolve_weighting(EnsembleOptions(weighting="uniform"), "bert") == "uniform"

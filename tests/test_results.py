@@ -28,7 +28,7 @@ def test_results_script_builds_a_table_from_the_command_line() -> None:
 def test_results_script_rebuilds_the_committed_table(folder: Path) -> None:
     out = _study_module("results").build(folder)  # in this process: a subprocess per folder costs seconds
     assert out.strip() == (folder / "compare.md").read_text().strip()
-    from layerexit.evaluation.compare import LABELS, parse_method
+    from layerexit.compare import LABELS, parse_method
 
     methods = json.loads((folder / "compare.json").read_text())["methods"]
     for spec in methods:  # every method the comparison ran has its row

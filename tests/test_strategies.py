@@ -264,7 +264,8 @@ def test_default_grid_is_pinned(num_layers: int, num_classes: int) -> None:
 
 def test_family_declarations_give_the_tables_they_replaced() -> None:
     """Each fact about a family is declared once, on its class; these are the tables it replaced."""
-    from layerexit.evaluation import calibrate, compare
+    from layerexit import compare
+    from layerexit.evaluation import calibrate
 
     assert tuple(n for n in strategies.STRATEGIES if n != "oracle") == strategies.FAMILIES
     assert strategies.Oracle.family is None

@@ -241,7 +241,7 @@ def calibrate_table(choices: Sequence, checks: Sequence, calib_split: str, test_
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from layerexit.evaluation.compare import DEFAULT_METHODS, compare, format_table, parse_method
+    from layerexit.compare import DEFAULT_METHODS, compare, format_table, parse_method
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(DEFAULT_METHODS)
     for spec in methods:

@@ -14,17 +14,14 @@ import os
 import types
 import typing
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from layerexit.errors import LayerExitError
-from layerexit.training.objectives import OBJECTIVE_HELP, OBJECTIVES
-
-
-def option(default: Any, help: str, flag: str | None = None, choices: tuple[str, ...] | None = None) -> Any:
-    """A dataclass field with its command-line help (and optionally its flag name and choices)."""
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+from layerexit.methods import METHODS, EnsembleOptions, MethodOptions, StaticOptions
+from layerexit.methods import objective_help as objective_help
+from layerexit.options import option, option_of
 
 
 @dataclass
@@ -36,26 +33,14 @@ class TrainConfig:
         "tweets-binary", "built-in task name (see `layerexit tasks`), a data file or folder, or glue:TASK:FOLDER"
     )
     output: str = option("", "run folder to create (default: runs/<task>-<model>-<objective>-seed<seed>)")
-    objective: str = option("ensemble", "training method", choices=OBJECTIVES)
-    lam: float = option(
-        0.1,
-        "diversity weight lambda of the ensemble objective (paper: 0.1-0.5; 0.1 was best on dev of 0.1, 0.2 and 0.5 "
-        "in the full-scale tweets-binary study, docs/results.md)",
-        flag="--lambda",
-    )
-    weighting: Literal["auto", "uniform", "linear"] = option(
-        "auto",
-        "exit weights alpha of the ensemble objective: uniform (the paper's choice for ALBERT) or linear i/sum(i) "
-        "(BERT, PABEE); auto = uniform for ALBERT, linear for every other encoder. The diversity weights beta "
-        "follow alpha (beta_i = alpha_i, beta_L = 0 by default), so lambda weighs exit i's diversity term against "
-        "its own relevancy term under either weighting",
-    )
-    drop_last_diversity: bool = option(True, "beta_L = 0: no diversity term on the last exit")
-    detach_teacher: bool = option(True, "the earlier exit is a fixed target in the diversity term")
-    min_over: Literal["batch", "sample"] = option(
-        "batch", "diversity: closest earlier exit chosen per batch (paper) or per sample"
-    )
-    static_layers: int = option(0, "layers kept by the `static` objective")
+    objective: str = option("ensemble", "training method", choices=tuple(METHODS))
+    # the methods' own options (layerexit.methods), one flat field each: their defaults and help live there
+    lam: float = option_of(EnsembleOptions, "lam")
+    weighting: Literal["auto", "uniform", "linear"] = option_of(EnsembleOptions, "weighting")
+    drop_last_diversity: bool = option_of(EnsembleOptions, "drop_last_diversity")
+    detach_teacher: bool = option_of(EnsembleOptions, "detach_teacher")
+    min_over: Literal["batch", "sample"] = option_of(EnsembleOptions, "min_over")
+    static_layers: int = option_of(StaticOptions, "static_layers")
     head: Literal["mlp", "linear"] = option(
         "mlp", "internal classifier: one-hidden-layer MLP (paper) or linear (PABEE)"
     )
@@ -68,8 +53,7 @@ class TrainConfig:
     lr: float = option(5e-5, "peak learning rate of AdamW for the encoder")
     head_lr: float = option(
         5e-4,
-        "peak learning rate of AdamW for the exits (beat the encoder's 5e-5 on dev at every exit in the full-scale "
-        "tweets-binary study, docs/results.md)",
+        "peak learning rate of AdamW for the exits (chosen on dev: docs/results.md)",
     )
     batch_size: int = option(32, "training batch size")
     eval_batch_size: int = option(64, "evaluation batch size")
@@ -100,7 +84,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         checks = [
-            (self.lam >= 0, f"--lambda must be >= 0, got {self.lam}"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.lr > 0 and self.head_lr > 0, "learning rates must be > 0"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
@@ -109,8 +92,7 @@ class TrainConfig:
             (0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}"),
             (self.max_grad_norm > 0, "--max-grad-norm must be > 0"),
             (self.max_train >= 0 and self.max_eval >= 0, "--max-train and --max-eval must be >= 0"),
-            (self.objective in OBJECTIVES, f"unknown objective {self.objective!r}; known: {', '.join(OBJECTIVES)}"),
-            (self.objective != "static" or self.static_layers >= 1, "objective 'static' needs --static-layers >= 1"),
+            (self.objective in METHODS, f"unknown objective {self.objective!r}; known: {', '.join(METHODS)}"),
             (self.threads >= 0, "--threads must be >= 0"),
             (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
             (0 <= self.seed < 2**32, f"--seed must be in [0, 2**32), got {self.seed}"),
@@ -131,6 +113,13 @@ class TrainConfig:
             choices = _choices(f)
             if choices and getattr(self, f.name) not in choices:
                 raise LayerExitError(f"--{f.name.replace('_', '-')} must be one of {list(choices)}")
+        for method in METHODS.values():  # every method's options hold (compare trains them all from one config)
+            method.options_of(self)
+        self.method_options().check()
+
+    def method_options(self) -> MethodOptions:
+        """The options of this run's method (:mod:`layerexit.methods`), read from the flat fields."""
+        return METHODS[self.objective].options_of(self)
 
     def load_task(self) -> Any:
         """The task this configuration trains on, with its column names and sample caps."""
@@ -245,7 +234,3 @@ def load_train_config(path: Path) -> TrainConfig:
         return TrainConfig(**data)
     except LayerExitError as err:
         raise LayerExitError(f"{path}: {err}") from None
-
-
-def objective_help() -> str:
-    return "; ".join(f"{k}: {v}" for k, v in OBJECTIVE_HELP.items())

@@ -50,11 +50,11 @@ def relevancy(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> 
     return (w * ce.mean(1)).sum()
 
 
-def pairwise_ce(logits: Tensor, detach_target: bool = True) -> Tensor:
+def pairwise_ce(logits: Tensor, detach_teacher: bool = True) -> Tensor:
     """CE(x_i, x_j) for every pair of exits and sample: ``ce[i, j, b]``, shape (L, L, B)."""
     q = logits.float().log_softmax(-1)  # (L, B, C) predictions, log-probabilities
     x = q.exp()  # (L, B, C) targets, probabilities
-    if detach_target:
+    if detach_teacher:
         x = x.detach()
     return -torch.einsum("jbc,ibc->ijb", x, q)  # (L, L, B)
 
@@ -63,7 +63,7 @@ def diversity(
     logits: Tensor,
     weights: Tensor | None = None,
     *,
-    detach_target: bool = True,
+    detach_teacher: bool = True,
     min_over: MinOver = "batch",
 ) -> Tensor:
     """sum_{i>=2} w_i * min_{j<i} CE(x_i, x_j), the term the ensemble loss subtracts (Eq. 12/14).
@@ -77,7 +77,7 @@ def diversity(
     num_layers = logits.shape[0]
     if num_layers < 2:
         return logits.new_zeros((), dtype=torch.float32)
-    ce = pairwise_ce(logits, detach_target)  # (L, L, B)
+    ce = pairwise_ce(logits, detach_teacher)  # (L, L, B)
     earlier = torch.ones(num_layers, num_layers, dtype=torch.bool, device=logits.device).tril(-1)  # j < i
     inf = torch.tensor(float("inf"), device=logits.device)
     if min_over == "batch":
@@ -108,15 +108,37 @@ def ensemble(
     lam: float,
     relevancy_weights: Tensor | None = None,
     diversity_weights: Tensor | None = None,
-    detach_target: bool = True,
+    detach_teacher: bool = True,
     min_over: MinOver = "batch",
 ) -> Tensor:
     """The paper's loss (Eq. 14/24): relevancy - lambda * diversity."""
     rel = relevancy(logits, labels, relevancy_weights)
     if lam == 0:
         return rel
-    div = diversity(logits, diversity_weights, detach_target=detach_target, min_over=min_over)
+    div = diversity(logits, diversity_weights, detach_teacher=detach_teacher, min_over=min_over)
     return rel - lam * div
+
+
+def ensemble_weights(
+    num_layers: int, weighting: Weighting, drop_last_diversity: bool, device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
+    """alpha (relevancy) and beta (diversity) of the ensemble loss, on one scale.
+
+    The paper's analysis of lambda (Eq. 15-22) holds per exit: exit i sees ``beta_i / alpha_i`` as its
+    lambda. So beta_i = alpha_i for i < L (and beta_L = 0 when the last exit's diversity is dropped),
+    and ``lambda`` means the same under ``uniform`` (alpha_i = 1) and ``linear`` (alpha_i = i / sum_j j)
+    weights: the diversity term of exit i weighs ``lambda`` times its relevancy term.
+    """
+    alpha = layer_weights(num_layers, weighting, device)  # (L,)
+    beta = alpha.clone()  # (L,)
+    if drop_last_diversity:
+        beta[-1] = 0.0
+    return alpha, beta
+
+
+def final_exit_ce(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy of the last exit alone: plain fine-tuning."""
+    return F.cross_entropy(logits[-1].float(), labels)
 
 
 def distillation(logits: Tensor, temperature: float = 1.0) -> Tensor:

@@ -1,1 +1,1 @@
-"""Evaluation: offline replay of every strategy, calibration, benchmarks, comparisons and figures."""
+"""Evaluation: offline replay of every strategy, calibration, benchmarks and figures."""

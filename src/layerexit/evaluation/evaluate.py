@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from layerexit.atomic import write_csv
 from layerexit.data.encoding import Encoded, encode_split
 from layerexit.errors import LayerExitError
 from layerexit.evaluation.sweep import FAMILIES, Point, default_grid, evaluate_point, paper_band, select_in_band, sweep
+from layerexit.methods import METHODS
 from layerexit.model import EarlyExitModel
 from layerexit.run_folder import RunFolder
 from layerexit.runtime import load_runtime, loop
@@ -236,11 +238,16 @@ def evaluate_run(
         report,
         report_split,
         out / "tradeoff.png",
-        f"{info['task']} · {config.model} · {config.objective}"
-        + (f" (lambda={config.lam:g})" if config.objective == "ensemble" else "")
-        + f" · {report_split} split",
+        f"{info['task']} · {config.model} · {config.objective}{_settings(config)} · {report_split} split",
     )
     return report
+
+
+def _settings(config: Any) -> str:
+    """`` (λ = 0.1)``: the method's options in a title, when its registry entry shows them."""
+    method = METHODS.get(config.objective)
+    text = method.describe(asdict(config)) if method is not None else ""
+    return f" ({text})" if text else ""
 
 
 def _carried_seconds(run: RunFolder, runtime: str, seconds: dict[str, float]) -> dict[str, float]:

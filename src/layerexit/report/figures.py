@@ -283,7 +283,7 @@ def exit_distribution(exits: dict[str, tuple[list[int], list[int]]], shown: list
 
 def compare_overlay(sources: Any) -> Any:
     """Every method's own strategy on the report split, first seed: one curve per method."""
-    from layerexit.evaluation.compare import LABELS, NATIVE, parse_method
+    from layerexit.methods import METHODS, parse_method
 
     go = _go()
     summary = sources.summary
@@ -295,8 +295,9 @@ def compare_overlay(sources: Any) -> Any:
         if spec not in sources.points:
             continue
         rows = [p for p in sources.points[spec] if p["split"] == split and p.get(metric) is not None]
-        label = LABELS.get(name, spec)
-        if name == "finetune":
+        method = METHODS[name]
+        label = method.label or spec
+        if not method.trains_internal_exits:
             full = sources.reports[spec]["splits"][split]["full_model"][metric]
             fig.add_trace(
                 go.Scatter(
@@ -309,7 +310,7 @@ def compare_overlay(sources: Any) -> Any:
                 )
             )
             continue
-        if name == "static":
+        if method.takes_layers:
             layers = parse_method(spec)[1]
             mine = [r for r in rows if r["strategy"] == "static" and r["setting"] == f"static(layer={layers})"]
             fig.add_trace(
@@ -322,7 +323,7 @@ def compare_overlay(sources: Any) -> Any:
                 )
             )
             continue
-        family = NATIVE.get(name, "entropy")
+        family = method.native_strategy or "entropy"
         mine = [r for r in rows if r["strategy"] == family]
         fig.add_trace(
             _scatter(
@@ -345,14 +346,15 @@ def compare_grid(sources: Any) -> Any:
     """Side by side: one panel per method with an early-exit curve, every strategy's front in it."""
     from plotly.subplots import make_subplots
 
-    from layerexit.evaluation.compare import LABELS, parse_method
+    from layerexit.methods import METHODS, parse_method
 
     summary = sources.summary
     metric, split = summary["metric"], summary["report_split"]
-    specs = [s for s in summary["methods"] if s in sources.points and parse_method(s)[0] not in ("finetune", "static")]
+    curves = [s for s in summary["methods"] if s in sources.points]
+    specs = [s for s in curves if (m := METHODS[parse_method(s)[0]]).trains_internal_exits and not m.takes_layers]
     cols = min(3, max(1, len(specs)))
     nrows = max(1, math.ceil(len(specs) / cols))
-    titles = [LABELS.get(parse_method(s)[0], s) for s in specs]
+    titles = [METHODS[parse_method(s)[0]].label or s for s in specs]
     fig = make_subplots(rows=nrows, cols=cols, subplot_titles=titles, shared_yaxes=True, shared_xaxes=True)
     for i, spec in enumerate(specs):
         row, col = i // cols + 1, i % cols + 1
@@ -380,7 +382,7 @@ def compare_grid(sources: Any) -> Any:
 
 def compare_per_layer(sources: Any) -> Any:
     """Each exit's metric alone on the report split, one line per method (first seed)."""
-    from layerexit.evaluation.compare import LABELS, parse_method
+    from layerexit.methods import METHODS, parse_method
 
     go = _go()
     summary = sources.summary
@@ -388,7 +390,7 @@ def compare_per_layer(sources: Any) -> Any:
     fig = go.Figure()
     for spec, report in sources.reports.items():
         scores = report["splits"][split]["per_layer"][metric]
-        label = LABELS.get(parse_method(spec)[0], spec)
+        label = METHODS[parse_method(spec)[0]].label or spec
         fig.add_trace(
             go.Scatter(
                 x=list(range(1, len(scores) + 1)),

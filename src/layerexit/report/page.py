@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from layerexit.methods import METHODS
 from layerexit.report import figures, tables
 from layerexit.report.inputs import payload, shown_strategies
 from layerexit.report.script import CSS, EXPLORER_JS
@@ -70,8 +71,10 @@ def run_page(src: RunSources) -> str:
     config = src.config
     what = [str(report.get("task", config.get("task", "?"))), str(report.get("model", config.get("model", "?")))]
     objective = str(report.get("objective", config.get("objective", "?")))
-    if objective == "ensemble" and "lam" in config:
-        objective += f" (λ = {config['lam']:g})"
+    method = METHODS.get(objective)
+    settings = method.describe(config) if method is not None else ""
+    if settings:
+        objective += f" ({settings})"
     what.append(objective)
     full = report["splits"][rep]["full_model"][metric]
     oracle = report["splits"][rep]["oracle"]

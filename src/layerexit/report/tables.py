@@ -194,15 +194,15 @@ def serving_section(serving: dict[str, Any]) -> str:
 
 def compare_table(summary: dict[str, Any]) -> str:
     """compare.json's cells: per method and strategy, mean ± std of the metric (mean speed-up)."""
-    from layerexit.evaluation.compare import LABELS, parse_method
     from layerexit.evaluation.sweep import FAMILIES
+    from layerexit.methods import METHODS, parse_method
 
     columns = ["full", *[f for f in FAMILIES if f != "static"], "static", "oracle"]
     rows = []
     for spec in summary["methods"]:
         row = summary["cells"].get(spec, {})
         native = summary.get("native_strategy", {}).get(spec)
-        cells = [LABELS.get(parse_method(spec)[0], spec)]
+        cells = [METHODS[parse_method(spec)[0]].label or spec]
         for column in columns:
             cell = row.get(column)
             if cell is None:

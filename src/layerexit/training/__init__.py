@@ -1,1 +1,4 @@
-"""Training: the one loop, the methods as data (objectives), resumable checkpoints, data-parallel runs."""
+"""Training: the one loop, resumable checkpoints, data-parallel runs, retrofit.
+
+The methods it trains are entries of :mod:`layerexit.methods`.
+"""

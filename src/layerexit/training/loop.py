@@ -1,4 +1,4 @@
-"""The one training loop. Methods differ only in their stages (:mod:`layerexit.training.objectives`)."""
+"""The one training loop. Methods differ only in their stages (:mod:`layerexit.methods`)."""
 
 from __future__ import annotations
 
@@ -20,17 +20,13 @@ from layerexit.atomic import write_text
 from layerexit.config import TrainConfig, save_config
 from layerexit.data.encoding import Encoded, collate, encode_split, load_tokenizer, separator_id
 from layerexit.errors import LayerExitError
+from layerexit.methods import METHODS, Stage
 from layerexit.model import EarlyExitModel, check_state
 from layerexit.run_folder import RunFolder
 from layerexit.runtime.loop import model_probs
-from layerexit.training import checkpoint, objectives, reuse
+from layerexit.training import checkpoint, reuse
 from layerexit.training.distributed import Processes
-from layerexit.training.recipe import (
-    calibrate_temperatures,
-    resolve_pooling,
-    resolve_weighting,
-    seed_everything,
-)
+from layerexit.training.recipe import calibrate_temperatures, resolve_pooling, seed_everything
 
 
 def train(
@@ -98,17 +94,9 @@ def train(
         for name, examples in task.splits.items()
         if examples
     }
+    method = METHODS[config.objective]
     try:
-        stages = objectives.build(
-            config.objective,
-            model.num_layers,
-            lam=config.lam,
-            weighting=resolve_weighting(config, model.backbone.model.config.model_type),
-            drop_last_diversity=config.drop_last_diversity,
-            detach_target=config.detach_teacher,
-            min_over=config.min_over,
-            static_layers=config.static_layers or None,
-        )
+        stages = method.build(model.num_layers, config.method_options(), model.backbone.model.config.model_type)
     except ValueError as err:
         raise LayerExitError(str(err)) from None
     if start is not None and not 0 <= start.position.stage < len(stages):
@@ -157,8 +145,10 @@ def train(
     if not runtime.is_main:
         return run_dir
     summary: dict[str, Any] = {"stages": run.results}
-    if config.objective == "righttool":
-        summary["temperatures"] = calibrate_temperatures(model, encoded["dev"], config, run.pad_id, run_dir, tokenizer)
+    if method.after_training is not None:
+        summary["temperatures"] = calibrate_temperatures(
+            model, encoded["dev"], config, run.pad_id, run_dir, tokenizer, method.after_training
+        )
     summary["seconds"] = round(run.elapsed(), 1)
     summary["processes"] = runtime.world
     summary["config"] = asdict(config)
@@ -243,7 +233,7 @@ def _open_log(path: Path, offset: int) -> BinaryIO:
     return path.open("ab")
 
 
-def _parameter_groups(model: EarlyExitModel, stage: objectives.Stage, config: TrainConfig) -> list[dict[str, Any]]:
+def _parameter_groups(model: EarlyExitModel, stage: Stage, config: TrainConfig) -> list[dict[str, Any]]:
     """AdamW groups: encoder and exits at their own rates, no decay on biases and norms."""
     frozen_encoder = stage.trainable == "internal_exits"
     trainable_exits = range(model.num_layers - 1) if frozen_encoder else range(stage.depth)
@@ -273,7 +263,7 @@ def _parameter_groups(model: EarlyExitModel, stage: objectives.Stage, config: Tr
 
 def fit_stage(
     model: EarlyExitModel,
-    stage: objectives.Stage,
+    stage: Stage,
     index: int,
     train_data: Encoded,
     dev_data: Encoded,

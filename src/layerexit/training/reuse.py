@@ -17,14 +17,14 @@ from typing import Any
 from layerexit.atomic import write_text
 from layerexit.config import TrainConfig
 from layerexit.errors import LayerExitError
+from layerexit.methods import EnsembleOptions, Stage, build
 from layerexit.run_folder import RunFolder
-from layerexit.training import objectives
 
 # options that only the losses of other objectives read: they cannot change a fine-tuning stage
-_LOSS_ONLY = frozenset({"objective", "output", "lam", "weighting", "drop_last_diversity", "detach_teacher", "min_over"})
+_LOSS_ONLY = frozenset({"objective", "output", *EnsembleOptions.__dataclass_fields__})
 
 
-def first_stage_result(source: Path, config: TrainConfig, stages: list[objectives.Stage]) -> dict[str, Any]:
+def first_stage_result(source: Path, config: TrainConfig, stages: list[Stage]) -> dict[str, Any]:
     """The stage result of ``source``, a finished run whose training is ``config``'s first stage; an
     error naming what differs otherwise."""
     folder = RunFolder(source)
@@ -34,7 +34,7 @@ def first_stage_result(source: Path, config: TrainConfig, stages: list[objective
         raise LayerExitError(f"{source}: training has not finished ({folder.summary_file.name} missing)")
     theirs = folder.config()
     try:
-        built = objectives.build(theirs.objective, stages[0].depth, static_layers=theirs.static_layers or None)
+        built = build(theirs.objective, stages[0].depth, theirs.method_options())
     except ValueError as err:
         raise LayerExitError(f"{folder.config_file}: {err}") from None
     their_stages = [s.name for s in built]

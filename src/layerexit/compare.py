@@ -8,6 +8,9 @@ their first stage: it is trained once per seed, in ``<output>/finetune-seed<seed
 ``finetune`` is not among the methods), and they start at their second stage from it. With
 ``finetune_from`` they start from that comparison's finished ``finetune-seed<seed>/`` instead, so that
 the baselines can run in folders of their own, side by side, from one fine-tuning.
+
+The orchestration above training and evaluation: it imports both, neither imports it. What it knows
+of each method (its label, its own strategy, its first stage) it reads from :mod:`layerexit.methods`.
 """
 
 from __future__ import annotations
@@ -25,42 +28,17 @@ from layerexit.config import TrainConfig
 from layerexit.errors import LayerExitError
 from layerexit.evaluation.evaluate import evaluate_run, pareto_front
 from layerexit.evaluation.sweep import FAMILIES
+from layerexit.methods import METHODS, labels, native_strategies, parse_method
 from layerexit.run_folder import RunFolder
-from layerexit.strategies import Entropy, MaxProb, Patience, Static, Voting
-from layerexit.training.objectives import OBJECTIVES, STARTS_WITH_FINETUNE
+from layerexit.strategies import Static
+
+__all__ = ["DEFAULT_METHODS", "LABELS", "NATIVE", "compare", "format_table", "parse_method", "summarise"]
 
 DEFAULT_METHODS = ("finetune", "static:3", "static:4", "deebert", "fastbert", "pabee", "righttool", "ensemble")
-NATIVE = {  # each training method's own strategy family
-    "deebert": Entropy.name,
-    "fastbert": Entropy.name,
-    "righttool": MaxProb.name,
-    "pabee": Patience.name,
-    "relevancy": Patience.name,
-    "ensemble": Voting.name,
-}
-LABELS = {
-    "finetune": "full model (fine-tuned)",
-    "deebert": "DeeBERT",
-    "fastbert": "FastBERT",
-    "righttool": "RightTool",
-    "pabee": "PABEE",
-    "relevancy": "relevancy only",
-    "ensemble": "ours (ensemble loss)",
-}
-
-
-def parse_method(spec: str, num_layers: int | None = None) -> tuple[str, int]:
-    """``name`` or ``static:N`` -> (objective, static layers or 0)."""
-    name, _, layers = spec.partition(":")
-    if name not in OBJECTIVES:
-        raise LayerExitError(f"unknown method {spec!r}; known: {', '.join(OBJECTIVES)} (static as static:N)")
-    if name == "static":
-        if not layers.isdigit() or int(layers) < 1:
-            raise LayerExitError(f"method {spec!r}: write a static model as static:N with N >= 1 layers")
-        return name, int(layers)
-    if layers:
-        raise LayerExitError(f"method {spec!r}: only static takes a layer count")
-    return name, 0
+NATIVE = native_strategies()
+"""Each training method's own strategy family (from the method registry)."""
+LABELS = labels()
+"""Each training method's row label (from the method registry)."""
 
 
 def compare(
@@ -93,8 +71,8 @@ def compare(
             elif run.exists():
                 _say(f"{run.name}: interrupted, resuming", progress)
                 train(config, progress=progress, resume=True)
-            elif name in STARTS_WITH_FINETUNE:
-                source = _fine_tuned(replace(base, seed=seed), output, progress, finetune_from)
+            elif (first := METHODS[name].first_stage) is not None:
+                source = _fine_tuned(replace(base, seed=seed), output, progress, finetune_from, first)
                 _say(f"{run.name}: training its second stage, from {source.name}", progress)
                 train(config, progress=progress, first_stage_from=source)
             else:
@@ -112,21 +90,23 @@ def compare(
     return summary
 
 
-def _fine_tuned(base: TrainConfig, output: Path, progress: bool, elsewhere: Path | None = None) -> Path:
+def _fine_tuned(
+    base: TrainConfig, output: Path, progress: bool, elsewhere: Path | None = None, first: str = "finetune"
+) -> Path:
     """``<output>/finetune-seed<seed>/``, trained (or resumed) to the end: DeeBERT's and FastBERT's first
     stage; or ``<elsewhere>/finetune-seed<seed>/``, which another comparison must have trained."""
     from layerexit.training.loop import train
 
     if elsewhere is not None:
-        run = elsewhere / f"finetune-seed{base.seed}"
+        run = elsewhere / f"{first}-seed{base.seed}"
         if not RunFolder(run).training_finished():
             raise LayerExitError(
-                f"{run}: no finished finetune run of seed {base.seed} to start DeeBERT and FastBERT from "
-                f"(train it first: layerexit compare --methods finetune --seeds {base.seed} --output {elsewhere})"
+                f"{run}: no finished {first} run of seed {base.seed} to start DeeBERT and FastBERT from "
+                f"(train it first: layerexit compare --methods {first} --seeds {base.seed} --output {elsewhere})"
             )
         return run
-    run = output / f"finetune-seed{base.seed}"
-    config = replace(base, objective="finetune", static_layers=0, output=str(run))
+    run = output / f"{first}-seed{base.seed}"
+    config = replace(base, objective=first, static_layers=0, output=str(run))
     if not RunFolder(run).training_finished():
         resuming = run.exists()
         doing = "resuming" if resuming else "training"
@@ -146,13 +126,13 @@ def summarise(reports: dict[tuple[str, int], dict[str, Any]], methods: list[str]
         name, layers = parse_method(spec)
         per_seed = [reports[(spec, seed)] for seed in seeds]
         row: dict[str, Any] = {}
-        if name == "static":
+        if METHODS[name].takes_layers:
             values = [r["splits"][rep]["per_layer"][metric][layers - 1] for r in per_seed]
             row["static"] = _cell(values, [num_layers / layers] * len(values), f"static(layer={layers})")
         else:
             full = [r["splits"][rep]["full_model"][metric] for r in per_seed]
             row["full"] = _cell(full, [1.0] * len(full), "all layers")
-            if name != "finetune":
+            if METHODS[name].trains_internal_exits:
                 for family in FAMILIES:
                     if family == "static":
                         continue
@@ -165,7 +145,7 @@ def summarise(reports: dict[tuple[str, int], dict[str, Any]], methods: list[str]
                         [p[rep]["speedup"] for p in picked],
                         "; ".join(p["setting"] for p in picked),
                     )
-            if name != "finetune":  # its internal exits are untrained: an oracle over them means nothing
+            if METHODS[name].trains_internal_exits:  # else an oracle over untrained exits means nothing
                 oracle = [r["splits"][rep]["oracle"] for r in per_seed]
                 row["oracle"] = _cell([o[metric] for o in oracle], [o["speedup"] for o in oracle], "oracle")
         cells[spec] = row
@@ -246,11 +226,11 @@ def plot_compare(reports: dict[tuple[str, int], dict[str, Any]], summary: dict[s
     for spec in summary["methods"]:
         name = parse_method(spec)[0]
         run = Path(summary_run(reports, spec, seed))
-        if name == "finetune":
+        if not METHODS[name].trains_internal_exits:
             full = summary["cells"][spec]["full"]["mean"]
-            ax.axhline(full, color="k", ls="--", lw=1, label=f"{LABELS['finetune']} {100 * full:.1f}")
+            ax.axhline(full, color="k", ls="--", lw=1, label=f"{METHODS[name].display} {100 * full:.1f}")
             continue
-        if name == "static":
+        if METHODS[name].takes_layers:
             cell = summary["cells"][spec]["static"]
             ax.plot(
                 cell["speedup"],
@@ -261,7 +241,7 @@ def plot_compare(reports: dict[tuple[str, int], dict[str, Any]], summary: dict[s
                 label="static (first n layers)" if "static (first n layers)" not in _labels(ax) else None,
             )
             continue
-        families = [NATIVE[name]] + (["patience"] if name == "ensemble" else [])
+        families = [NATIVE[name], *METHODS[name].also_plotted]
         color = next(colors)
         for family in families:
             xy = _family_points(run, family, metric, rep)
@@ -275,7 +255,7 @@ def plot_compare(reports: dict[tuple[str, int], dict[str, Any]], summary: dict[s
                     lw=1.6,
                     marker=".",
                     ms=3,
-                    label=f"{LABELS.get(name, name)} + {family}",
+                    label=f"{METHODS[name].display} + {family}",
                 )
     lo, hi = summary["band"]
     ax.axvspan(lo, hi, color="0.93", zorder=0)
