@@ -5,8 +5,8 @@ from layerexit.errors import LayerExitError
 from layerexit.model import EarlyExitModel, ExitConfig
 from layerexit.predictor import Predictor
 from layerexit.runtime.loop import early_exit_forward
+from layerexit.version import __version__ as __version__
 
-__version__ = "0.1.0"
 __all__ = [
     "EarlyExitModel",
     "ExitConfig",

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from layerexit import __version__
 from layerexit.atomic import write_json
 from layerexit.errors import LayerExitError
 from layerexit.model import EarlyExitModel
@@ -33,6 +32,7 @@ from layerexit.runtime.onnx_format import (
     require_onnx,
     sha256,
 )
+from layerexit.version import __version__
 
 # Export
 
