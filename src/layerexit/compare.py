@@ -72,7 +72,7 @@ def compare(
                 _say(f"{run.name}: interrupted, resuming", progress)
                 train(config, progress=progress, resume=True)
             elif (first := METHODS[name].first_stage) is not None:
-                source = _fine_tuned(replace(base, seed=seed), output, progress, finetune_from, first)
+                source = _fine_tuned(first, replace(base, seed=seed), output, progress, finetune_from)
                 _say(f"{run.name}: training its second stage, from {source.name}", progress)
                 train(config, progress=progress, first_stage_from=source)
             else:
@@ -90,11 +90,10 @@ def compare(
     return summary
 
 
-def _fine_tuned(
-    base: TrainConfig, output: Path, progress: bool, elsewhere: Path | None = None, first: str = "finetune"
-) -> Path:
-    """``<output>/finetune-seed<seed>/``, trained (or resumed) to the end: DeeBERT's and FastBERT's first
-    stage; or ``<elsewhere>/finetune-seed<seed>/``, which another comparison must have trained."""
+def _fine_tuned(first: str, base: TrainConfig, output: Path, progress: bool, elsewhere: Path | None = None) -> Path:
+    """``<output>/<first>-seed<seed>/``, trained (or resumed) to the end: the run of method ``first``
+    (``finetune``) that is DeeBERT's and FastBERT's first stage; or ``<elsewhere>/<first>-seed<seed>/``,
+    which another comparison must have trained."""
     from layerexit.training.loop import train
 
     if elsewhere is not None:
