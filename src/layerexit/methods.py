@@ -148,16 +148,10 @@ def register_method(method: Method) -> Method:
     """Add a training method to the registry (its name must be new)."""
     if method.name in METHODS:
         raise ValueError(f"method {method.name!r} is registered already")
-    if method.options is not MethodOptions and not issubclass(method.options, MethodOptions):
+    if not issubclass(method.options, MethodOptions):
         raise TypeError(f"{method.name}: options must subclass MethodOptions")
     METHODS[method.name] = method
     return method
-
-
-def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise LayerExitError(f"unknown objective {name!r}; known: {', '.join(METHODS)}")
-    return METHODS[name]
 
 
 def build(name: str, num_layers: int, options: MethodOptions | None = None, model_type: str = "") -> list[Stage]:
