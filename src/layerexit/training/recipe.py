@@ -42,8 +42,7 @@ def is_decoder(path: str) -> bool:
 def resolve_pooling(config: TrainConfig, encoder_path: str) -> str:
     """``auto``: mean pooling for sentence-transformers encoders (trained with it), else the first token.
 
-    Measured on MiniLM-L6 (a sentence-transformer): first-token exits on layers 1-3 stayed at the
-    majority class after 2 epochs, mean-pooled ones learned (docs/design.md section 1).
+    Why mean pooling for sentence-transformers: docs/design.md section 1.
     """
     if config.pooling != "auto":
         return config.pooling

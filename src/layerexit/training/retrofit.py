@@ -105,7 +105,7 @@ class RetrofitConfig:
 
     def resolve_pooling(self, decoder: bool, pairs: bool, tokenizer: Any) -> Pooling:
         """``auto``: a decoder's last token; the pair features for text pairs where the tokenizer separates the
-        two texts (2.20x against 1.64x for the mean on snli-binary: docs/retrofit.md); else the mean."""
+        two texts (chosen on dev: docs/retrofit.md); else the mean."""
         if self.pooling != "auto":
             if self.pooling == "pair" and not pairs:
                 raise LayerExitError(f"--pooling pair is for inputs of two texts; {self.task} has single texts")
