@@ -8,13 +8,13 @@ ASSETS := $(VENV)/.assets
 DEMO_DIR ?= runs/demo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install assets browser test test-fast lint demo clean-demo report
+.PHONY: install assets browser test test-fast lint docs demo clean-demo report
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev,onnx,distributed,report,serve]"
+	$(BIN)/python -m pip install -q -e ".[dev,docs,onnx,distributed,report,serve]"
 	touch $@
 
 install: $(INSTALLED)
@@ -39,6 +39,11 @@ test: $(ASSETS) browser
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
 	LAYEREXIT_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q
+	$(BIN)/mkdocs build --strict --quiet
+
+# The documentation site (mkdocs, material theme), built offline into site/; strict: a broken link fails.
+docs: $(INSTALLED)
+	$(BIN)/mkdocs build --strict
 
 test-fast: $(INSTALLED)
 	$(BIN)/python -m pytest -q -m "not integration and not slow"

@@ -1,6 +1,6 @@
 """Training losses over the logits of every exit, ``(L, B, C)``. Pure functions, no state.
 
-Notation (docs/design.md section 2): x_i = softmax(z_i), q_i = log_softmax(z_i) for exit i,
+Notation (docs/design.md, Definitions): x_i = softmax(z_i), q_i = log_softmax(z_i) for exit i,
 CE(x_i, y) = -q_i[y] and CE(x_i, x_j) = -sum_c x_j[c] q_i[c] (x_j is the target).
 """
 

@@ -53,7 +53,7 @@ class MethodOptions:
 
 @dataclass(frozen=True)
 class EnsembleOptions(MethodOptions):
-    """The ensemble objective's options (the paper's Eq. 14/24; docs/design.md section 2)."""
+    """The ensemble objective's options (the paper's Eq. 14/24; docs/design.md, Definitions)."""
 
     lam: float = option(
         0.1,

@@ -42,7 +42,7 @@ def is_decoder(path: str) -> bool:
 def resolve_pooling(config: TrainConfig, encoder_path: str) -> str:
     """``auto``: mean pooling for sentence-transformers encoders (trained with it), else the first token.
 
-    Why mean pooling for sentence-transformers: docs/design.md section 1.
+    Why mean pooling for sentence-transformers: docs/training.md (Models).
     """
     if config.pooling != "auto":
         return config.pooling
