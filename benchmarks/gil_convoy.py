@@ -10,7 +10,7 @@ and six layers with their exits at batch 1 through the PyTorch runtime (the serv
   switch interval and at a tenth of it;
 * beside the same busy work in another process (what ``layerexit serve --engine process`` does).
 
-    .venv/bin/python benchmarks/gil_convoy.py --out docs/serving/gil_convoy.json
+    .venv/bin/python benchmarks/gil_convoy.py --out studies/serving/gil_convoy.json
 
 Medians over ``--repeats`` passes, one torch thread; run it on a quiet machine (two cores: the busy
 thread takes one).

@@ -6,7 +6,7 @@ it open-loop (Poisson) with an httpx and an aiohttp client. Per pair: client-sid
 the CPU seconds each request cost the client and the server. Every millisecond here is in every
 latency ``benchmarks/serving.py`` measures, for each scheduler alike.
 
-    .venv/bin/python benchmarks/http_overhead.py --rate 20 --seconds 8 --out docs/serving/http-overhead.json
+    .venv/bin/python benchmarks/http_overhead.py --rate 20 --seconds 8 --out studies/serving/http-overhead.json
 """
 
 from __future__ import annotations

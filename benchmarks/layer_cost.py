@@ -9,7 +9,7 @@ runtime's layer step (layer and exit) per row, for batch sizes 1-32, two ways:
 * ``same layer``: one layer again and again (its weights stay in cache: the best case);
 * ``layers in turn``: layers 1, 2, ..., 6, 1, ... (what the engine does).
 
-    .venv/bin/python benchmarks/layer_cost.py --out docs/serving/layer_cost.json
+    .venv/bin/python benchmarks/layer_cost.py --out studies/serving/layer_cost.json
 
 Medians of ``--repeats`` steps, one thread, inputs of ``--tokens`` tokens; run it on a quiet machine.
 """

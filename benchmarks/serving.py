@@ -4,7 +4,7 @@ code, stop the server with SIGTERM (it drains), and write one JSON, a markdown t
 and p99 latency against offered load (a curve per scheduler).
 
     .venv/bin/python benchmarks/serving.py runs/demo --runtime torch --rates 10 20 40 60 80 120 160 \\
-        --seconds 8 --slo-ms 100 --out docs/serving/torch
+        --seconds 8 --slo-ms 100 --out studies/serving/torch
 
 Each capacity at the SLO (the highest offered rate with p99 under it and under 1% refused) is refined by
 `--refine` bisections between the rates swept; every scheduler is then run at exactly half of `full`'s

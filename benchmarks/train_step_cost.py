@@ -6,7 +6,7 @@ own stage (``methods.build``), parameter groups and AdamW, and the same batches 
 Rounds alternate between the methods so that they share the machine's drift; the figure per method is
 the median over its timed steps (forward, loss, backward, clipping, optimizer step), after warm-up steps.
 
-    .venv/bin/python benchmarks/train_step_cost.py --threads 1 --steps 20 --out docs/results/train_step_cost.json
+    .venv/bin/python benchmarks/train_step_cost.py --threads 1 --steps 20 --out studies/results/train_step_cost.json
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@
 #   OUT=runs/full bash scripts/full_study.sh all
 #
 # The mpnet-* steps need the encoder first: `python -m layerexit.assets install mpnet-base` (`make assets` skips it).
-# Then `python scripts/results.py collect ...` copies each finished run's small reports into docs/results/.
+# Then `python scripts/results.py collect ...` copies each finished run's small reports into studies/results/.
 set -euo pipefail
 OUT=${OUT:-runs/full}
 PY=${PY:-.venv/bin/python}
@@ -74,7 +74,7 @@ step() {
     mpnet-deebert|mpnet-fastbert)   # from mpnet-finetune0's run
                  cmp "tweets-binary-mpnet-${1#mpnet-}" --methods "${1#mpnet-}" --seeds 0 "${MPNET[@]}" \
                      --finetune-from "$OUT/tweets-binary-mpnet-finetune" ;;
-    all) # the folders docs/results/full-* were collected from
+    all) # the folders studies/results/full-* were collected from
          for s in tb-pabee0 tb-lam0.1 tb-lam0.2 tb-lam0.5 tb-finetune tb-pabee12 tb-ours12 tb-uniform snli-pabee0 \
                   snli-pabee1 snli-pabee2 snli-lam snli-finetune snli-ours1 snli-ours2 mpnet tb-deebert tb-fastbert \
                   snli-deebert snli-fastbert tb-onelr mpnet-finetune0 mpnet-finetune1; do step "$s"; done ;;

@@ -1,8 +1,8 @@
 """Committed study results: copy the small files of a comparison, and rebuild its table from them.
 
-    python scripts/results.py collect runs/compare-tweets-binary docs/results/tweets-binary-minilm
-    python scripts/results.py build docs/results/tweets-binary-minilm      # prints the markdown table
-    python scripts/results.py refresh runs/compare-tweets-binary docs/results/tweets-binary-minilm
+    python scripts/results.py collect runs/compare-tweets-binary studies/results/tweets-binary-minilm
+    python scripts/results.py build studies/results/tweets-binary-minilm      # prints the markdown table
+    python scripts/results.py refresh runs/compare-tweets-binary studies/results/tweets-binary-minilm
 
 `collect` keeps, per run, config.json, data.json, train_summary.json, eval/report.json,
 eval/points.csv and eval/exit_layers.csv (never weights or stored probabilities), plus the

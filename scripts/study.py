@@ -5,7 +5,7 @@ no retraining, no stored probabilities.
     python scripts/study.py --check    # exit 1 if docs/results.md is not what the committed reports give
 
 Every table lives in ``docs/results.md`` between ``<!-- study:NAME -->`` and ``<!-- /study:NAME -->``;
-the prose around them is written by hand. The inputs are the folders of ``docs/results/`` written by
+the prose around them is written by hand. The inputs are the folders of ``studies/results/`` written by
 ``scripts/results.py collect`` (per run: ``config.json``, ``data.json``, ``train_summary.json``,
 ``eval/report.json``, ``eval/points.csv``, ``eval/exit_layers.csv``).
 
@@ -46,7 +46,8 @@ from studylib import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "docs" / "results"
+RESULTS = ROOT / "studies" / "results"
+FIGURES = ROOT / "docs" / "figures"
 DOC = ROOT / "docs" / "results.md"
 KS = (0.0, 0.25, 0.5, 0.75)
 LAMBDAS = (0.0, 0.1, 0.2, 0.3, 0.5)
@@ -421,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tmp = args.doc.with_name(args.doc.name + ".tmp")
     tmp.write_text(new, encoding="utf-8")
     tmp.replace(args.doc)
-    figures = args.results / "figures"
+    figures = FIGURES
     figures.mkdir(exist_ok=True)
     plot_crossover(studies, figures / "crossover.png")
     if lam:

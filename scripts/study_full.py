@@ -1,6 +1,6 @@
 """The full-scale study of ``docs/results.md`` (issue 12): its tables, from the committed ``full-*`` folders.
 
-Every step of ``scripts/full_study.sh`` writes one compare folder, collected as ``docs/results/full-<name>``
+Every step of ``scripts/full_study.sh`` writes one compare folder, collected as ``studies/results/full-<name>``
 by ``scripts/results.py collect``. The folders of one study share a prefix (``full-tweets-binary-minilm``)
 and their suffix says what they hold:
 
@@ -39,7 +39,7 @@ from studylib import (
 class FullStudy:
     name: str
     kind: str
-    prefix: str  # folders docs/results/<prefix>[suffix]
+    prefix: str  # folders studies/results/<prefix>[suffix]
     lambda_from: str | None = None  # the prefix whose dev choice of lambda this study uses
 
 

@@ -50,7 +50,7 @@ def test_flags_keep_their_spellings_and_defaults() -> None:
 
 
 def test_saved_configs_of_committed_runs_load() -> None:
-    paths = sorted((ROOT / "docs" / "results").rglob("config.json"))
+    paths = sorted((ROOT / "studies" / "results").rglob("config.json"))
     assert paths
     for path in paths:
         config = load_train_config(path)

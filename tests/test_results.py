@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-STUDIES = sorted(p for p in (ROOT / "docs" / "results").glob("*") if (p / "compare.json").is_file())
+STUDIES = sorted(p for p in (ROOT / "studies" / "results").glob("*") if (p / "compare.json").is_file())
 
 
 def test_results_script_builds_a_table_from_the_command_line() -> None:
@@ -38,7 +38,7 @@ def test_results_script_rebuilds_the_committed_table(folder: Path) -> None:
 
 
 def test_there_is_a_committed_study() -> None:
-    assert STUDIES, "docs/results/ should hold at least one comparison"
+    assert STUDIES, "studies/results/ should hold at least one comparison"
 
 
 def _study_module(name: str = "studylib"):  # scripts/ is not a package: load a module by path
@@ -147,7 +147,7 @@ def test_full_study_reads_folder_suffixes_and_chooses_lambda_on_dev() -> None:
 
 
 def test_full_study_script_all_makes_the_committed_folders(tmp_path: Path) -> None:
-    """`full_study.sh all` names one compare folder per committed docs/results/full-* folder, no other."""
+    """`full_study.sh all` names one compare folder per committed studies/results/full-* folder, no other."""
     fake = tmp_path / "python"  # stands for the interpreter: prints the compare command it was given
     fake.write_text('#!/bin/sh\necho "$@"\n')
     fake.chmod(0o755)
@@ -159,6 +159,6 @@ def test_full_study_script_all_makes_the_committed_folders(tmp_path: Path) -> No
         check=True,
     ).stdout
     made = [line.split("--output OUT/", 1)[1].split()[0] for line in out.splitlines() if "--output OUT/" in line]
-    committed = sorted(p.name.removeprefix("full-") for p in (ROOT / "docs" / "results").glob("full-*"))
+    committed = sorted(p.name.removeprefix("full-") for p in (ROOT / "studies" / "results").glob("full-*"))
     assert sorted(made) == committed
     assert len(made) == len(set(made))
