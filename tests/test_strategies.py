@@ -111,7 +111,7 @@ def test_static_and_oracle() -> None:
 
 
 def _reference(strategy: strategies.Strategy, probs: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
-    """A plain per-sample loop written straight from docs/design.md (Definitions, exit rules), independent of ``step``."""
+    """A plain per-sample loop written straight from docs/design.md (Definitions), independent of ``step``."""
     num_layers, num_classes = probs.shape[0], probs.shape[1]
     rows = probs.tolist()
     argmaxes = [max(range(num_classes), key=lambda c, r=r: r[c]) for r in rows]

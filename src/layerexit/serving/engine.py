@@ -24,9 +24,8 @@ Three schedulers, one interface (:meth:`Engine.submit`, :meth:`Engine.cancel`, :
   ``max_wait``, whose rows are answered as they exit). Bound: a row waits only for steps that move on a
   row that was in the engine when it arrived or one of its own wave, each of those at most ``L + 1``
   times, and at most ``max_queue`` rows are in the engine: ``max_queue * (L + 1)`` steps, as ``oldest``.
-  On the demo run (PyTorch) it sustained 70 requests/s at a p99 of 100 ms where ``fullest`` sustained 35
-  (README, "Serving"): under load the next wave gathers while one runs, so steps are fuller, and a row
-  that has started is never held back for new ones.
+  Under load the next wave gathers while one runs, so steps are fuller, and a row that has started is
+  never held back for new ones (measured against the others in docs/serve.md).
 
 * ``fullest``: each step serves the *fullest* queue (most rows waiting; ties to the deeper
   layer), unless the row that has waited longest in any queue has waited more than ``max_wait_ms`` there:
@@ -39,10 +38,11 @@ Three schedulers, one interface (:meth:`Engine.submit`, :meth:`Engine.cancel`, :
   request), with up to ``max_batch`` rows of that stage's queue, oldest first: a started wave finishes
   before a new one is embedded. Bound: every step moves the oldest row in the engine on by one stage and
   at most ``max_queue`` rows are in the engine, so a row is answered within ``max_queue * (L + 1)`` steps
-  of its arrival, with no ``max_wait_ms`` term. Its batches are smaller: on the demo run (ONNX fp32) it
-  sustained 77 answers/s where ``fullest`` sustained 90 (README, "Serving").
+  of its arrival, with no ``max_wait_ms`` term. Its batches are smaller (docs/serve.md).
 
-``tests/test_serving.py`` checks the three bounds on the engine's own timings.
+The policies are classes (:mod:`layerexit.serving.policies`). ``tests/test_scheduler.py`` checks the
+three bounds by counting steps on a fake clock, with no thread; ``tests/test_serving.py`` checks them
+again on the engine's own timings.
 
 Every row's exit layer and prediction are the strategy's on that row's own probabilities: the same
 ``exit_step`` (:mod:`layerexit.runtime.loop`) decides, on per-row strategy state carried along with the
@@ -66,12 +66,13 @@ from torch import Tensor
 from layerexit.errors import LayerExitError
 from layerexit.runtime.base import Rows, Runtime
 from layerexit.runtime.loop import check_online, early_exit, exit_step
+from layerexit.serving import policies
 from layerexit.strategies import State, Strategy, select_state
 
 Scheduler = Literal["full", "batch", "pooled"]
 SCHEDULERS: tuple[Scheduler, ...] = ("full", "batch", "pooled")
-Policy = Literal["oldest", "fullest", "deepest"]
-POLICIES: tuple[Policy, ...] = ("deepest", "fullest", "oldest")
+POLICIES: tuple[str, ...] = tuple(policies.POLICIES)
+"""The ``pooled`` scheduler's policies by name, the default first."""
 
 
 def as_ids(values: Sequence[int] | Tensor) -> Tensor:
@@ -179,28 +180,30 @@ class Engine:
         strategy: Strategy,
         *,
         scheduler: Scheduler = "pooled",
-        policy: Policy = "deepest",
+        policy: str | policies.Policy = "deepest",
         max_batch: int = 32,
         max_wait_ms: float = 5.0,
         max_queue: int = 256,
         pad_id: int = 0,
         threads: int | None = None,
         on_step: Callable[[int, int, float], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        start: bool = True,
     ) -> None:
         """``on_step(stage, rows, seconds)`` is called after every step (stage 0: embeddings or a whole
         dynamic batch); ``threads``: torch threads of the worker; ``policy``: how ``pooled`` picks the next
-        stage (module docstring)."""
+        stage (module docstring), a name or a :class:`~layerexit.serving.policies.Policy`; ``clock``: seconds,
+        for arrival and waiting times; ``start=False``: no worker thread (a test drives the steps itself)."""
         if scheduler not in SCHEDULERS:
             raise LayerExitError(f"unknown scheduler {scheduler!r}; expected one of {', '.join(SCHEDULERS)}")
-        if policy not in POLICIES:
-            raise LayerExitError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
         if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
             raise LayerExitError("max_batch and max_queue must be >= 1 and max_wait_ms >= 0")
         check_online(strategy)
         self.runtime = runtime
         self.strategy = strategy
         self.scheduler = scheduler
-        self.policy = policy
+        self.policy = policies.policy_named(policy)
+        self.clock = clock
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue
@@ -216,7 +219,8 @@ class Engine:
         self._rows: deque[tuple[Request, int]] = deque()  # full / batch: inputs not yet in a batch
         self._queues: list[deque[Group]] = [deque() for _ in range(runtime.num_layers + 1)]
         self._worker = threading.Thread(target=self._run, name=f"layerexit-{scheduler}", daemon=True)
-        self._worker.start()
+        if start:
+            self._worker.start()
 
     # ------------------------------------------------------------------ callers' side
     @property
@@ -229,7 +233,9 @@ class Engine:
         :class:`Closed` when draining."""
         if not tokens:
             raise LayerExitError("a request needs at least one input")
-        request = Request([(as_ids(ids), None if types is None else as_ids(types)) for ids, types in tokens])
+        request = Request(
+            [(as_ids(ids), None if types is None else as_ids(types)) for ids, types in tokens], arrived=self.clock()
+        )
         with self._lock:
             if not self._accepting:
                 raise Closed("the server is shutting down")
@@ -269,10 +275,18 @@ class Engine:
         self._worker.join(timeout)
 
     # ------------------------------------------------------------------ worker
+    def step(self) -> None:
+        """One step of the scheduler: what the worker thread repeats. Called directly only when the engine
+        was made with ``start=False`` (a test that counts steps on a fake clock)."""
+        if self.scheduler == "pooled":
+            self._pooled_step()
+        else:
+            self._batch_step()
+
     def _run(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
-        step = self._pooled_step if self.scheduler == "pooled" else self._batch_step
+        step = self.step
         with torch.inference_mode():
             while True:
                 with self._lock:
@@ -337,7 +351,7 @@ class Engine:
         return ids, mask, types
 
     def _step_done(self, stage: int, rows: int, started: float) -> None:
-        seconds = time.perf_counter() - started
+        seconds = self.clock() - started
         self.stats.record_step(stage, rows)
         if self.on_step is not None:
             self.on_step(stage, rows, seconds)
@@ -353,7 +367,7 @@ class Engine:
                     self._rows.extend((request, i) for i in range(len(request.tokens)))
                 if not self._rows or self._stop:
                     return []
-                waited = time.perf_counter() - self._rows[0][0].arrived
+                waited = self.clock() - self._rows[0][0].arrived
                 if len(self._rows) >= self.max_batch or waited >= self.max_wait or not self._accepting:
                     break
                 self._lock.wait(self.max_wait - waited)
@@ -368,7 +382,7 @@ class Engine:
                 owners.append((request, index))
         if not owners:
             return
-        started = time.perf_counter()
+        started = self.clock()
         ids, mask, types = self._collate(owners)
         if self.scheduler == "full":
             probs = self.runtime.full(ids, mask, types)  # (B, C)
@@ -377,7 +391,7 @@ class Engine:
             result = early_exit(self.runtime, self.strategy, ids, mask, types)
             probs, labels, layers = result.probs, result.prediction, result.exit_layer
         self._step_done(0, len(owners), started)
-        done = time.perf_counter()
+        done = self.clock()
         for row, (request, index) in enumerate(owners):
             latency = (done - request.arrived) * 1000
             self._answer(request, index, Answer(int(labels[row]), probs[row], int(layers[row]), latency))
@@ -392,24 +406,12 @@ class Engine:
 
     def _pick(self) -> int | None:
         """The stage to run next (see the module docstring), or None when nothing waits."""
-        waiting = [(i, q) for i, q in enumerate(self._queues) if q]
-        if not waiting:
-            return None
-        if self.policy == "deepest":
-            return waiting[-1][0]
-        if self.policy == "oldest":  # the head of a queue is its oldest group: groups enter in arrival order
-            return min(waiting, key=lambda t: (min(g.arrived for g in t[1]), -t[0]))[0]
-        now = time.perf_counter()
-        stage, oldest = min(((i, q[0].since) for i, q in waiting), key=lambda t: t[1])
-        if now - oldest > self.max_wait:
-            return stage
-        return max(waiting, key=lambda t: (sum(len(g) for g in t[1]), t[0]))[0]
+        return self.policy.pick(self._queues, self.clock(), self.max_wait)
 
     def _gather(self, stage: int) -> list[Group]:
         """Up to ``max_batch`` rows from the head of a queue, a group split if it does not fit (with the
         ``oldest`` policy the queue is first put in arrival order: its oldest row is always taken)."""
-        if self.policy == "oldest":
-            self._queues[stage] = deque(sorted(self._queues[stage], key=lambda g: g.arrived))
+        self._queues[stage] = self.policy.order(self._queues[stage])
         queue, taken, size = self._queues[stage], [], 0
         while queue and size < self.max_batch:
             group = queue[0]
@@ -461,20 +463,20 @@ class Engine:
         groups = [g for g in (self._drop_cancelled(g) for g in self._gather(stage)) if g is not None]
         if not groups:
             return
-        started = time.perf_counter()
+        started = self.clock()
         owners = [o for g in groups for o in g.owners]
         if stage == 0:
             ids, mask, types = self._collate(owners)
             rows = self.runtime.embed(ids, mask, types)
             state = self.strategy.init(len(owners), self.runtime.num_labels, "cpu")
             self._step_done(0, len(owners), started)
-            self._queues[1].append(Group(rows, state, owners, time.perf_counter()))
+            self._queues[1].append(Group(rows, state, owners, self.clock()))
             return
         rows = self.runtime.join([g.rows for g in groups if g.rows is not None])
         state = {k: torch.cat([g.state[k] for g in groups]) for k in groups[0].state}
         rows, probs, fire, prediction = exit_step(self.runtime, self.strategy, stage, rows, state)
         self._step_done(stage, len(owners), started)
-        done = time.perf_counter()
+        done = self.clock()
         leaving = fire.nonzero().squeeze(1).tolist()
         for row in leaving:
             request, index = owners[row]
@@ -482,7 +484,7 @@ class Engine:
             self._answer(request, index, answer)
         if len(leaving) < len(owners):
             kept = (~fire).nonzero().squeeze(1).tolist()
-            if self.policy == "oldest":  # rows in arrival order: splitting a group keeps its oldest rows
+            if self.policy.arrival_order:  # rows in arrival order: splitting a group keeps its oldest rows
                 kept.sort(key=lambda i: owners[i][0].arrived)
             keep = torch.tensor(kept, dtype=torch.long)
             rest = Group(self.runtime.take(rows, keep), select_state(state, keep), [owners[i] for i in kept], done)
