@@ -35,11 +35,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("facade", {"__init__"}),
 ]
 
-ALLOWED: dict[tuple[str, str], str] = {
-    # TEMPORARY: serving/ray_app.py parses the command line through cli.py; the serving rewrite of
-    # issue 30 (part 1) removes that import. Delete this entry when it lands.
-    ("serving", "cli"): "serving/ray_app.py -> cli.py, removed by issue 30 part 1",
-}
+ALLOWED: dict[tuple[str, str], str] = {}
+"""Imports allowed to run up the order, each with its reason; none today."""
 
 
 @dataclass(frozen=True)

@@ -294,9 +294,11 @@ def test_short_load_test_per_scheduler(trained_run: Path, scheduler: str, place:
     args = ["serve", str(trained_run), "--port", str(port), "--scheduler", scheduler, "--threads", "1"]
     args += ["--engine", place]
     from layerexit.cli import build_parser
+    from layerexit.config import from_namespace
+    from layerexit.serving.config import EngineConfig
     from layerexit.serving.server import build
 
-    app, engine = build(build_parser().parse_args(args))
+    app, engine = build(from_namespace(EngineConfig, build_parser().parse_args(args)))
     assert app.state.info["engine"] == ("process" if place == "auto" else place)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

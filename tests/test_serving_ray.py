@@ -48,12 +48,12 @@ def ray_serve() -> Iterator[int]:
 
 
 def test_options_read_like_the_serve_command(trained_run: Path) -> None:  # noqa: F811
-    argv, ray_options = options({"run": str(trained_run), "scheduler": "batch", "max_batch": "8", "replicas": "2"})
-    assert argv[:2] == ["serve", str(trained_run)] and "--scheduler=batch" in argv
+    config, ray_options = options({"run": str(trained_run), "scheduler": "batch", "max_batch": "8", "replicas": "2"})
+    assert config.run == str(trained_run) and config.scheduler == "batch" and config.max_batch == 8
     assert ray_options["num_replicas"] == 2 and ray_options["max_ongoing_requests"] == 256
     with pytest.raises(LayerExitError, match="run folder"):
         options({"scheduler": "pooled"})
-    with pytest.raises(LayerExitError, match="bad arguments"):
+    with pytest.raises(LayerExitError, match="scheduler must be one of"):
         options({"run": str(trained_run), "scheduler": "fifo"})
 
 

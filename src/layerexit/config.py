@@ -182,6 +182,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         help_text = f.metadata.get("help", "").replace("%", "%%")
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, help=help_text)
+            continue
         if hint is bool:  # BooleanOptionalAction adds "(default: ...)" itself
             parser.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text

@@ -11,9 +11,19 @@ from dataclasses import field
 from typing import Any
 
 
-def option(default: Any, help: str, flag: str | None = None, choices: tuple[str, ...] | None = None) -> Any:
-    """A dataclass field with its command-line help (and optionally its flag name and choices)."""
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+def option(
+    default: Any,
+    help: str,
+    flag: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    positional: bool = False,
+) -> Any:
+    """A dataclass field with its command-line help (and optionally its flag name and choices; ``positional``:
+    a required positional argument on the command line, named by the field)."""
+    metadata: dict[str, Any] = {"help": help, "flag": flag, "choices": choices}
+    if positional:
+        metadata["positional"] = True
+    return field(default=default, metadata=metadata)
 
 
 def option_of(cls: type, name: str) -> Any:

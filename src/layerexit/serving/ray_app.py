@@ -26,6 +26,7 @@ from ray import serve
 from ray.serve import Application
 
 from layerexit.errors import LayerExitError
+from layerexit.serving.config import EngineConfig
 
 RAY_KEYS = ("replicas", "num_cpus")
 
@@ -33,49 +34,43 @@ RAY_KEYS = ("replicas", "num_cpus")
 @serve.deployment
 @serve.ingress()
 class Classifier:
-    """A replica: ``layerexit serve``'s app and engine, built from the same options; Ray Serve routes
+    """A replica: ``layerexit serve``'s app and engine, built from the same typed options; Ray Serve routes
     HTTP requests to it and runs its lifespan (the engine drains on shutdown)."""
 
-    def __init__(self, argv: list[str]) -> None:
-        self.argv = argv
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
 
     def __serve_build_asgi_app__(self) -> Any:
-        return app_for(self.argv)
+        from layerexit.serving.server import build as build_server
+
+        app, _ = build_server(self.config)
+        return app
 
 
-def app_for(argv: list[str]) -> Any:
-    from layerexit.cli import build_parser
-    from layerexit.serving.server import build as build_server
-
-    app, _ = build_server(build_parser().parse_args(argv))
-    return app
-
-
-def options(args: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
-    """``(layerexit serve argv, Ray options)`` from ``key=value`` arguments, checked as the command does."""
+def options(args: dict[str, Any]) -> tuple[EngineConfig, dict[str, Any]]:
+    """``(the engine's options, Ray options)`` from ``key=value`` arguments, typed and checked as the
+    ``serve`` command checks its flags."""
     args = dict(args)
     ray_args = {key: args.pop(key) for key in RAY_KEYS if key in args}
     if "run" not in args:
         raise LayerExitError("give the run folder: serve run layerexit.serving.ray_app:build run=RUN ...")
-    argv = ["serve", str(args.pop("run")), *(f"--{key.replace('_', '-')}={value}" for key, value in args.items())]
-    from layerexit.cli import build_parser
-
+    config = EngineConfig.from_mapping(args)
     try:
-        parsed = build_parser().parse_args(argv)
-    except SystemExit:
-        raise LayerExitError(f"bad arguments {args} (see `layerexit serve --help`)") from None
-    cpus = float(ray_args.get("num_cpus", parsed.threads or 1))
+        cpus = float(ray_args.get("num_cpus", config.threads or 1))
+        replicas = int(ray_args.get("replicas", 1))
+    except ValueError as err:
+        raise LayerExitError(f"replicas and num_cpus must be numbers ({err})") from None
     ray_options = {
-        "num_replicas": int(ray_args.get("replicas", 1)),
+        "num_replicas": replicas,
         "ray_actor_options": {"num_cpus": cpus},
-        "max_ongoing_requests": parsed.max_queue,
+        "max_ongoing_requests": config.max_queue,
     }
-    return argv, ray_options
+    return config, ray_options
 
 
 def build(args: dict[str, Any]) -> Application:
     """The application ``serve run layerexit.serving.ray_app:build key=value ...`` starts."""
-    argv, ray_options = options(args)
+    config, ray_options = options(args)
     deployment: Any = Classifier
-    application: Application = deployment.options(**ray_options).bind(argv)
+    application: Application = deployment.options(**ray_options).bind(config)
     return application

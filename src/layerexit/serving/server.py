@@ -13,50 +13,26 @@ import sys
 from functools import partial
 from typing import Any
 
-from layerexit.runtime.base import RUNTIMES
-from layerexit.serving.engine import POLICIES, SCHEDULERS, Engine, EngineHandle
-
-ENGINE_PLACES = ("auto", "process", "thread")
-
-
-def engine_place(engine: str, runtime: str) -> str:
-    """``auto``: a process of its own for PyTorch, which takes the GIL back after each of a layer's
-    operators (:mod:`layerexit.serving.process`), a thread of the server for ONNX Runtime, which takes it
-    back once per layer: there the extra process only adds a hop, and under overload it leaves too little
-    CPU for HTTP on two cores (README, "Serving")."""
-    if engine != "auto":
-        return engine
-    return "process" if runtime == "torch" else "thread"
+from layerexit.config import add_arguments, from_namespace
+from layerexit.serving.config import EngineConfig
+from layerexit.serving.engine import Engine, EngineHandle
 
 
-ENGINE_OPTIONS = [
-    "run",
-    "runtime",
-    "strategy",
-    "scheduler",
-    "policy",
-    "max_batch",
-    "max_wait_ms",
-    "max_queue",
-    "threads",
-]
-
-
-def engine_for_run(**options: Any) -> tuple[Engine, dict[str, Any]]:
-    """The engine for a run (``ENGINE_OPTIONS``, as ``layerexit serve`` takes them) and what the HTTP side
-    needs to know of it. Module-level, so :class:`ProcessEngine` can call it in its child."""
+def engine_for_run(config: EngineConfig) -> tuple[Engine, dict[str, Any]]:
+    """The engine for a run and what the HTTP side needs to know of it. Module-level, so
+    :class:`ProcessEngine` can call it in its child with the config pickled."""
     from layerexit.predictor import Predictor
 
-    threads = options["threads"] or None
-    predictor = Predictor.from_run(options["run"], options["strategy"], threads=threads, runtime=options["runtime"])
+    threads = config.threads or None
+    predictor = Predictor.from_run(config.run, config.strategy, threads=threads, runtime=config.runtime)
     engine = Engine(
         predictor.runtime,
         predictor.strategy,
-        scheduler=options["scheduler"],
-        policy=options["policy"],
-        max_batch=options["max_batch"],
-        max_wait_ms=options["max_wait_ms"],
-        max_queue=options["max_queue"],
+        scheduler=config.scheduler,  # type: ignore[arg-type]
+        policy=config.policy,
+        max_batch=config.max_batch,
+        max_wait_ms=config.max_wait_ms,
+        max_queue=config.max_queue,
         pad_id=predictor.pad_id,
         threads=threads,
     )
@@ -72,23 +48,21 @@ def engine_for_run(**options: Any) -> tuple[Engine, dict[str, Any]]:
     return engine, info
 
 
-def build(args: argparse.Namespace) -> tuple[Any, EngineHandle]:
-    """The app and its engine for a run, as the options say (``--engine``: in a process of its own or a
-    thread of this one; see :func:`engine_place`)."""
+def build(config: EngineConfig) -> tuple[Any, EngineHandle]:
+    """The app and its engine for a run, as the config says (the engine in a process of its own or a thread
+    of this one: :attr:`EngineConfig.place`)."""
     from layerexit.run_folder import RunFolder
     from layerexit.serving.app import Model, build_app
     from layerexit.serving.process import ProcessEngine
 
-    options = {key: getattr(args, key) for key in ENGINE_OPTIONS}
-    place = engine_place(args.engine, args.runtime)
-    run = RunFolder(args.run).require()
+    run = RunFolder(config.run).require()
     run.require_finished()  # said here, before any model is loaded or process started
     engine: EngineHandle
-    if place == "process":
-        process = ProcessEngine(partial(engine_for_run, **options), max_queue=args.max_queue)
+    if config.place == "process":
+        process = ProcessEngine(partial(engine_for_run, config), max_queue=config.max_queue)
         engine, info = process, process.info
     else:
-        engine, info = engine_for_run(**options)
+        engine, info = engine_for_run(config)
     model = Model(
         tokenizer=run.tokenizer(),
         label_names=info["label_names"],
@@ -98,26 +72,29 @@ def build(args: argparse.Namespace) -> tuple[Any, EngineHandle]:
     )
     shown = {key: info[key] for key in ("strategy", "strategy_source", "runtime", "num_layers")}
     shown.update(
-        engine=place,
-        policy=args.policy,
-        max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue,
+        engine=config.place,
+        policy=config.policy,
+        max_batch=config.max_batch,
+        max_wait_ms=config.max_wait_ms,
+        max_queue=config.max_queue,
+        config=config.as_dict(),
     )
-    return build_app(engine, model, max_texts=args.max_texts, max_body_bytes=args.max_body_bytes, info=shown), engine
+    app = build_app(engine, model, max_texts=config.max_texts, max_body_bytes=config.max_body_bytes, info=shown)
+    return app, engine
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    app, _ = build(args)
+    config = from_namespace(EngineConfig, args)
+    app, _ = build(config)
     info = app.state.info
     print(
-        f"serving {args.run} on http://{args.host}:{args.port} ({args.scheduler}, {info['runtime']}, "
+        f"serving {config.run} on http://{config.host}:{config.port} ({config.scheduler}, {info['runtime']}, "
         f"strategy {info['strategy']}, engine in a {info['engine']})",
         file=sys.stderr,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=30)
     return 0
 
 
@@ -126,38 +103,7 @@ def add_parsers(command: Any) -> None:
     from layerexit.serving.loadtest import cmd_loadtest
 
     serve = command("serve", cmd_serve, "Serve a run over HTTP, pooling requests layer by layer (or batching)")
-    serve.add_argument("run", help="run folder written by `layerexit train`")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
-    serve.add_argument("--runtime", choices=RUNTIMES, default="torch", help="how to run the model")
-    serve.add_argument("--strategy", default=None, help="exit strategy (default: calibrated, else dev-selected)")
-    serve.add_argument("--scheduler", choices=SCHEDULERS, default="pooled", help="full, batch or pooled")
-    serve.add_argument(
-        "--policy",
-        choices=POLICIES,
-        default="deepest",
-        help="pooled: which layer runs next (deepest: waves; fullest queue; oldest row's)",
-    )
-    serve.add_argument("--max-batch", type=int, default=32, help="rows per layer step (or per dynamic batch)")
-    serve.add_argument(
-        "--max-wait-ms", type=float, default=5.0, help="full/batch: longest wait for a batch; pooled fullest: for a row"
-    )
-    serve.add_argument("--max-queue", type=int, default=256, help="inputs held at most; beyond, 503")
-    serve.add_argument("--max-texts", type=int, default=64, help="texts per request at most; beyond, 413")
-    serve.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=1 << 20,
-        help="request body size in bytes at most (1 MiB), checked while it is read, before parsing; beyond, 413",
-    )
-    serve.add_argument("--threads", type=int, default=0, help="torch / ONNX Runtime threads (0: default)")
-    serve.add_argument(
-        "--engine",
-        choices=ENGINE_PLACES,
-        default="auto",
-        help="the engine in a process of its own (no GIL shared with HTTP) or a thread of the server; "
-        "auto: a process for torch, a thread for ONNX Runtime",
-    )
+    add_arguments(serve, EngineConfig)
 
     load = command("loadtest", cmd_loadtest, "Open-loop (Poisson) load test of a layerexit server over a rate sweep")
     load.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000 (loopback only)")
