@@ -14,6 +14,7 @@ from layerexit.config import TrainConfig, add_arguments, from_namespace, given_o
 from layerexit.errors import LayerExitError
 from layerexit.evaluation.sweep import FAMILIES
 from layerexit.runtime.base import RUNTIMES
+from layerexit.runtime.registry import exportable
 
 
 def _families(text: str) -> list[str]:
@@ -175,13 +176,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from layerexit.model import EarlyExitModel
     from layerexit.run_folder import RunFolder
-    from layerexit.runtime.onnx_export import export_onnx
+    from layerexit.runtime.registry import runtime_entry
 
+    export = runtime_entry(args.runtime).export
+    assert export is not None  # the choices are the runtimes with an export
     run = RunFolder(args.run).require()
     model = EarlyExitModel.from_pretrained(run.path)
     out = Path(args.output) if args.output else run.export_dir(args.runtime)
-    quantize = args.runtime == "onnx-int8"
-    export_onnx(model, out, opset=args.opset, quantize=quantize, tokenizer=run.tokenizer())
+    export(model, out, args.opset, run.tokenizer())
     print(f"wrote {out} (embeddings, {model.num_layers} layer+exit graphs, the full model, onnx_manifest.json)")
     return 0
 
@@ -407,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run", help="run folder written by `layerexit train`")
     export.add_argument(
         "--runtime",
-        choices=RUNTIMES[1:],
+        choices=exportable(),
         default="onnx",
         help="the ONNX Runtime graphs to write: onnx (fp32, RUN/onnx) or onnx-int8 (int8 dynamic quantization, "
         "RUN/onnx-int8)",

@@ -14,8 +14,10 @@ A run folder (``layerexit train --output RUN``) holds::
     onnx/, onnx-int8/      `layerexit export` (see layerexit.runtime.onnx_format)
     exit_distribution.png, ...   `layerexit analyze`
 
-No other module spells these names. Every write is atomic (:mod:`layerexit.atomic`): a crash leaves a
-file whole, old or new. Every JSON read fails with a message naming the file and what it should hold.
+No other module spells these names, except that a runtime's registry entry
+(:mod:`layerexit.runtime.registry`) names its ``eval-*`` and export folders. Every write is atomic
+(:mod:`layerexit.atomic`): a crash leaves a file whole, old or new. Every JSON read fails with a message
+naming the file and what it should hold.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch import Tensor
 from layerexit.atomic import read_json_object, replacing, save_safetensors, write_json, write_text
 from layerexit.errors import LayerExitError
 from layerexit.model import BACKBONE_DIR, CONFIG_NAME, WEIGHTS_NAME
-from layerexit.runtime.base import parse_runtime
+from layerexit.runtime.registry import runtime_entry
 
 if TYPE_CHECKING:
     from layerexit.config import TrainConfig
@@ -43,10 +45,8 @@ TRAIN_LOG = "train_log.jsonl"
 SUMMARY = "train_summary.json"
 RETROFIT = "retrofit.json"
 CHECKPOINT = "checkpoint"
-EVAL = "eval"
 CALIBRATION = "calibration.json"
 BENCH = "bench.json"
-EXPORT = "onnx"
 
 
 class RunFolder:
@@ -102,8 +102,7 @@ class RunFolder:
 
     def eval_dir(self, runtime: str = "torch") -> Path:
         """Where a runtime's evaluation goes: ``eval/``, ``eval-onnx/``, ``eval-onnx-int8/``."""
-        runtime = parse_runtime(runtime)
-        return self.path / (EVAL if runtime == "torch" else f"{EVAL}-{runtime}")
+        return self.path / runtime_entry(runtime).eval_folder
 
     def probs_file(self, split: str, runtime: str = "torch") -> Path:
         return self.eval_dir(runtime) / f"probs_{split}.safetensors"
@@ -130,10 +129,10 @@ class RunFolder:
 
     def export_dir(self, runtime: str = "onnx") -> Path:
         """The ONNX export a runtime loads: ``onnx/`` (fp32) or ``onnx-int8/``."""
-        runtime = parse_runtime(runtime)
-        if runtime == "torch":
-            raise LayerExitError("the torch runtime has no export folder")
-        return self.path / (EXPORT if runtime == "onnx" else f"{EXPORT}-int8")
+        folder = runtime_entry(runtime).export_folder
+        if folder is None:
+            raise LayerExitError(f"the {runtime} runtime has no export folder")
+        return self.path / folder
 
     def closest_exit_file(self, stage: str) -> Path:
         """Counts of the closest earlier exit during a training stage (the paper's Figure 6b)."""

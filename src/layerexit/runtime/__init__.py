@@ -4,6 +4,7 @@
   the runtime names;
 * :mod:`layerexit.runtime.loop`: the exit loop every caller uses (``early_exit``, ``all_exits``,
   ``collect_probs``, ``model_probs``);
+* :mod:`layerexit.runtime.registry`: one entry per runtime (loader, export, engine placement);
 * :mod:`layerexit.runtime.torch_runtime`, :mod:`layerexit.runtime.onnx_runtime`: the implementations;
   :mod:`layerexit.runtime.onnx_export` writes what the ONNX one loads.
 """
@@ -13,12 +14,23 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from layerexit.runtime.base import RUNTIMES, Rows, Runtime, parse_runtime
+from layerexit.runtime.registry import REGISTRY, RuntimeEntry, register_runtime, runtime_entry
 
 if TYPE_CHECKING:
     from layerexit.model import EarlyExitModel
     from layerexit.run_folder import RunFolder
 
-__all__ = ["RUNTIMES", "Rows", "Runtime", "load_runtime", "parse_runtime"]
+__all__ = [
+    "REGISTRY",
+    "RUNTIMES",
+    "Rows",
+    "Runtime",
+    "RuntimeEntry",
+    "load_runtime",
+    "parse_runtime",
+    "register_runtime",
+    "runtime_entry",
+]
 
 
 def load_runtime(
@@ -26,12 +38,4 @@ def load_runtime(
 ) -> Runtime:
     """The runtime ``name`` for a saved run: its PyTorch model (``model`` if already loaded), or the ONNX
     graphs `layerexit export` wrote into it (``threads``: ONNX Runtime intra-op threads per session)."""
-    name = parse_runtime(name)
-    if name == "torch":
-        from layerexit.model import EarlyExitModel
-        from layerexit.runtime.torch_runtime import TorchRuntime
-
-        return TorchRuntime(model if model is not None else EarlyExitModel.from_pretrained(run.path))
-    from layerexit.runtime.onnx_runtime import OnnxRuntime
-
-    return OnnxRuntime.load(run.require_export(name), threads=threads)
+    return runtime_entry(name).load(run, model, threads)

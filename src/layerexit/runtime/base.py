@@ -26,17 +26,16 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from torch import Tensor
 
-from layerexit.errors import LayerExitError
+from layerexit.runtime.registry import REGISTRY, runtime_entry
 
-RUNTIMES = ("torch", "onnx", "onnx-int8")
-"""Runtime names, as every command and :meth:`Predictor.from_run` take them (``--runtime``)."""
+RUNTIMES: tuple[str, ...] = tuple(REGISTRY)
+"""Runtime names, as every command and :meth:`Predictor.from_run` take them (``--runtime``): the
+entries of :mod:`layerexit.runtime.registry`."""
 
 
 def parse_runtime(name: str) -> str:
-    """A runtime name, checked: the one place the names are read."""
-    if name not in RUNTIMES:
-        raise LayerExitError(f"unknown runtime {name!r}; expected one of {', '.join(RUNTIMES)}")
-    return name
+    """A runtime name, checked against the registry."""
+    return runtime_entry(name).name
 
 
 @dataclass

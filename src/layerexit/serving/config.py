@@ -12,6 +12,7 @@ from typing import Any, Literal
 from layerexit.errors import LayerExitError
 from layerexit.options import option
 from layerexit.runtime.base import RUNTIMES
+from layerexit.runtime.registry import runtime_entry
 from layerexit.serving.engine import POLICIES, SCHEDULERS
 
 
@@ -54,12 +55,12 @@ class EngineConfig:
 
     @property
     def place(self) -> str:
-        """Where the engine runs: ``auto`` is a process of its own for PyTorch, which takes the GIL back after
-        each of a layer's operators, and a thread of the server for ONNX Runtime, which takes it back once
-        per layer, where an extra process only adds a hop (docs/serve.md)."""
+        """Where the engine runs: ``auto`` is a process of its own for a runtime whose threads take the GIL
+        back often (PyTorch, after each operator), else a thread of the server, where an extra process only
+        adds a hop (the runtime's registry entry; docs/serve.md)."""
         if self.engine != "auto":
             return self.engine
-        return "process" if self.runtime == "torch" else "thread"
+        return runtime_entry(self.runtime).engine_place
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> EngineConfig:

@@ -1,0 +1,108 @@
+"""Every runtime, one entry each: its name, how it is loaded for a run, what `layerexit export` writes for
+it, and how the server places its engine. Commands, the run folder, the predictor and the server read
+this table; none of them names a runtime.
+
+Adding a runtime: a module implementing the protocol of :mod:`layerexit.runtime.base`, its
+:class:`RuntimeEntry` passed to :func:`register_runtime` here, and the online-equals-offline tests
+parametrised over it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from layerexit.errors import LayerExitError
+
+if TYPE_CHECKING:
+    from layerexit.model import EarlyExitModel
+    from layerexit.run_folder import RunFolder
+    from layerexit.runtime.base import Runtime
+
+Loader = Callable[["RunFolder", "EarlyExitModel | None", "int | None"], "Runtime"]
+"""(run folder, its PyTorch model if already loaded, threads) -> the runtime."""
+Exporter = Callable[["EarlyExitModel", Path, int, Any], Path]
+"""(model, output folder, ONNX opset, tokenizer) -> the folder written."""
+
+
+@dataclass(frozen=True)
+class RuntimeEntry:
+    name: str
+    help: str
+    load: Loader
+    export: Exporter | None = None
+    """What `layerexit export --runtime NAME` writes; None: nothing to export (the run folder is enough)."""
+    export_folder: str | None = None
+    """The run-folder subfolder the export goes to and the runtime loads from."""
+    holds_gil: bool = False
+    """Its threads take the GIL back often (after every operator): the server then runs its engine in a
+    process of its own (``--engine auto``), so HTTP and tokenising are not starved (docs/serve.md)."""
+
+    @property
+    def eval_folder(self) -> str:
+        """The run-folder subfolder of its evaluation outputs (``eval`` for the reference runtime)."""
+        return "eval" if self.name == REFERENCE else f"eval-{self.name}"
+
+    @property
+    def engine_place(self) -> str:
+        """Where ``layerexit serve --engine auto`` runs its engine: ``process`` or ``thread``."""
+        return "process" if self.holds_gil else "thread"
+
+
+def _load_torch(run: RunFolder, model: EarlyExitModel | None, threads: int | None) -> Runtime:
+    from layerexit.model import EarlyExitModel
+    from layerexit.runtime.torch_runtime import TorchRuntime
+
+    return TorchRuntime(model if model is not None else EarlyExitModel.from_pretrained(run.path))
+
+
+def _onnx(name: str, quantize: bool) -> tuple[Loader, Exporter]:
+    def load(run: RunFolder, model: EarlyExitModel | None, threads: int | None) -> Runtime:
+        from layerexit.runtime.onnx_runtime import OnnxRuntime
+
+        return OnnxRuntime.load(run.require_export(name), threads=threads)
+
+    def export(model: EarlyExitModel, out: Path, opset: int, tokenizer: Any) -> Path:
+        from layerexit.runtime.onnx_export import export_onnx
+
+        return export_onnx(model, out, opset=opset, quantize=quantize, tokenizer=tokenizer)
+
+    return load, export
+
+
+REFERENCE = "torch"
+"""The runtime every other is compared with (and trained in)."""
+
+REGISTRY: dict[str, RuntimeEntry] = {}
+
+
+def register_runtime(entry: RuntimeEntry) -> RuntimeEntry:
+    if entry.name in REGISTRY:
+        raise LayerExitError(f"runtime {entry.name!r} is registered already")
+    REGISTRY[entry.name] = entry
+    return entry
+
+
+register_runtime(RuntimeEntry("torch", "PyTorch, eager, one layer at a time", _load_torch, holds_gil=True))
+register_runtime(
+    RuntimeEntry("onnx", "ONNX Runtime, fp32 graphs", *_onnx("onnx", quantize=False), export_folder="onnx")
+)
+register_runtime(
+    RuntimeEntry(
+        "onnx-int8", "ONNX Runtime, dynamically quantised int8", *_onnx("onnx-int8", quantize=True), "onnx-int8"
+    )
+)
+
+
+def runtime_entry(name: str) -> RuntimeEntry:
+    """The entry of a runtime name, checked: the one place the names are read."""
+    if name not in REGISTRY:
+        raise LayerExitError(f"unknown runtime {name!r}; expected one of {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def exportable() -> tuple[str, ...]:
+    """The runtimes `layerexit export` writes something for."""
+    return tuple(name for name, entry in REGISTRY.items() if entry.export is not None)
