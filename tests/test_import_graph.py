@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("predictor", {"predictor"}),
     ("workflows", {"compare", "report"}),
     ("serving", {"serving"}),
-    ("cli", {"cli"}),
+    ("cli", {"cli_options", "cli"}),
     ("facade", {"__init__"}),
 ]
 

@@ -10,21 +10,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from layerexit.cli_options import (
+    AnalyzeOptions,
+    BenchOptions,
+    CalibrateOptions,
+    CompareCommand,
+    EvaluateOptions,
+    ExportOptions,
+    PredictOptions,
+    RetrofitCommand,
+    TrainCommand,
+)
 from layerexit.config import TrainConfig, add_arguments, from_namespace, given_options, objective_help
 from layerexit.errors import LayerExitError
 from layerexit.evaluation.sweep import FAMILIES
-from layerexit.runtime.base import RUNTIMES
-from layerexit.runtime.registry import exportable
-
-
-def _families(text: str) -> list[str]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [n for n in names if n not in FAMILIES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown strategy {unknown[0] if unknown else text!r}; known: {', '.join(FAMILIES)}"
-        )
-    return names
+from layerexit.runtime.registry import REFERENCE
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -32,21 +32,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     from layerexit.training.loop import train
 
     config = from_namespace(TrainConfig, args)
-    if args.resume:
+    command = from_namespace(TrainCommand, args)
+    if command.resume:
         from layerexit.training.checkpoint import resume_config
 
         run = Path(config.output or Path("runs") / config.run_name())
         config = resume_config(run, config, given_options(TrainConfig, args.argv))
-    if args.num_processes > 1:  # process 0 of the launch prints the run folder
-        code = launch(args.num_processes, [*args.argv, "--num-processes", "1", "--no-evaluate"])
+    if command.num_processes > 1:  # process 0 of the launch prints the run folder
+        code = launch(command.num_processes, [*args.argv, "--num-processes", "1", "--no-evaluate"])
         run_dir = Path(config.output or Path("runs") / config.run_name())
     else:
-        run_dir = train(config, progress=not args.quiet, resume=args.resume, first_stage_from=args.first_stage_from)
+        first = Path(command.first_stage_from) if command.first_stage_from else None
+        run_dir = train(config, progress=not args.quiet, resume=command.resume, first_stage_from=first)
         if not is_main_process():
             return 0
         print(f"run folder: {run_dir}")
         code = 0
-    if code == 0 and args.evaluate:
+    if code == 0 and command.evaluate:
         return _evaluate(run_dir, ["dev", "test"], list(FAMILIES), config.eval_batch_size, not args.quiet)
     return code
 
@@ -57,20 +59,15 @@ def cmd_retrofit(args: argparse.Namespace) -> int:
     config = from_namespace(RetrofitConfig, args)
     run_dir = retrofit(config, progress=not args.quiet)
     print(f"run folder: {run_dir}")
-    if not args.evaluate:
+    if not from_namespace(RetrofitCommand, args).evaluate:
         return 0
     return _evaluate(run_dir, ["dev", "test"], list(FAMILIES), config.eval_batch_size, not args.quiet)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    o = from_namespace(EvaluateOptions, args)
     return _evaluate(
-        Path(args.run),
-        args.splits,
-        args.strategies,
-        args.batch_size,
-        not args.quiet,
-        reuse=not args.fresh,
-        runtime=args.runtime,
+        Path(o.run), o.splits, o.strategies, o.batch_size, not args.quiet, reuse=not o.fresh, runtime=o.runtime
     )
 
 
@@ -104,7 +101,7 @@ def _evaluate(
     return 0
 
 
-def _read_inputs(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
+def _read_inputs(args: PredictOptions) -> tuple[list[str], list[str] | None]:
     """Texts from arguments, a CSV/TSV/JSONL file, or standard input (one text per line)."""
     if args.texts and args.file:
         raise LayerExitError("give texts as arguments or --file, not both")
@@ -127,18 +124,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from layerexit.data.encoding import pairs_problem
     from layerexit.predictor import Predictor
 
-    predictor = Predictor.from_run(args.run, args.strategy, threads=args.threads or None, runtime=args.runtime)
-    texts, pairs = _read_inputs(args)
+    o = from_namespace(PredictOptions, args)
+    predictor = Predictor.from_run(o.run, o.strategy, threads=o.threads or None, runtime=o.runtime)
+    texts, pairs = _read_inputs(o)
     problem = pairs_problem(predictor.text_pairs, pairs is not None, field="--file with --pair-column")
     if problem:
-        raise LayerExitError(f"{args.run}: {problem}")
+        raise LayerExitError(f"{o.run}: {problem}")
     print(f"strategy: {predictor.strategy} ({predictor.strategy_source})", file=sys.stderr)
-    for text, prediction in zip(texts, predictor.predict(texts, pairs, batch_size=args.batch_size), strict=True):
+    for text, prediction in zip(texts, predictor.predict(texts, pairs, batch_size=o.batch_size), strict=True):
         print(json.dumps({"text": text, **prediction.to_dict()}, ensure_ascii=False))
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
     from layerexit.evaluation.bench import BenchInputs, bench, format_bench
     from layerexit.evaluation.evaluate import load_run_split
     from layerexit.model import EarlyExitModel
@@ -148,27 +148,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from layerexit.runtime.torch_runtime import TorchRuntime
     from layerexit.strategies import parse
 
-    run = RunFolder(args.run).require(config=True).require_finished()
+    o = from_namespace(BenchOptions, args)
+    threads = o.threads or torch.get_num_threads()  # pinned for the whole run
+    run = RunFolder(o.run).require(config=True).require_finished()
     model = EarlyExitModel.from_pretrained(run.path)
-    strategy = parse(args.strategy) if args.strategy else default_strategy(run)[0]
-    loaded = load_run_split(run, args.split, model, limit=args.samples)
+    strategy = parse(o.strategy) if o.strategy else default_strategy(run)[0]
+    loaded = load_run_split(run, o.split, model, limit=o.samples)
     assert loaded is not None
     encoded, pad_id = loaded
-    others = [load_runtime(run, name, threads=args.threads) for name in dict.fromkeys(args.runtime) if name != "torch"]
+    others = [load_runtime(run, name, threads=threads) for name in dict.fromkeys(o.runtime) if name != REFERENCE]
     results = bench(
         TorchRuntime(model),
         strategy,
         BenchInputs(encoded, pad_id),
-        batch_sizes=args.batch_sizes,
-        repeats=args.repeats,
-        threads=args.threads,
+        batch_sizes=o.batch_sizes,
+        repeats=o.repeats,
+        threads=threads,
         progress=not args.quiet,
         others=others,
     )
     results["run"] = str(run)
-    results["split"] = args.split
+    results["split"] = o.split
     print(format_bench(results))
-    out = run.write_json(Path(args.output) if args.output else run.bench_file, results)
+    out = run.write_json(Path(o.output) if o.output else run.bench_file, results)
     print(f"\nwrote {out}")
     return 0
 
@@ -178,12 +180,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from layerexit.run_folder import RunFolder
     from layerexit.runtime.registry import runtime_entry
 
-    export = runtime_entry(args.runtime).export
+    o = from_namespace(ExportOptions, args)
+    export = runtime_entry(o.runtime).export
     assert export is not None  # the choices are the runtimes with an export
-    run = RunFolder(args.run).require()
+    run = RunFolder(o.run).require()
     model = EarlyExitModel.from_pretrained(run.path)
-    out = Path(args.output) if args.output else run.export_dir(args.runtime)
-    export(model, out, args.opset, run.tokenizer())
+    out = Path(o.output) if o.output else run.export_dir(o.runtime)
+    export(model, out, o.opset, run.tokenizer())
     print(f"wrote {out} (embeddings, {model.num_layers} layer+exit graphs, the full model, onnx_manifest.json)")
     return 0
 
@@ -193,20 +196,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from layerexit.evaluation.evaluate import SplitSource
     from layerexit.run_folder import RunFolder
 
-    if (args.target_speedup is None) == (args.max_drop is None):
-        raise LayerExitError("give either --target-speedup or --max-drop (with --confidence)")
-    run = RunFolder(args.run).require(config=True)
+    o = from_namespace(CalibrateOptions, args)
+    run = RunFolder(o.run).require(config=True)
     source = SplitSource(run, progress=not args.quiet)
-    calib = source.probs(args.calibration_split)
-    test = source.probs(args.test_split, required=False)
+    calib = source.probs(o.calibration_split)
+    test = source.probs(o.test_split, required=False)
     assert calib is not None
     probs, labels = calib
-    if args.target_speedup is not None:
-        choices = calibrate.for_speedup(probs, labels, args.target_speedup, families=args.strategies)
+    if o.target_speedup is not None:
+        choices = calibrate.for_speedup(probs, labels, o.target_speedup, families=o.strategies)
     else:
-        choices = calibrate.for_risk(
-            probs, labels, args.max_drop, args.confidence, families=args.strategies, loss=args.loss
-        )
+        choices = calibrate.for_risk(probs, labels, o.max_drop, o.confidence, families=o.strategies, loss=o.loss)
     checks = [calibrate.check_on_test(c, *test) for c in choices] if test is not None else []
     default = calibrate.pick_default(choices)
     path = calibrate.save_choice(
@@ -214,9 +214,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         choices,
         default=default,
         checks=checks,
-        split={"calibration": args.calibration_split, "test": args.test_split if test else None},
+        split={"calibration": o.calibration_split, "test": o.test_split if test else None},
     )
-    print(calibrate_table(choices, checks, args.calibration_split, args.test_split))
+    print(calibrate_table(choices, checks, o.calibration_split, o.test_split))
     print(f"\ndefault strategy: {default.strategy} (used by `layerexit predict` and Predictor.from_run)")
     print(f"wrote {path}")
     return 0
@@ -245,15 +245,16 @@ def calibrate_table(choices: Sequence, checks: Sequence, calib_split: str, test_
 def cmd_compare(args: argparse.Namespace) -> int:
     from layerexit.compare import DEFAULT_METHODS, compare, format_table, parse_method
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(DEFAULT_METHODS)
+    o = from_namespace(CompareCommand, args)
+    methods = [m.strip() for m in o.methods.split(",") if m.strip()] if o.methods else list(DEFAULT_METHODS)
     for spec in methods:
         parse_method(spec)
-    if not args.seeds:
+    if not o.seeds:
         raise LayerExitError("--seeds needs at least one seed")
     base = from_namespace(TrainConfig, args)
-    output = Path(args.output or Path("runs") / f"compare-{base.slug()}")
-    finetune_from = Path(args.finetune_from) if args.finetune_from else None
-    summary = compare(base, methods, args.seeds, output, progress=not args.quiet, finetune_from=finetune_from)
+    output = Path(o.output or Path("runs") / f"compare-{base.slug()}")
+    finetune_from = Path(o.finetune_from) if o.finetune_from else None
+    summary = compare(base, methods, o.seeds, output, progress=not args.quiet, finetune_from=finetune_from)
     print(format_table(summary))
     print(f"\nwrote {output}/compare.md, compare.json, compare.csv, compare.png")
     return 0
@@ -262,7 +263,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from layerexit.evaluation.analysis import analyze_run
 
-    for path in analyze_run(Path(args.run), split=args.split):
+    o = from_namespace(AnalyzeOptions, args)
+    for path in analyze_run(Path(o.run), split=o.split):
         print(f"wrote {path}")
     return 0
 
@@ -319,124 +321,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = command("train", cmd_train, "Train an early-exit model. Objectives: " + objective_help())
     add_arguments(train, TrainConfig)
-    train.add_argument(
-        "--evaluate",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="evaluate on dev and test after training",
-    )
-    train.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
-    train.add_argument(
-        "--first-stage-from",
-        type=Path,
-        metavar="RUN",
-        help="deebert, fastbert: start at the second stage from RUN, a finished finetune run with the same options",
-    )
-    train.add_argument(
-        "--num-processes", type=int, default=1, help="data-parallel processes on this machine (Accelerate, gloo/NCCL)"
-    )
+    add_arguments(train, TrainCommand)
 
     from layerexit.training.retrofit import RetrofitConfig
 
     retro = command("retrofit", cmd_retrofit, "Add exits to a fine-tuned classifier, keeping its head and its answers")
     retro.add_argument("classifier", help=RetrofitConfig.__dataclass_fields__["classifier"].metadata["help"])
     add_arguments(retro, RetrofitConfig, skip=("classifier",))
-    retro.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True, help="evaluate afterwards")
+    add_arguments(retro, RetrofitCommand)
 
     evaluate = command("evaluate", cmd_evaluate, "Replay every exit strategy over a run's dev and test splits")
-    evaluate.add_argument("run", help="run folder written by `layerexit train`")
-    evaluate.add_argument("--splits", nargs="+", default=["dev", "test"], help="splits to evaluate")
-    evaluate.add_argument(
-        "--strategies",
-        type=_families,
-        default=list(FAMILIES),
-        help="comma-separated strategy families: " + ",".join(FAMILIES),
-    )
-    evaluate.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
-    evaluate.add_argument("--fresh", action="store_true", help="recompute stored probabilities instead of reusing them")
-    evaluate.add_argument(
-        "--runtime",
-        choices=RUNTIMES,
-        default="torch",
-        help="evaluate the PyTorch model or the graphs `layerexit export --runtime onnx|onnx-int8` wrote",
-    )
-
+    add_arguments(evaluate, EvaluateOptions)
     predict = command(
         "predict", cmd_predict, "Early-exit predictions as JSON lines (label, probability, exit layer, time)"
     )
-    predict.add_argument("run", help="run folder written by `layerexit train`")
-    predict.add_argument("texts", nargs="*", help="texts to classify (else --file, else standard input)")
-    predict.add_argument("--file", help="CSV, TSV or JSONL file with the inputs")
-    predict.add_argument("--text-column", default="text", help="column of the text in --file")
-    predict.add_argument("--pair-column", default="", help="column of the second text of a pair in --file")
-    predict.add_argument(
-        "--strategy",
-        default=None,
-        help="e.g. 'voting(k=0.5, threshold=2)'; default: the calibrated one, else the dev-selected one",
-    )
-    predict.add_argument("--batch-size", type=int, default=32, help="inputs per batch (exited rows leave the batch)")
-    predict.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    predict.add_argument(
-        "--runtime",
-        choices=RUNTIMES,
-        default="torch",
-        help="run the PyTorch model or the graphs `layerexit export --runtime onnx|onnx-int8` wrote",
-    )
-
+    add_arguments(predict, PredictOptions)
     bench_cmd = command("bench", cmd_bench, "Measure early exit against the full model on the clock, in one run")
-    bench_cmd.add_argument("run", help="run folder written by `layerexit train`")
-    bench_cmd.add_argument("--strategy", default=None, help="exit strategy (default: calibrated, else dev-selected)")
-    bench_cmd.add_argument("--split", default="test", help="split of the run's task to take inputs from")
-    bench_cmd.add_argument("--samples", type=int, default=200, help="number of inputs")
-    bench_cmd.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="batch sizes to measure")
-    bench_cmd.add_argument("--repeats", type=int, default=3, help="timed passes per row (medians are reported)")
-    bench_cmd.add_argument("--threads", type=int, default=2, help="torch threads, pinned for the whole run")
-    bench_cmd.add_argument("--output", default="", help="JSON file to write (default: RUN/bench.json)")
-    bench_cmd.add_argument(
-        "--runtime",
-        nargs="+",
-        choices=RUNTIMES,
-        default=["torch"],
-        help="runtimes to measure (full model and early exit on each; PyTorch is always the baseline), "
-        "e.g. --runtime torch onnx onnx-int8",
-    )
-
+    add_arguments(bench_cmd, BenchOptions)
     export = command(
         "export",
         cmd_export,
         "Export a run as ONNX graphs (embeddings, each layer fused with its exit, the full model) for ONNX Runtime",
     )
-    export.add_argument("run", help="run folder written by `layerexit train`")
-    export.add_argument(
-        "--runtime",
-        choices=exportable(),
-        default="onnx",
-        help="the ONNX Runtime graphs to write: onnx (fp32, RUN/onnx) or onnx-int8 (int8 dynamic quantization, "
-        "RUN/onnx-int8)",
-    )
-    export.add_argument("--opset", type=int, default=17, help="ONNX opset")
-    export.add_argument("--output", default="", help="folder to write (default: RUN/onnx or RUN/onnx-int8)")
-
+    add_arguments(export, ExportOptions)
     cal = command(
         "calibrate",
         cmd_calibrate,
         "Choose each strategy's setting for a target speed-up, or for a bounded accuracy drop with a "
         "stated confidence (Learn-then-Test); saves the choice in the run folder",
     )
-    cal.add_argument("run", help="run folder written by `layerexit train`")
-    cal.add_argument("--target-speedup", type=float, default=None, help="speed-up to reach on the calibration split")
-    cal.add_argument("--max-drop", type=float, default=None, help="largest tolerated loss (e.g. 0.01 = 1 point)")
-    cal.add_argument("--confidence", type=float, default=0.9, help="probability that the bound holds")
-    cal.add_argument(
-        "--loss",
-        choices=["disagreement", "accuracy_drop"],
-        default="disagreement",
-        help="what --max-drop bounds: disagreement with the full model (no labels) or lost accuracy",
-    )
-    cal.add_argument("--strategies", type=_families, default=list(FAMILIES), help="strategy families to calibrate")
-    cal.add_argument("--calibration-split", default="dev", help="split the setting is chosen on")
-    cal.add_argument("--test-split", default="test", help="split the choice is checked on")
-
+    add_arguments(cal, CalibrateOptions)
     cmp = command(
         "compare",
         cmd_compare,
@@ -444,30 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
         "and write one table and one plot; finished runs are reused",
     )
     add_arguments(cmp, TrainConfig, skip=("objective", "static_layers", "seed", "output"))
-    cmp.add_argument(
-        "--methods",
-        default="",
-        help="comma-separated: finetune, static:N, deebert, fastbert, pabee, righttool, relevancy, ensemble"
-        " (default: finetune,static:3,static:4,deebert,fastbert,pabee,righttool,ensemble)",
-    )
-    cmp.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; every method runs with each")
-    cmp.add_argument("--output", default="", help="folder of the comparison (default: runs/compare-<task>-...)")
-    cmp.add_argument(
-        "--finetune-from",
-        default="",
-        metavar="DIR",
-        help="a comparison folder whose finished finetune-seed<N> runs DeeBERT and FastBERT start their second "
-        "stage from (default: this comparison's own, trained when missing)",
-    )
-
+    add_arguments(cmp, CompareCommand)
     analyze = command(
         "analyze",
         cmd_analyze,
         "The paper's analysis figures for a run: exit-layer distribution per strategy (Fig. 8), "
         "closest earlier exit during training (Fig. 6b), voting values V_l (Fig. 7)",
     )
-    analyze.add_argument("run", help="an evaluated run folder")
-    analyze.add_argument("--split", default="test", help="split of the stored probabilities to analyse")
+    add_arguments(analyze, AnalyzeOptions)
 
     from layerexit.serving.server import add_parsers as add_serving
 

@@ -173,8 +173,12 @@ def _choices(f: dataclasses.Field[Any]) -> tuple[Any, ...] | None:
     return None
 
 
+def _default(f: dataclasses.Field[Any]) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[operator]
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One ``--option`` per dataclass field, typed, with its default and help text."""
+    """One ``--option`` (or positional argument) per dataclass field, typed, with its default and help text."""
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         if f.name in skip:
@@ -182,8 +186,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         help_text = f.metadata.get("help", "").replace("%", "%%")
+        nargs = f.metadata.get("nargs")
         if f.metadata.get("positional"):
-            parser.add_argument(f.name, help=help_text)
+            default = {"default": _default(f)} if nargs in ("*", "?") else {}
+            parser.add_argument(f.name, help=help_text, nargs=nargs, **default)
             continue
         if hint is bool:  # BooleanOptionalAction adds "(default: ...)" itself
             parser.add_argument(
@@ -196,11 +202,23 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         if typing.get_origin(hint) is Literal:
             choices = typing.get_args(hint)
             kind: Any = type(choices[0])
+        elif typing.get_origin(hint) is list:
+            kind = typing.get_args(hint)[0]
+            nargs = nargs or (None if f.metadata.get("parse") else "+")  # a parser reads the whole list
         elif isinstance(hint, types.UnionType):
             kind = next(a for a in typing.get_args(hint) if a is not type(None))
         else:
             kind = hint
-        parser.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=choices, help=help_text)
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            type=f.metadata.get("parse") or kind,
+            default=_default(f),
+            choices=choices,
+            help=help_text,
+            nargs=nargs,
+            metavar=f.metadata.get("metavar"),
+        )
 
 
 def from_namespace(cls: type, namespace: argparse.Namespace) -> Any:

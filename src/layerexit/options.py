@@ -17,12 +17,19 @@ def option(
     flag: str | None = None,
     choices: tuple[str, ...] | None = None,
     positional: bool = False,
+    nargs: str | None = None,
+    parse: Any = None,
+    metavar: str | None = None,
 ) -> Any:
-    """A dataclass field with its command-line help (and optionally its flag name and choices; ``positional``:
-    a required positional argument on the command line, named by the field)."""
+    """A dataclass field with its command-line help, and optionally: its flag name, its choices,
+    ``positional`` (a positional argument named by the field, required unless ``nargs`` is ``*``),
+    ``nargs`` (a list field takes ``+`` by default), ``parse`` (a function from the flag's text to the value)
+    and ``metavar``. A list default is copied for each instance."""
     metadata: dict[str, Any] = {"help": help, "flag": flag, "choices": choices}
-    if positional:
-        metadata["positional"] = True
+    extras = {"positional": positional, "nargs": nargs, "parse": parse, "metavar": metavar}
+    metadata.update({key: value for key, value in extras.items() if value})
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
