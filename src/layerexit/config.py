@@ -197,7 +197,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
             )
             continue
         # once, whatever the formatter: ArgumentDefaultsHelpFormatter adds nothing when %(default) is there
-        help_text += " (default: %(default)r)"
+        if "(default:" not in help_text:  # a help text that says its default in words keeps its words
+            help_text += " (default: %(default)r)"
         choices = f.metadata.get("choices")
         if typing.get_origin(hint) is Literal:
             choices = typing.get_args(hint)
@@ -218,6 +219,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
             help=help_text,
             nargs=nargs,
             metavar=f.metadata.get("metavar"),
+            required=bool(f.metadata.get("required")),
         )
 
 

@@ -20,13 +20,14 @@ def option(
     nargs: str | None = None,
     parse: Any = None,
     metavar: str | None = None,
+    required: bool = False,
 ) -> Any:
     """A dataclass field with its command-line help, and optionally: its flag name, its choices,
     ``positional`` (a positional argument named by the field, required unless ``nargs`` is ``*``),
-    ``nargs`` (a list field takes ``+`` by default), ``parse`` (a function from the flag's text to the value)
-    and ``metavar``. A list default is copied for each instance."""
+    ``nargs`` (a list field takes ``+`` by default), ``parse`` (a function from the flag's text to the value),
+    ``metavar`` and ``required`` (a flag that must be given). A list default is copied for each instance."""
     metadata: dict[str, Any] = {"help": help, "flag": flag, "choices": choices}
-    extras = {"positional": positional, "nargs": nargs, "parse": parse, "metavar": metavar}
+    extras = {"positional": positional, "nargs": nargs, "parse": parse, "metavar": metavar, "required": required}
     metadata.update({key: value for key, value in extras.items() if value})
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)

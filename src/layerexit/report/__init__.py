@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from layerexit.errors import LayerExitError
+from layerexit.options import option
 
 FILENAME = "report.html"
 
@@ -56,8 +58,21 @@ def _need_plotly() -> None:
         ) from None
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    path = build_report(args.path, args.output or None, split=args.split or None, texts=not args.no_texts)
+@dataclass
+class ReportOptions:
+    """``layerexit report``'s options."""
+
+    path: str = option("", "an evaluated run folder, or a folder written by `layerexit compare`", positional=True)
+    output: str = option("", "HTML file to write (default: PATH/report.html)")
+    split: str = option("", "split whose inputs the explorer shows (default: the report split)")
+    texts: bool = option(True, "reload the task for the inputs' texts (--no-texts: do not)")
+
+
+def cmd_report(namespace: argparse.Namespace) -> int:
+    from layerexit.config import from_namespace
+
+    args = from_namespace(ReportOptions, namespace)
+    path = build_report(args.path, args.output or None, split=args.split or None, texts=args.texts)
     size = path.stat().st_size / 1e6
     print(f"wrote {path} ({size:.1f} MB; open it in a browser, it needs no network)")
     return 0
@@ -71,7 +86,6 @@ def add_command(command: Callable[[str, Callable[[argparse.Namespace], int], str
         "Write one self-contained HTML page for an evaluated run (trade-off curves, exit layers, calibration, "
         "bench, a per-input explorer) or a compare folder (every method's curves side by side)",
     )
-    p.add_argument("path", help="an evaluated run folder, or a folder written by `layerexit compare`")
-    p.add_argument("--output", default="", help="HTML file to write (default: PATH/report.html)")
-    p.add_argument("--split", default="", help="split whose inputs the explorer shows (default: the report split)")
-    p.add_argument("--no-texts", action="store_true", help="do not reload the task for the inputs' texts")
+    from layerexit.config import add_arguments
+
+    add_arguments(p, ReportOptions)

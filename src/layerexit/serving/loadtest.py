@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from layerexit.errors import LayerExitError
+from layerexit.options import option
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
@@ -193,9 +194,26 @@ def run_inputs(run: str, split: str) -> list[tuple[str, str | None]]:
     return inputs
 
 
-def cmd_loadtest(args: argparse.Namespace) -> int:
-    from layerexit.atomic import write_json
+@dataclass
+class LoadtestOptions:
+    """``layerexit loadtest``'s options."""
 
+    url: str = option("", "server base URL, e.g. http://127.0.0.1:8000 (loopback only)", positional=True)
+    run: str = option("", "run folder whose task split gives the inputs", required=True)
+    split: str = option("test", "split to take the inputs from")
+    rates: list[float] = option([5.0, 10.0, 20.0, 40.0], "requests per second")
+    seconds: float = option(10.0, "duration of each rate")
+    slo_ms: float = option(200.0, "p99 latency objective")
+    timeout: float = option(10.0, "client timeout per request, seconds")
+    seed: int = option(0, "seed of the arrival times and the input order")
+    output: str = option("", "JSON file to write")
+
+
+def cmd_loadtest(namespace: argparse.Namespace) -> int:
+    from layerexit.atomic import write_json
+    from layerexit.config import from_namespace
+
+    args = from_namespace(LoadtestOptions, namespace)
     texts = run_inputs(args.run, args.split)
     print(HEADER)
     results = sweep(args.url, texts, args.rates, seconds=args.seconds, timeout=args.timeout, seed=args.seed)

@@ -100,18 +100,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_parsers(command: Any) -> None:
     """Register ``serve`` and ``loadtest`` with the CLI's ``command(name, func, help)`` factory."""
-    from layerexit.serving.loadtest import cmd_loadtest
+    from layerexit.serving.loadtest import LoadtestOptions, cmd_loadtest
 
     serve = command("serve", cmd_serve, "Serve a run over HTTP, pooling requests layer by layer (or batching)")
     add_arguments(serve, EngineConfig)
 
     load = command("loadtest", cmd_loadtest, "Open-loop (Poisson) load test of a layerexit server over a rate sweep")
-    load.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000 (loopback only)")
-    load.add_argument("--run", required=True, help="run folder whose task split gives the inputs")
-    load.add_argument("--split", default="test", help="split to take the inputs from")
-    load.add_argument("--rates", type=float, nargs="+", default=[5, 10, 20, 40], help="requests per second")
-    load.add_argument("--seconds", type=float, default=10.0, help="duration of each rate")
-    load.add_argument("--slo-ms", type=float, default=200.0, help="p99 latency objective")
-    load.add_argument("--timeout", type=float, default=10.0, help="client timeout per request, seconds")
-    load.add_argument("--seed", type=int, default=0, help="seed of the arrival times and the input order")
-    load.add_argument("--output", default="", help="JSON file to write")
+    add_arguments(load, LoadtestOptions)
