@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from layerexit import assets
 from layerexit.data import Example, TaskData, builtin_tasks, load_task, task_from_hf
-from layerexit.data.tasks import _normalise
+from layerexit.data.tasks import normalise
 from layerexit.errors import LayerExitError
 
 
@@ -38,7 +38,7 @@ def error_of(spec: str | Path, **kwargs: Any) -> str:
 
 
 def texts(examples: list[Example]) -> set[str]:
-    return {_normalise(e.text) for e in examples}
+    return {normalise(e.text) for e in examples}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -724,7 +724,7 @@ def builtin_or_skip(name: str) -> TaskData:
 def check_disjoint_and_distinct(task: TaskData) -> None:
     seen: set[str] = set()
     for examples in task.splits.values():
-        keys = [_normalise(e.text) for e in examples]
+        keys = [normalise(e.text) for e in examples]
         assert len(set(keys)) == len(keys), "a duplicate survived deduplication"
         assert not seen & set(keys), "a text is in two splits"
         seen |= set(keys)

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from layerexit import strategies
 from layerexit.config import TrainConfig, load_train_config
 from layerexit.data import load_task
-from layerexit.data.benchmarks import _LAYOUTS
+from layerexit.data.benchmarks import LAYOUTS
 from layerexit.errors import LayerExitError
 from layerexit.model import EarlyExitModel
 from layerexit.run_folder import load_probs
@@ -299,9 +299,9 @@ def table_bytes(draw: st.DrawFn) -> bytes:
 
 
 @FUZZ
-@given(key=st.sampled_from(sorted(_LAYOUTS)), data=st.data())
+@given(key=st.sampled_from(sorted(LAYOUTS)), data=st.data())
 def test_malformed_benchmark_folders_load_or_are_refused(key: str, data: st.DataObject) -> None:
-    layout = _LAYOUTS[key][0]
+    layout = LAYOUTS[key][0]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / layout.name
         for split, name in layout.files.items():

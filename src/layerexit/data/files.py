@@ -15,22 +15,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from layerexit.data.tables import AUTO, _column, _read_text, _table_rows
+from layerexit.data.tables import AUTO, column_index, read_text, table_rows
 from layerexit.data.tasks import (
     UNLABELLED,
+    RawSplit,
     TaskData,
-    _finish,
-    _index_labels,
-    _merge_skipped,
-    _raw_label,
-    _RawSplit,
-    _with_dev,
+    finish_task,
+    index_labels,
+    merge_skipped,
+    raw_label,
+    with_dev,
 )
 from layerexit.errors import LayerExitError
 
 
 @dataclass(frozen=True)
-class _Columns:
+class Columns:
     """Names of the text, text-pair and label columns (keys, for JSONL) of a user's file."""
 
     text: str
@@ -44,15 +44,15 @@ _INDEX_HEADERS = ("", "Unnamed: 0")
 once the file has been read back and written again without its index), R ``write.csv`` ``""``."""
 
 
-def _has_index_column(header: list[str], cols: _Columns) -> bool:
+def _has_index_column(header: list[str], cols: Columns) -> bool:
     """Whether the first column is an unnamed row index (not one of the columns asked for)."""
     first = header[0].strip()
     return len(header) > 1 and first in _INDEX_HEADERS and first not in (cols.text, cols.pair, cols.label)
 
 
-def _read_table_file(path: Path, text: str, delimiter: str, cols: _Columns) -> _RawSplit:
-    rows = _table_rows(path, text, delimiter, AUTO)
-    raw = _RawSplit(str(path), "line")
+def _read_table_file(path: Path, text: str, delimiter: str, cols: Columns) -> RawSplit:
+    rows = table_rows(path, text, delimiter, AUTO)
+    raw = RawSplit(str(path), "line")
     if not rows:
         raise LayerExitError(f"{path}: the file is empty")
     header_line, header = rows[0]
@@ -63,9 +63,9 @@ def _read_table_file(path: Path, text: str, delimiter: str, cols: _Columns) -> _
             if len(record) != len(header) or any(cell.strip() for cell in record[1:])
         ]
     where = f"{path}, line {header_line}"
-    t = _column(header, cols.text, where, delimiter, "text_column")
-    p = None if cols.pair is None else _column(header, cols.pair, where, delimiter, "text_pair_column")
-    y = None if cols.label is None else _column(header, cols.label, where, delimiter, "label_column")
+    t = column_index(header, cols.text, where, delimiter, "text_column")
+    p = None if cols.pair is None else column_index(header, cols.pair, where, delimiter, "text_pair_column")
+    y = None if cols.label is None else column_index(header, cols.label, where, delimiter, "label_column")
     if len(rows) == 1:
         raise LayerExitError(f"{path}: the file has a header but no data rows")
     hint = (
@@ -78,13 +78,13 @@ def _read_table_file(path: Path, text: str, delimiter: str, cols: _Columns) -> _
             raise LayerExitError(
                 f"{path}, line {line}: expected {len(header)} fields like the header, found {len(record)} ({hint})"
             )
-        label = "" if y is None else _raw_label(record[y], f"{path}, line {line}")
+        label = "" if y is None else raw_label(record[y], f"{path}, line {line}")
         raw.add(line, record[t], None if p is None else record[p], label, p is not None)
     return raw
 
 
-def _read_jsonl_file(path: Path, text: str, cols: _Columns) -> _RawSplit:
-    raw = _RawSplit(str(path), "line")
+def _read_jsonl_file(path: Path, text: str, cols: Columns) -> RawSplit:
+    raw = RawSplit(str(path), "line")
     for line, content in enumerate(text.split("\n"), start=1):
         if not content.strip():
             continue
@@ -104,7 +104,7 @@ def _read_jsonl_file(path: Path, text: str, cols: _Columns) -> _RawSplit:
             if key is not None and key not in record:
                 found = ", ".join(repr(k) for k in list(record)[:30])
                 raise LayerExitError(f"{path}, line {line}: no key {key!r} (the {option}); keys found: {found}")
-        label = "" if cols.label is None else _raw_label(record[cols.label], f"{path}, line {line}")
+        label = "" if cols.label is None else raw_label(record[cols.label], f"{path}, line {line}")
         raw.add(
             line,
             record[cols.text],
@@ -115,32 +115,32 @@ def _read_jsonl_file(path: Path, text: str, cols: _Columns) -> _RawSplit:
     return raw
 
 
-def _read_lines_file(path: Path, text: str) -> _RawSplit:
+def _read_lines_file(path: Path, text: str) -> RawSplit:
     """A plain text file: one unlabelled text per line (blank lines are skipped, not counted); it has no
     columns, so a label column named for other files does not apply to it."""
-    raw = _RawSplit(str(path), "line")
+    raw = RawSplit(str(path), "line")
     for line, content in enumerate(text.split("\n"), start=1):
         if content.strip():
             raw.add(line, content.strip(), None, "", False)
     return raw
 
 
-_SUFFIXES = {".csv": ",", ".tsv": "\t", ".jsonl": "", ".txt": ""}
+SUFFIXES = {".csv": ",", ".tsv": "\t", ".jsonl": "", ".txt": ""}
 
 
-def _read_user_file(path: Path, cols: _Columns, encoding: str) -> _RawSplit:
+def read_user_file(path: Path, cols: Columns, encoding: str) -> RawSplit:
     suffix = path.suffix.lower()
-    if suffix not in _SUFFIXES:
+    if suffix not in SUFFIXES:
         raise LayerExitError(f"{path}: unsupported file type {path.suffix!r}; use .csv, .tsv, .jsonl or .txt")
     if suffix == ".txt" and cols.pair is not None:
         raise LayerExitError(f"{path}: a .txt file holds one text per line, without pairs; use a CSV/TSV/JSONL file")
-    text = _read_text(path, encoding)
+    text = read_text(path, encoding)
     if suffix == ".txt":
         raw = _read_lines_file(path, text)
     elif suffix == ".jsonl":
         raw = _read_jsonl_file(path, text, cols)
     else:
-        raw = _read_table_file(path, text, _SUFFIXES[suffix], cols)
+        raw = _read_table_file(path, text, SUFFIXES[suffix], cols)
     if not raw.rows:
         reasons = ", ".join(f"{n} with {r}" for r, n in raw.skipped.items())
         raise LayerExitError(f"{path}: no usable rows ({reasons})")
@@ -153,15 +153,15 @@ def read_inputs(
     """Unlabelled inputs from a CSV/TSV/JSONL file: texts, text pairs (or None), and skipped-row counts."""
     if not path.is_file():
         raise LayerExitError(f"{path}: no such file")
-    raw = _read_user_file(path, _Columns(text_column, text_pair_column, None), encoding)
+    raw = read_user_file(path, Columns(text_column, text_pair_column, None), encoding)
     texts = [text for _, text, _, _ in raw.rows]
     pairs = [pair or "" for _, _, pair, _ in raw.rows] if text_pair_column else None
     return texts, pairs, dict(raw.skipped)
 
 
-def _user_task(
+def user_task(
     name: str,
-    raw: dict[str, _RawSplit],
+    raw: dict[str, RawSplit],
     sources: dict[str, str],
     extra: dict[str, Any],
     max_train: int | None,
@@ -169,9 +169,9 @@ def _user_task(
     seed: int,
 ) -> TaskData:
     labelled = any(label for part in raw.values() for *_, label in part.rows)
-    label_names, splits = _index_labels(raw, None if labelled else [""])
+    label_names, splits = index_labels(raw, None if labelled else [""])
     label_names = label_names if labelled else [UNLABELLED]
-    splits, rule = _with_dev(splits, name, sources["train"])
+    splits, rule = with_dev(splits, name, sources["train"])
     info = {
         "source": sources,
         "split_rule": rule,
@@ -180,6 +180,6 @@ def _user_task(
         if labelled
         else "none: the texts are unlabelled",
         "labelled": labelled,
-        "skipped": _merge_skipped(raw),
+        "skipped": merge_skipped(raw),
     }
-    return _finish(name, label_names, "accuracy", splits, info, max_train, max_eval, seed)
+    return finish_task(name, label_names, "accuracy", splits, info, max_train, max_eval, seed)

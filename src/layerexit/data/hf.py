@@ -6,15 +6,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from layerexit.data.tasks import (
-    _SPLIT_STEMS,
+    SPLIT_STEMS,
+    RawSplit,
     TaskData,
-    _check_limit,
-    _finish,
-    _index_labels,
-    _merge_skipped,
-    _raw_label,
-    _RawSplit,
-    _with_dev,
+    check_limit,
+    finish_task,
+    index_labels,
+    merge_skipped,
+    raw_label,
+    with_dev,
 )
 from layerexit.errors import LayerExitError
 
@@ -37,8 +37,8 @@ def task_from_hf(
     label names; label -1 or None means unlabelled: such rows are skipped, and a split without
     any label (a GLUE test split) is dropped. Without dev, one is held out of train.
     """
-    _check_limit(max_train, "max_train")
-    _check_limit(max_eval, "max_eval")
+    check_limit(max_train, "max_train")
+    check_limit(max_eval, "max_eval")
     parts: Mapping[str, Any] = (
         {"train": dataset} if hasattr(dataset, "column_names") and not isinstance(dataset, Mapping) else dataset
     )
@@ -47,7 +47,7 @@ def task_from_hf(
     chosen: dict[str, Any] = {}
     ignored: list[str] = []
     for split_name, part in parts.items():
-        split = _SPLIT_STEMS.get(str(split_name).lower())
+        split = SPLIT_STEMS.get(str(split_name).lower())
         if split is None or split in chosen:
             ignored.append(str(split_name))
         else:
@@ -56,7 +56,7 @@ def task_from_hf(
         raise LayerExitError(f"the dataset has no train split; splits: {', '.join(map(str, parts))}")
     label_feature = getattr(chosen["train"][1], "features", {}).get(label_column)
     class_names = getattr(label_feature, "names", None)
-    raw: dict[str, _RawSplit] = {}
+    raw: dict[str, RawSplit] = {}
     dropped: dict[str, str] = {}
     for split, (split_name, part) in chosen.items():
         columns = list(part.column_names)
@@ -70,7 +70,7 @@ def task_from_hf(
                     f"split {split_name!r} of the dataset has no column {column!r} (the {option}); "
                     f"columns: {', '.join(map(repr, columns))}"
                 )
-        piece = _RawSplit(f"split {split_name!r} of the dataset", "row")
+        piece = RawSplit(f"split {split_name!r} of the dataset", "row")
         texts = part[text_column]
         pairs = part[text_pair_column] if text_pair_column is not None else [None] * len(part)
         for number, (text, pair, label) in enumerate(zip(texts, pairs, part[label_column], strict=True)):
@@ -83,21 +83,21 @@ def task_from_hf(
                         f"{piece.where(number)}: label {label!r} is not a class index 0..{len(class_names) - 1}"
                     )
                 label = class_names[label]
-            piece.add(number, text, pair, _raw_label(label, piece.where(number)), text_pair_column is not None)
+            piece.add(number, text, pair, raw_label(label, piece.where(number)), text_pair_column is not None)
         if split != "train" and piece.skipped["no label"] == len(part):
             dropped[str(split_name)] = "no labels (e.g. a GLUE test split)"
             continue
         if not piece.rows:
             raise LayerExitError(f"split {split_name!r} of the dataset has no usable rows")
         raw[split] = piece
-    label_names, splits = _index_labels(raw, list(class_names) if class_names is not None else None)
-    splits, rule = _with_dev(splits, name, "the dataset's train split")
+    label_names, splits = index_labels(raw, list(class_names) if class_names is not None else None)
+    splits, rule = with_dev(splits, name, "the dataset's train split")
     info = {
         "source": {s: str(n) for s, (n, _) in chosen.items()},
         "format": "Hugging Face datasets",
         "split_rule": rule,
         "ignored_splits": ignored,
         "dropped_splits": dropped,
-        "skipped": _merge_skipped(raw),
+        "skipped": merge_skipped(raw),
     }
-    return _finish(name, label_names, "accuracy", splits, info, max_train, max_eval, seed)
+    return finish_task(name, label_names, "accuracy", splits, info, max_train, max_eval, seed)

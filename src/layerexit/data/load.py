@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from layerexit.data.benchmarks import _GLUE_KEYS, _LAYOUTS, _format_key, _load_layout, _pick_layout
-from layerexit.data.builtin import _BUILTINS, _load_builtin
-from layerexit.data.files import _SUFFIXES, _Columns, _read_user_file, _user_task
+from layerexit.data.benchmarks import GLUE_KEYS, LAYOUTS, format_key, load_layout, pick_layout
+from layerexit.data.builtin import BUILTINS, load_builtin
+from layerexit.data.files import SUFFIXES, Columns, read_user_file, user_task
 from layerexit.data.hf import task_from_hf
-from layerexit.data.tasks import _SPLIT_STEMS, TaskData, _check_limit, _finish, _index_labels, _merge_skipped, _with_dev
+from layerexit.data.tasks import SPLIT_STEMS, TaskData, check_limit, finish_task, index_labels, merge_skipped, with_dev
 from layerexit.errors import LayerExitError
 
 
@@ -17,15 +17,15 @@ def _split_files(folder: Path) -> dict[str, Path]:
     """The train/dev/test files of a user's folder (``dev`` may be named validation, valid or val)."""
     found: dict[str, list[Path]] = {}
     for path in sorted(folder.iterdir()):
-        split = _SPLIT_STEMS.get(path.stem.lower())
-        if path.is_file() and split and path.suffix.lower() in _SUFFIXES:
+        split = SPLIT_STEMS.get(path.stem.lower())
+        if path.is_file() and split and path.suffix.lower() in SUFFIXES:
             found.setdefault(split, []).append(path)
     for split, paths in found.items():
         if len(paths) > 1:
             raise LayerExitError(f"{folder}: more than one {split} file ({', '.join(p.name for p in paths)}); keep one")
     if "train" not in found:
         present = ", ".join(sorted(p.name for p in folder.iterdir())[:20]) or "nothing"
-        known = ", ".join(f"'{k}'" for k in sorted(_LAYOUTS))
+        known = ", ".join(f"'{k}'" for k in sorted(LAYOUTS))
         raise LayerExitError(
             f"{folder}: no train file (train.csv, train.tsv, train.jsonl or train.txt, with dev/validation "
             f"and test files alongside) and not a known benchmark folder ({known}); found: {present}"
@@ -58,23 +58,23 @@ def load_task(
     subset of train / of each evaluation split, taken after splitting, so ``seed`` never changes
     the splits themselves. ``encoding`` defaults to UTF-8 (latin-1 for TREC).
     """
-    _check_limit(max_train, "max_train")
-    _check_limit(max_eval, "max_eval")
-    cols = _Columns(text_column, text_pair_column, label_column or None)
-    custom_columns = cols != _Columns("text", None, "label")
+    check_limit(max_train, "max_train")
+    check_limit(max_eval, "max_eval")
+    cols = Columns(text_column, text_pair_column, label_column or None)
+    custom_columns = cols != Columns("text", None, "label")
     spec_text = str(spec)
-    if spec_text in _BUILTINS:
+    if spec_text in BUILTINS:
         if custom_columns or encoding is not None:
             raise LayerExitError(
                 f"built-in task {spec_text!r} has fixed columns and encoding; "
                 "text_column, text_pair_column, label_column and encoding apply to your own files"
             )
-        label_names, splits, info = _load_builtin(spec_text)
-        return _finish(spec_text, label_names, "accuracy", splits, info, max_train, max_eval, seed)
+        label_names, splits, info = load_builtin(spec_text)
+        return finish_task(spec_text, label_names, "accuracy", splits, info, max_train, max_eval, seed)
 
     fmt, path, given = _parse_spec(spec_text)
     if not path.exists():
-        known = ", ".join(_BUILTINS)
+        known = ", ".join(BUILTINS)
         raise LayerExitError(
             f"{spec_text!r} is neither a built-in task ({known}) nor an existing file or folder"
             + (f" (no such path: {path})" if fmt else "")
@@ -82,8 +82,8 @@ def load_task(
     if path.is_file():
         if fmt:
             raise LayerExitError(f"{path}: a {fmt} spec needs a folder in the benchmark's standard layout")
-        raw = _read_user_file(path, cols, encoding or "utf-8")
-        return _user_task(
+        raw = read_user_file(path, cols, encoding or "utf-8")
+        return user_task(
             path.stem,
             {"train": raw},
             {"train": given},
@@ -93,10 +93,10 @@ def load_task(
             seed,
         )
 
-    key = _format_key(fmt) if fmt else _format_key(path.name)
-    layout = _pick_layout(path, key) if key else None
+    key = format_key(fmt) if fmt else format_key(path.name)
+    layout = pick_layout(path, key) if key else None
     if fmt and layout is None:
-        key_layouts = _LAYOUTS[key] if key else []
+        key_layouts = LAYOUTS[key] if key else []
         expected = " or ".join(", ".join(lay.files.values()) for lay in key_layouts)
         raise LayerExitError(f"{path}: not a {fmt} folder (expected {expected})")
     if layout is not None:
@@ -105,18 +105,18 @@ def load_task(
                 f"{path} is read as {layout.name}, which has fixed columns; text_column, "
                 "text_pair_column and label_column apply to your own CSV/TSV/JSONL files"
             )
-        raw_layout, sources = _load_layout(path, layout, encoding, given)
-        _, splits = _index_labels(raw_layout, layout.values)
+        raw_layout, sources = load_layout(path, layout, encoding, given)
+        _, splits = index_labels(raw_layout, layout.values)
         label_names = list(layout.names)
-        splits, rule = _with_dev(splits, layout.name, sources["train"])
+        splits, rule = with_dev(splits, layout.name, sources["train"])
         info = {
             "format": layout.name,
             "source": sources,
             "split_rule": rule,
             "note": layout.note,
-            "skipped": _merge_skipped(raw_layout),
+            "skipped": merge_skipped(raw_layout),
         }
-        return _finish(layout.name, label_names, layout.metric, splits, info, max_train, max_eval, seed)
+        return finish_task(layout.name, label_names, layout.metric, splits, info, max_train, max_eval, seed)
 
     if _is_saved_hf_dataset(path):
         try:
@@ -138,9 +138,9 @@ def load_task(
         )
 
     files = _split_files(path)
-    parts = {split: _read_user_file(p, cols, encoding or "utf-8") for split, p in files.items()}
+    parts = {split: read_user_file(p, cols, encoding or "utf-8") for split, p in files.items()}
     sources = {split: os.path.join(given, p.name) for split, p in files.items()}
-    return _user_task(path.name, parts, sources, {"format": "folder"}, max_train, max_eval, seed)
+    return user_task(path.name, parts, sources, {"format": "folder"}, max_train, max_eval, seed)
 
 
 def _parse_spec(spec: str) -> tuple[str | None, Path, str]:
@@ -152,11 +152,11 @@ def _parse_spec(spec: str) -> tuple[str | None, Path, str]:
     head, sep, rest = spec.partition(":")
     if sep and head.lower() == "glue":
         task, sep2, path = rest.partition(":")
-        if not sep2 or _format_key(task) not in _GLUE_KEYS:
+        if not sep2 or format_key(task) not in GLUE_KEYS:
             raise LayerExitError(
                 f"{spec!r}: expected glue:TASK:PATH with TASK one of SST-2, MRPC, CoLA, RTE, QQP, QNLI, MNLI"
             )
         return task, Path(path).expanduser(), path
-    if sep and len(head) > 1 and _format_key(head) is not None:
+    if sep and len(head) > 1 and format_key(head) is not None:
         return head, Path(rest).expanduser(), rest
     return None, Path(spec).expanduser(), spec

@@ -51,7 +51,7 @@ from pathlib import Path
 from layerexit.errors import LayerExitError
 
 
-def _read_text(path: Path, encoding: str) -> str:
+def read_text(path: Path, encoding: str) -> str:
     """The whole file decoded; errors name the file, the line of a bad byte, and the fix."""
     if not path.exists():
         raise LayerExitError(f"{path}: no such file")
@@ -145,7 +145,7 @@ def _choose(text: str, delimiter: str) -> _Reading:
     return plain if delimiter == "\t" else _read(text, delimiter, quoted=True, strict=False)
 
 
-def _table_rows(path: Path, text: str, delimiter: str, quoting: str) -> list[tuple[int, list[str]]]:
+def table_rows(path: Path, text: str, delimiter: str, quoting: str) -> list[tuple[int, list[str]]]:
     """Non-blank records of a delimited file with the 1-based line each starts on.
 
     ``quoting`` is :data:`QUOTED`, :data:`UNQUOTED` or :data:`AUTO` (see the module docstring).
@@ -159,11 +159,11 @@ def _table_rows(path: Path, text: str, delimiter: str, quoting: str) -> list[tup
         raise ValueError(f"quoting must be {QUOTED!r}, {UNQUOTED!r} or {AUTO!r}, got {quoting!r}")
     if reading.error is not None:
         line, exc = reading.error
-        raise LayerExitError(f"{path}, line {line}: unreadable {_kind(delimiter)} record ({exc})")
+        raise LayerExitError(f"{path}, line {line}: unreadable {table_kind(delimiter)} record ({exc})")
     return reading.rows
 
 
-def _kind(delimiter: str) -> str:
+def table_kind(delimiter: str) -> str:
     return "TSV" if delimiter == "\t" else "CSV"
 
 
@@ -184,7 +184,7 @@ def _delimiter_hint(header: list[str], delimiter: str) -> str:
     return ""
 
 
-def _column(header: list[str], name: str, where: str, delimiter: str, option: str) -> int:
+def column_index(header: list[str], name: str, where: str, delimiter: str, option: str) -> int:
     """Index of column ``name`` in ``header`` (read at ``where``); the error lists the columns found."""
     positions = [i for i, h in enumerate(header) if h.strip() == name]
     if len(positions) == 1:

@@ -1,9 +1,9 @@
 """Tasks and their examples: the records, raw rows before labels become indices, splits and subsets.
 
 Everything here is independent of where the data came from; the readers (:mod:`.files`,
-:mod:`.builtin`, :mod:`.benchmarks`, :mod:`.hf`) produce :class:`_RawSplit` rows or
-:class:`Example` lists and hand them to :func:`_index_labels`, :func:`_with_dev` and
-:func:`_finish`.
+:mod:`.builtin`, :mod:`.benchmarks`, :mod:`.hf`) produce :class:`RawSplit` rows or
+:class:`Example` lists and hand them to :func:`index_labels`, :func:`with_dev` and
+:func:`finish_task`.
 
 Splits are deterministic: examples are grouped by their normalised first text, and groups are
 ordered by a salted SHA-256 hash of that text; the ordered groups are cut at fixed fractions.
@@ -110,7 +110,7 @@ class TaskData:
         return len(self.label_names)
 
 
-_SPLIT_STEMS = {
+SPLIT_STEMS = {
     "train": "train",
     "dev": "dev",
     "validation": "dev",
@@ -120,13 +120,13 @@ _SPLIT_STEMS = {
 }
 
 
-def _normalise(text: str) -> str:
+def normalise(text: str) -> str:
     """Whitespace-collapsed, case-folded text: the key for duplicates and split groups."""
     return " ".join(text.split()).casefold()
 
 
 @dataclass
-class _RawSplit:
+class RawSplit:
     """Rows of one split as read: (line or row number, text, text pair, label as written)."""
 
     source: str
@@ -155,7 +155,7 @@ class _RawSplit:
             self.rows.append((number, text.strip(), pair.strip() if has_pair else None, label))
 
 
-def _raw_label(value: Any, where: str) -> str:
+def raw_label(value: Any, where: str) -> str:
     """A label as a string key, as users store labels: strings (stripped), integers, booleans, and floats
     that hold integers (``1.0``, as pandas writes an integer column with gaps). Booleans keep the file's
     spelling (``true``/``false`` in JSON); anything else is an error naming the place."""
@@ -194,8 +194,8 @@ def _label_order(labels: Iterable[str]) -> list[str]:
     return sorted(distinct)
 
 
-def _index_labels(
-    raw: Mapping[str, _RawSplit], names: Sequence[str] | None
+def index_labels(
+    raw: Mapping[str, RawSplit], names: Sequence[str] | None
 ) -> tuple[list[str], dict[str, list[Example]]]:
     """Turn labels as written into indices: into ``names`` if given, else into the sorted training labels."""
     train = raw["train"]
@@ -218,7 +218,7 @@ def _index_labels(
     return label_names, splits
 
 
-def _hash_split(
+def hash_split(
     examples: Sequence[Example], fractions: Mapping[str, float], salt: str, what: str
 ) -> dict[str, list[Example]]:
     """Cut ``examples`` into splits of about the given fractions, keeping same-text groups together.
@@ -230,7 +230,7 @@ def _hash_split(
     """
     groups: dict[str, list[int]] = {}
     for i, ex in enumerate(examples):
-        groups.setdefault(_normalise(ex.text), []).append(i)
+        groups.setdefault(normalise(ex.text), []).append(i)
     order = sorted(groups, key=lambda key: hashlib.sha256(f"{salt}\0{key}".encode()).digest())
     names = list(fractions)
     if len(order) < len(names):
@@ -258,7 +258,7 @@ def _hold_out_dev(
 ) -> tuple[dict[str, list[Example]], str]:
     """Split dev off ``train``: DEV_FRACTION of it, at most ``test_size``; returns the splits and the rule."""
     target = DEV_FRACTION * len(train) if test_size is None else min(test_size, DEV_FRACTION * len(train))
-    parts = _hash_split(train, {"dev": target / len(train), "train": 1.0}, salt, what)
+    parts = hash_split(train, {"dev": target / len(train), "train": 1.0}, salt, what)
     rule = (
         f"dev held out of train: {DEV_FRACTION:.0%} of it"
         + ("" if test_size is None else " at most, and no more than the test split")
@@ -267,7 +267,7 @@ def _hold_out_dev(
     return parts, rule
 
 
-def _with_dev(raw_splits: dict[str, list[Example]], name: str, what: str) -> tuple[dict[str, list[Example]], str]:
+def with_dev(raw_splits: dict[str, list[Example]], name: str, what: str) -> tuple[dict[str, list[Example]], str]:
     """Hold a dev split out of train when the data brings none; returns the splits and how dev was made."""
     if "dev" in raw_splits:
         return raw_splits, f"{', '.join(raw_splits)} as given"
@@ -276,7 +276,7 @@ def _with_dev(raw_splits: dict[str, list[Example]], name: str, what: str) -> tup
     return {**raw_splits, "train": parts["train"], "dev": parts["dev"]}, rule
 
 
-def _merge_skipped(raw: Mapping[str, _RawSplit]) -> dict[str, int]:
+def merge_skipped(raw: Mapping[str, RawSplit]) -> dict[str, int]:
     total: Counter[str] = Counter()
     for part in raw.values():
         total.update(part.skipped)
@@ -302,12 +302,12 @@ def _subset(examples: list[Example], n: int, seed: int, split: str) -> list[Exam
     return [examples[i] for i in sorted(chosen)]
 
 
-def _check_limit(value: int | None, option: str) -> None:
+def check_limit(value: int | None, option: str) -> None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         raise LayerExitError(f"{option} must be a positive integer or None, got {value!r}")
 
 
-def _finish(
+def finish_task(
     name: str,
     label_names: list[str],
     metric: str,

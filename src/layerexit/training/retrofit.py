@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from layerexit.config import TrainConfig, _check_types, option, save_config
+from layerexit.config import TrainConfig, check_types, option, save_config
 from layerexit.data.encoding import Encoded, batches, encode_split, load_tokenizer, separator_id, tokenizer_separator
 from layerexit.errors import LayerExitError
 from layerexit.model import EarlyExitModel, ExitHead
@@ -78,7 +78,7 @@ class RetrofitConfig:
     threads: int = option(0, "torch threads (0: torch's default)")
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_types(self)
         checks = [
             (bool(self.classifier), "give the fine-tuned classifier (a folder or a hub name)"),
             (bool(self.task), "give --task: the texts to train the exits on"),
