@@ -140,3 +140,19 @@ def test_the_bound_can_fail() -> None:
     """The step count is not vacuous: serving new arrivals first starves rows under steady traffic."""
     answered, _, layers = _drive(Shallowest(), [1] * 200, max_queue=12)
     assert max(steps for steps, _ in answered) > 12 * (layers + 1)
+
+
+def test_admission_holds_at_most_max_queue_and_refuses_after_close() -> None:
+    from layerexit.serving.admission import Admission, Closed, Overloaded
+
+    admission = Admission(max_queue=5)
+    admission.admit(3)
+    with pytest.raises(Overloaded, match="3 inputs queued; the limit is 5"):
+        admission.admit(3)  # refused whole: none of the three is held
+    admission.admit(2)
+    assert admission.depth == 5
+    admission.release(4)
+    admission.close()
+    with pytest.raises(Closed, match="shutting down"):
+        admission.admit(1)
+    assert admission.depth == 1 and not admission.accepting

@@ -25,8 +25,9 @@ from layerexit import strategies
 from layerexit.errors import LayerExitError
 from layerexit.runtime.loop import all_exits
 from layerexit.runtime.torch_runtime import TorchRuntime
+from layerexit.serving.admission import Closed, Overloaded
 from layerexit.serving.app import ApiError, Model, build_app, parse_body
-from layerexit.serving.engine import POLICIES, SCHEDULERS, Closed, Engine, EngineHandle, Overloaded
+from layerexit.serving.engine import POLICIES, SCHEDULERS, Engine, EngineHandle
 
 from .conftest import tiny_model
 from .test_end_to_end import WORDS, trained_run  # noqa: F401  (a module-scoped fixture)

@@ -15,7 +15,8 @@ from layerexit import strategies
 from layerexit.errors import LayerExitError
 from layerexit.runtime.loop import all_exits
 from layerexit.runtime.torch_runtime import TorchRuntime
-from layerexit.serving.engine import Closed, Engine, Overloaded
+from layerexit.serving.admission import Closed, Overloaded
+from layerexit.serving.engine import Engine
 from layerexit.serving.process import ProcessEngine
 
 from .conftest import tiny_model

@@ -25,7 +25,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from layerexit.data.encoding import pairs_problem
-from layerexit.serving.engine import Closed, EngineHandle, Overloaded
+from layerexit.serving.admission import Closed, Overloaded
+from layerexit.serving.engine import EngineHandle
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5)
 

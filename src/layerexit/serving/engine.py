@@ -67,6 +67,7 @@ from layerexit.errors import LayerExitError
 from layerexit.runtime.base import Rows, Runtime
 from layerexit.runtime.loop import check_online, early_exit, exit_step
 from layerexit.serving import policies
+from layerexit.serving.admission import Admission, Closed
 from layerexit.strategies import State, Strategy, select_state
 
 Scheduler = Literal["full", "batch", "pooled"]
@@ -78,14 +79,6 @@ POLICIES: tuple[str, ...] = tuple(policies.POLICIES)
 def as_ids(values: Sequence[int] | Tensor) -> Tensor:
     """Token ids as a (T,) long tensor."""
     return torch.as_tensor(values, dtype=torch.long)
-
-
-class Overloaded(Exception):
-    """The engine holds ``max_queue`` inputs already: the caller should answer 503 and retry later."""
-
-
-class Closed(Exception):
-    """The engine is draining or stopped and takes no new inputs."""
 
 
 @dataclass
@@ -212,8 +205,7 @@ class Engine:
         self.on_step = on_step
         self.stats = Stats(exits=[0] * (runtime.num_layers + 1), batch_rows=[[] for _ in range(runtime.num_layers + 1)])
         self._lock = threading.Condition()
-        self._inflight = 0  # inputs accepted and not yet answered or dropped
-        self._accepting = True
+        self.admission = Admission(max_queue)
         self._stop = False
         self._incoming: deque[Request] = deque()
         self._rows: deque[tuple[Request, int]] = deque()  # full / batch: inputs not yet in a batch
@@ -225,7 +217,7 @@ class Engine:
     # ------------------------------------------------------------------ callers' side
     @property
     def queue_depth(self) -> int:
-        return self._inflight
+        return self.admission.depth
 
     def submit(self, tokens: Sequence[tuple[Sequence[int] | Tensor, Sequence[int] | Tensor | None]]) -> Request:
         """Queue the inputs of one request (each input's ``input_ids`` and ``token_type_ids``, unpadded,
@@ -236,12 +228,8 @@ class Engine:
         request = Request(
             [(as_ids(ids), None if types is None else as_ids(types)) for ids, types in tokens], arrived=self.clock()
         )
+        self.admission.admit(len(tokens))
         with self._lock:
-            if not self._accepting:
-                raise Closed("the server is shutting down")
-            if self._inflight + len(tokens) > self.max_queue:
-                raise Overloaded(f"{self._inflight} inputs queued; the limit is {self.max_queue}")
-            self._inflight += len(tokens)
             self._incoming.append(request)
             self._lock.notify()
         return request
@@ -254,15 +242,15 @@ class Engine:
 
     def close(self, *, drain: bool = True, timeout: float | None = 30.0) -> None:
         """Stop taking inputs; with ``drain`` answer everything accepted first, then stop the worker."""
+        self.admission.close()
         with self._lock:
-            self._accepting = False
             if not drain:
                 self._stop = True
             self._lock.notify()
         deadline = None if timeout is None else time.monotonic() + timeout
         while drain and self._worker.is_alive():
             with self._lock:
-                if self._inflight == 0:
+                if self.admission.depth == 0:
                     self._stop = True
                     self._lock.notify()
                     break
@@ -302,8 +290,7 @@ class Engine:
 
     def _answer(self, request: Request, index: int, answer: Answer | None) -> None:
         """Record one input's answer (None: dropped); resolve the request when it is complete."""
-        with self._lock:
-            self._inflight -= 1
+        self.admission.release()
         if answer is not None:
             request.answers[index] = answer
             self.stats.answered += 1
@@ -329,8 +316,7 @@ class Engine:
         requests.update({id(r): r for g in groups for r, _ in g.owners})
         for r in requests.values():
             left = r.remaining
-            with self._lock:
-                self._inflight -= left
+            self.admission.release(left)
             r.remaining = 0
             if not r.future.done():
                 r.future.set_exception(err)
@@ -368,7 +354,7 @@ class Engine:
                 if not self._rows or self._stop:
                     return []
                 waited = self.clock() - self._rows[0][0].arrived
-                if len(self._rows) >= self.max_batch or waited >= self.max_wait or not self._accepting:
+                if len(self._rows) >= self.max_batch or waited >= self.max_wait or not self.admission.accepting:
                     break
                 self._lock.wait(self.max_wait - waited)
             return [self._rows.popleft() for _ in range(min(self.max_batch, len(self._rows)))]

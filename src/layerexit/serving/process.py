@@ -42,7 +42,8 @@ import torch
 from torch import Tensor
 
 from layerexit.errors import LayerExitError
-from layerexit.serving.engine import Answer, Closed, Engine, Overloaded, Request, Stats
+from layerexit.serving.admission import Admission, Closed, Overloaded
+from layerexit.serving.engine import Answer, Engine, Request, Stats
 
 Factory = Callable[[], tuple[Engine, dict[str, Any]]]
 """Builds the engine in the child and says what the parent should know (``info``: at least
@@ -95,8 +96,7 @@ class ProcessEngine:
         self._send_lock = threading.Lock()
         self._pending: dict[int, Request] = {}
         self._next_key = 0
-        self._inflight = 0
-        self._accepting = True
+        self.admission = Admission(max_queue)
         self._stopped = threading.Event()
         self._reader = threading.Thread(target=self._read, name="layerexit-engine-reader", daemon=True)
         self._reader.start()
@@ -104,7 +104,7 @@ class ProcessEngine:
     # ------------------------------------------------------------------ callers' side
     @property
     def queue_depth(self) -> int:
-        return self._inflight
+        return self.admission.depth
 
     def submit(self, tokens: Sequence[tuple[Sequence[int] | Tensor, Sequence[int] | Tensor | None]]) -> Request:
         """As :meth:`Engine.submit`: :class:`Overloaded` beyond ``max_queue`` inputs, :class:`Closed` when
@@ -114,12 +114,10 @@ class ProcessEngine:
         payload = [(_as_list(ids), None if types is None else _as_list(types)) for ids, types in tokens]
         request = Request([])  # the tokens travel to the child; here only the answers are kept
         request.answers, request.remaining = [None] * len(payload), len(payload)
+        if self._stopped.is_set():
+            raise Closed("the engine stopped")
+        self.admission.admit(len(payload))
         with self._lock:
-            if not self._accepting or self._stopped.is_set():
-                raise Closed("the server is shutting down" if not self._stopped.is_set() else "the engine stopped")
-            if self._inflight + len(payload) > self.max_queue:
-                raise Overloaded(f"{self._inflight} inputs queued; the limit is {self.max_queue}")
-            self._inflight += len(payload)
             request.key, self._next_key = self._next_key, self._next_key + 1
             self._pending[request.key] = request
         if not self._send(("submit", request.key, payload)):
@@ -132,8 +130,7 @@ class ProcessEngine:
 
     def close(self, *, drain: bool = True, timeout: float | None = 30.0) -> None:
         """Stop taking inputs; with ``drain`` the child answers everything accepted first; then it exits."""
-        with self._lock:
-            self._accepting = False
+        self.admission.close()
         self._send(("close", drain))
         self._stopped.wait(timeout)
         self.process.join(5)
@@ -194,7 +191,7 @@ class ProcessEngine:
             request = self._pending.pop(key, None)
             if request is None:
                 return
-            self._inflight -= request.remaining
+            self.admission.release(request.remaining)
         rows, request.remaining = request.remaining, 0
         layers = [a.exit_layer for a in answers] if answers is not None else cancelled or []
         for layer in layers:
