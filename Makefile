@@ -39,11 +39,11 @@ test: $(ASSETS) browser
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
 	LAYEREXIT_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q
-	$(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 # The documentation site (mkdocs, material theme), built offline into site/; strict: a broken link fails.
 docs: $(INSTALLED)
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 test-fast: $(INSTALLED)
 	$(BIN)/python -m pytest -q -m "not integration and not slow"
