@@ -370,3 +370,24 @@ def test_a_run_records_whether_it_was_trained_on_pairs_and_predict_holds_to_it(t
     assert len(predictor.predict(["good alpha"])) == 1
     with pytest.raises(LayerExitError, match="trained on single texts"):
         predictor.predict(["good alpha"], ["beta"])
+
+
+def test_liveness_and_readiness_follow_the_engine(trained_run: Path) -> None:  # noqa: F811
+    """/healthz is 200 while the engine can answer and 503 once it stopped; /readyz is 503 while draining too."""
+    from layerexit.predictor import Predictor
+
+    predictor = Predictor.from_run(trained_run, "entropy(threshold=0.5)")
+    engine = Engine(predictor.runtime, predictor.strategy, scheduler="pooled", max_queue=64)
+    model = Model(predictor.tokenizer, predictor.label_names, 12, predictor.model.backbone.uses_token_type_ids)
+    client = TestClient(build_app(engine, model, max_texts=4))
+    assert client.get("/healthz").status_code == 200 and client.get("/readyz").json() == {"status": "ready"}
+    engine.admission.close()  # draining: alive, not ready
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and "draining" in ready.json()["status"]
+    assert client.get("/healthz").status_code == 200
+    engine.close(drain=False)
+    health = client.get("/healthz")
+    assert health.status_code == 503 and health.json()["status"] == "the engine stopped"
+    assert client.get("/readyz").json() == {"status": "the engine stopped"}
+    refused = client.post("/v1/classify", json={"texts": ["good alpha"]})
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"

@@ -103,3 +103,16 @@ def test_a_dead_engine_fails_its_requests_and_refuses_new_ones() -> None:
         engine.submit(_inputs(1, seed=2))
     assert engine.queue_depth == 0
     engine.close()
+
+
+def test_a_killed_engine_process_is_not_alive_and_refuses_inputs() -> None:
+    engine = ProcessEngine(partial(_tiny_engine, "static(layer=4)", scheduler="pooled", max_queue=5), max_queue=5)
+    assert engine.alive and engine.ready
+    engine.process.kill()
+    deadline = time.monotonic() + 20
+    while engine.alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not engine.alive and not engine.ready
+    with pytest.raises(Closed, match="the engine stopped"):
+        engine.submit(_inputs(1, seed=1))
+    engine.close()

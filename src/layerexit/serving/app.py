@@ -3,7 +3,9 @@
 * ``POST /v1/classify`` ``{"texts": [...], "text_pairs": [...]?}`` -> ``{"results": [{"label",
   "probability", "exit_layer", "latency_ms", "truncated"}, ...]}``, one per text, in order. Texts longer
   than the model's ``max_length`` tokens are truncated (``"truncated": true``), as in training.
-* ``GET /healthz`` -> ``{"status": "ok", ...}``; ``GET /metrics``: Prometheus text format.
+* ``GET /healthz`` (liveness) -> ``{"status": "ok", ...}``, 503 once the engine has stopped;
+  ``GET /readyz`` (readiness) -> 200 while new inputs are taken, 503 when stopped or draining;
+  ``GET /metrics``: Prometheus text format.
 
 Errors are JSON ``{"error": "..."}`` naming the problem: 400 malformed JSON or wrong types, 413 too many
 texts, 503 with ``Retry-After`` when the engine's queue is full or the server is shutting down.
@@ -187,7 +189,7 @@ def build_app(
             texts, pairs = parse_body(await read_body(request, max_body_bytes), max_texts, model.text_pairs)
         except ApiError as err:
             return error(err.status, str(err))
-        inputs, truncated = tokenize(model, texts, pairs)
+        inputs, truncated = await asyncio.to_thread(tokenize, model, texts, pairs)  # off the event loop
         try:
             job = engine.submit(inputs)
         except Overloaded as err:
@@ -228,14 +230,24 @@ def build_app(
         return JSONResponse({"results": body})
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        return {
-            "status": "ok",
+    async def healthz() -> JSONResponse:
+        """Liveness: 200 while the engine can answer, 503 once it has stopped (restart the server)."""
+        body = {
+            "status": "ok" if engine.alive else "the engine stopped",
             "scheduler": engine.scheduler,
             "queue_depth": engine.queue_depth,
             "answered": engine.stats.answered,
             **(info or {}),
         }
+        return JSONResponse(body, status_code=200 if engine.alive else 503)
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Readiness: 200 while the engine takes new inputs, 503 when it has stopped or is draining."""
+        if engine.ready:
+            return JSONResponse({"status": "ready"})
+        reason = "the engine stopped" if not engine.alive else "draining: no new inputs are taken"
+        return JSONResponse({"status": reason}, status_code=503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

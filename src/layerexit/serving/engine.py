@@ -157,6 +157,16 @@ class EngineHandle(Protocol):
     @property
     def queue_depth(self) -> int: ...
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine can still answer: its worker (thread or process) runs."""
+        ...
+
+    @property
+    def ready(self) -> bool:
+        """Whether it takes new inputs: alive and not draining."""
+        ...
+
     def submit(self, tokens: Sequence[tuple[Sequence[int] | Tensor, Sequence[int] | Tensor | None]]) -> Request: ...
 
     def cancel(self, request: Request) -> None: ...
@@ -211,6 +221,7 @@ class Engine:
         self._rows: deque[tuple[Request, int]] = deque()  # full / batch: inputs not yet in a batch
         self._queues: list[deque[Group]] = [deque() for _ in range(runtime.num_layers + 1)]
         self._worker = threading.Thread(target=self._run, name=f"layerexit-{scheduler}", daemon=True)
+        self._started = start
         if start:
             self._worker.start()
 
@@ -218,6 +229,14 @@ class Engine:
     @property
     def queue_depth(self) -> int:
         return self.admission.depth
+
+    @property
+    def alive(self) -> bool:
+        return not self._stop and (self._worker.is_alive() or not self._started)
+
+    @property
+    def ready(self) -> bool:
+        return self.alive and self.admission.accepting
 
     def submit(self, tokens: Sequence[tuple[Sequence[int] | Tensor, Sequence[int] | Tensor | None]]) -> Request:
         """Queue the inputs of one request (each input's ``input_ids`` and ``token_type_ids``, unpadded,

@@ -106,6 +106,14 @@ class ProcessEngine:
     def queue_depth(self) -> int:
         return self.admission.depth
 
+    @property
+    def alive(self) -> bool:
+        return not self._stopped.is_set() and self.process.is_alive()
+
+    @property
+    def ready(self) -> bool:
+        return self.alive and self.admission.accepting
+
     def submit(self, tokens: Sequence[tuple[Sequence[int] | Tensor, Sequence[int] | Tensor | None]]) -> Request:
         """As :meth:`Engine.submit`: :class:`Overloaded` beyond ``max_queue`` inputs, :class:`Closed` when
         draining or when the engine process is gone."""
