@@ -14,7 +14,7 @@ $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev,docs,onnx,distributed,report,serve]"
+	$(BIN)/python -m pip install -q -e ".[dev,docs,onnx,distributed,report,serve,ray]"
 	touch $@
 
 install: $(INSTALLED)

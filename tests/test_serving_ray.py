@@ -68,3 +68,21 @@ def test_one_replica_classifies_over_http(ray_serve: int, trained_run: Path) -> 
     assert health["scheduler"] == "pooled" and health["answered"] == 2
     bad = httpx.post(url + "/v1/classify", json={"texts": []}, timeout=30)
     assert bad.status_code == 400 and "non-empty list" in bad.json()["error"]
+
+
+def test_two_replicas_both_answer(ray_serve: int, trained_run: Path) -> None:  # noqa: F811
+    """The documented scale-out: `replicas=2 threads=1` puts two engines behind one route, and requests reach both."""
+    serve.run(
+        build({"run": str(trained_run), "replicas": "2", "threads": "1", "max_queue": "64"}),
+        route_prefix="/",
+        name="layerexit",
+    )
+    url = f"http://127.0.0.1:{ray_serve}"
+    pids = set()
+    for _ in range(40):
+        reply = httpx.post(url + "/v1/classify", json={"texts": ["alpha good beta"]}, timeout=60)
+        assert reply.status_code == 200, reply.text
+        pids.add(httpx.get(url + "/healthz", timeout=30).json()["pid"])
+        if len(pids) == 2:
+            break
+    assert len(pids) == 2

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -237,6 +238,7 @@ def build_app(
             "scheduler": engine.scheduler,
             "queue_depth": engine.queue_depth,
             "answered": engine.stats.answered,
+            "pid": os.getpid(),  # which server (or Ray Serve replica) answered
             **(info or {}),
         }
         return JSONResponse(body, status_code=200 if engine.alive else 503)
