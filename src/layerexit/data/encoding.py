@@ -57,6 +57,40 @@ def encode(
     return Encoded(input_ids=out["input_ids"], token_type_ids=types, labels=label_tensor)
 
 
+def encode_marking_truncation(
+    tokenizer: Any,
+    texts: Sequence[str],
+    pairs: Sequence[str] | None = None,
+    *,
+    max_length: int = 128,
+    token_types: bool = True,
+) -> tuple[Encoded, list[bool]]:
+    """As :func:`encode`, and for each input whether it was longer than ``max_length`` tokens, so that the
+    model sees less than the whole input. One tokenizer call in the common case; only the inputs that are
+    too long are encoded again, with the tokenizer's own truncation (which keeps the special tokens and,
+    for pairs, trims the longer text first), as :func:`encode` does."""
+
+    def tokenize(rows: list[int], truncate: bool) -> Any:
+        args = ([texts[i] for i in rows],) + (([pairs[i] for i in rows],) if pairs is not None else ())
+        extra = {"truncation": True, "max_length": max_length} if truncate else {"truncation": False}
+        return tokenizer(*args, return_token_type_ids=token_types, **extra)
+
+    everything = list(range(len(texts)))
+    whole = tokenize(everything, truncate=False)
+    ids = [list(row) for row in whole["input_ids"]]
+    types = [list(row) for row in whole["token_type_ids"]] if token_types else None
+    truncated = [len(row) > max_length for row in ids]
+    long = [i for i in everything if truncated[i]]
+    if long:
+        again = tokenize(long, truncate=True)
+        for j, i in enumerate(long):
+            ids[i] = list(again["input_ids"][j])
+            if types is not None:
+                types[i] = list(again["token_type_ids"][j])
+    labels = torch.full((len(ids),), -1, dtype=torch.long)
+    return Encoded(input_ids=ids, token_type_ids=types, labels=labels), truncated
+
+
 def collate(encoded: Encoded, rows: Sequence[int], pad_id: int) -> dict[str, Tensor]:
     """Right-padded tensors for the given rows: input_ids, attention_mask, [token_type_ids], labels."""
     length = max(len(encoded.input_ids[r]) for r in rows)

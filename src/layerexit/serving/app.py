@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from layerexit.data.encoding import pairs_problem
+from layerexit.data.encoding import encode_marking_truncation, pairs_problem
 from layerexit.serving.admission import Closed, Overloaded
 from layerexit.serving.engine import EngineHandle
 
@@ -115,29 +115,14 @@ def parse_body(body: bytes, max_texts: int, text_pairs: bool | None = None) -> t
 
 
 def tokenize(model: Model, texts: list[str], pairs: list[str] | None) -> tuple[list[Any], list[bool]]:
-    """Engine inputs ``(input_ids, token_type_ids)`` per text (lists of ints), truncated to ``max_length`` tokens.
-
-    One tokenizer call in the common case; only inputs longer than ``max_length`` are encoded again
-    with the tokenizer's own truncation (which keeps the special tokens and, for pairs, trims the
-    longer text first)."""
-
-    def encode(indices: list[int], truncate: bool) -> Any:
-        args = ([texts[i] for i in indices],) + (([pairs[i] for i in indices],) if pairs is not None else ())
-        extra = {"truncation": True, "max_length": model.max_length} if truncate else {"truncation": False}
-        return model.tokenizer(*args, return_token_type_ids=model.token_types, **extra)
-
-    everything = list(range(len(texts)))
-    out = encode(everything, truncate=False)
-    ids, types = list(out["input_ids"]), list(out["token_type_ids"]) if model.token_types else None
-    truncated = [len(row) > model.max_length for row in ids]
-    long = [i for i in everything if truncated[i]]
-    if long:
-        cut = encode(long, truncate=True)
-        for j, i in enumerate(long):
-            ids[i] = cut["input_ids"][j]
-            if types is not None:
-                types[i] = cut["token_type_ids"][j]
-    inputs = [(list(row), list(types[i]) if types is not None else None) for i, row in enumerate(ids)]
+    """Engine inputs ``(input_ids, token_type_ids)`` per text (lists of ints), truncated to ``max_length`` tokens
+    as in training and in ``predict`` (:func:`layerexit.data.encoding.encode_marking_truncation`), and
+    whether each was truncated."""
+    encoded, truncated = encode_marking_truncation(
+        model.tokenizer, texts, pairs, max_length=model.max_length, token_types=model.token_types
+    )
+    types = encoded.token_type_ids
+    inputs = [(row, types[i] if types is not None else None) for i, row in enumerate(encoded.input_ids)]
     return inputs, truncated
 
 
