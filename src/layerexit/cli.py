@@ -88,8 +88,8 @@ def _evaluate(
         folder, splits=splits, families=families, batch_size=batch_size, progress=progress, reuse=reuse, runtime=runtime
     )
     print(format_report(report))
-    if runtime != "torch" and folder.report_file("torch").is_file():
-        torch_report = folder.report("torch")
+    if runtime != REFERENCE and folder.report_file(REFERENCE).is_file():
+        torch_report = folder.report(REFERENCE)
         metric, split = report["metric"], report["report_split"]
         before = torch_report["splits"][split]["full_model"][metric]
         after = report["splits"][split]["full_model"][metric]

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from layerexit.data.encoding import Encoded, collate
 from layerexit.runtime.base import Runtime
 from layerexit.runtime.loop import ExitResult, early_exit
+from layerexit.runtime.registry import REFERENCE
 from layerexit.strategies import Strategy
 
 Batch = dict[str, Tensor]
@@ -63,8 +64,9 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 
 def row_prefix(runtime: Runtime) -> str:
-    """``""`` for PyTorch (rows ``full``, ``early_exit``), ``onnx_`` / ``onnx_int8_`` for the others."""
-    return "" if runtime.name == "torch" else runtime.name.replace("-", "_") + "_"
+    """``""`` for the reference runtime, PyTorch (rows ``full``, ``early_exit``); ``onnx_`` / ``onnx_int8_``
+    and so on for the others."""
+    return "" if runtime.name == REFERENCE else runtime.name.replace("-", "_") + "_"
 
 
 def bench(
