@@ -292,9 +292,9 @@ LIMITS = {
     "threads": 0,
     "num_processes": 1,
     "seeds": 0,
-    "max_body_bytes": 1,
 }
-"""Lowest allowed value of integer options of the commands (TrainConfig checks its own fields)."""
+"""Lowest allowed value of integer options of the commands (TrainConfig and EngineConfig check their own
+fields)."""
 
 
 def _check_limits(args: argparse.Namespace) -> None:

@@ -170,8 +170,3 @@ class CompareCommand:
 class AnalyzeOptions:
     run: str = option("", "an evaluated run folder", positional=True)
     split: str = option("test", "split of the stored probabilities to analyse")
-
-
-@dataclass
-class NoOptions:
-    """A command without options (``tasks``)."""

@@ -187,7 +187,7 @@ class OnnxRuntime:
         second = None
         if self.config.pooling == "pair":
             assert self.config.separator_id is not None  # ExitConfig checks it
-            ids = torch.from_numpy(_as_int64(input_ids, "input_ids"))
+            ids = torch.from_numpy(feed["input_ids"])  # int64 already: every embeddings graph reads the ids
             second = second_text(ids, torch.from_numpy(mask), self.config.separator_id).numpy()  # (B, T)
         return Rows(self._embed.run(None, feed)[0], mask, second)  # (B, T, H)
 

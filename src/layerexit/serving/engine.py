@@ -209,7 +209,6 @@ class Engine:
         self.clock = clock
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
-        self.max_queue = max_queue
         self.pad_id = pad_id
         self.threads = threads
         self.on_step = on_step

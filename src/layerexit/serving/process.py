@@ -88,7 +88,6 @@ class ProcessEngine:
             raise LayerExitError(message[1])
         self.info: dict[str, Any] = message[1]
         self.scheduler: str = self.info["scheduler"]
-        self.max_queue = max_queue
         layers = int(self.info["num_layers"])
         self.stats = Stats(exits=[0] * (layers + 1), batch_rows=[[] for _ in range(layers + 1)])
         self.on_step: Callable[[int, int, float], None] | None = None
