@@ -38,7 +38,7 @@ def _tiny_engine(strategy: str, layer_delay: float = 0.0, **options: Any) -> tup
 
         runtime.layer = slow_layer  # type: ignore[method-assign]
     engine = Engine(runtime, strategies.parse(strategy), **options)
-    return engine, {"scheduler": engine.scheduler, "num_layers": runtime.num_layers, "runtime": "torch"}
+    return engine, {"scheduler": engine.scheduler_name, "num_layers": runtime.num_layers, "runtime": "torch"}
 
 
 def test_answers_equal_offline_replay_under_concurrent_arrivals() -> None:

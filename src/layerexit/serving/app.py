@@ -220,7 +220,7 @@ def build_app(
         """Liveness: 200 while the engine can answer, 503 once it has stopped (restart the server)."""
         body = {
             "status": "ok" if engine.alive else "the engine stopped",
-            "scheduler": engine.scheduler,
+            "scheduler": engine.scheduler_name,
             "queue_depth": engine.queue_depth,
             "answered": engine.stats.answered,
             "pid": os.getpid(),  # which server (or Ray Serve replica) answered

@@ -87,7 +87,7 @@ class ProcessEngine:
             self.process.join(5)
             raise LayerExitError(message[1])
         self.info: dict[str, Any] = message[1]
-        self.scheduler: str = self.info["scheduler"]
+        self.scheduler_name: str = self.info["scheduler"]
         layers = int(self.info["num_layers"])
         self.stats = Stats(exits=[0] * (layers + 1), batch_rows=[[] for _ in range(layers + 1)])
         self.on_step: Callable[[int, int, float], None] | None = None

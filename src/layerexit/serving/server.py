@@ -28,7 +28,7 @@ def engine_for_run(config: EngineConfig) -> tuple[Engine, dict[str, Any]]:
     engine = Engine(
         predictor.runtime,
         predictor.strategy,
-        scheduler=config.scheduler,  # type: ignore[arg-type]
+        scheduler=config.scheduler,
         policy=config.policy,
         max_batch=config.max_batch,
         max_wait_ms=config.max_wait_ms,
@@ -37,7 +37,7 @@ def engine_for_run(config: EngineConfig) -> tuple[Engine, dict[str, Any]]:
         threads=threads,
     )
     info = {
-        "scheduler": engine.scheduler,
+        "scheduler": engine.scheduler_name,
         "strategy": str(predictor.strategy),
         "strategy_source": predictor.strategy_source,
         "runtime": predictor.runtime.name,
