@@ -31,12 +31,8 @@ def _session_options(ort: Any, threads: int | None) -> Any:
     """Options shared by every session of an export.
 
     Each session owns an intra-op thread pool, and by default idle pool threads spin after a run. With
-    one session per layer, the pools of the layers just run keep spinning while the next layer needs
-    the cores: on 2 cores (MiniLM-L6, batch 1, 2 threads, quiet shared machine) the full graph took
-    48 ms in a process holding the layer sessions, against 7-8 ms with spinning off; with spinning off
-    it took 6.6-7.1 ms, the same as alone with ONNX Runtime's defaults (6.4-7.0 ms). Stopping the
-    spinning only after each run (``session.force_spinning_stop``) measured the same as turning it
-    off, and turning it off is the robust choice when other processes share the cores.
+    one session per layer, the pools of the layers just run would keep spinning while the next layer
+    needs the cores, so spinning is off (measured: docs/performance.md, "Runtime settings and why").
     """
     options = ort.SessionOptions()
     options.intra_op_num_threads = 0 if threads is None else threads
@@ -60,10 +56,8 @@ class OnnxRuntime:
     per-call state, so one instance may serve several threads.
 
     Hidden states pass between layers as numpy arrays through plain ``session.run``, not I/O binding:
-    at batch 1 on a shared 2-core machine (1 thread, CPU time), a near-empty graph shaped like a layer
-    stage took 38 us per call with ``run`` and 60 us with I/O binding (five more Python-to-C++ calls
-    per layer), and MiniLM-L6's layer 1 took 2.44 ms against 2.55 ms. On CPU ``run`` already reads
-    numpy inputs in place; binding would only save copying the (1, 32, 384) output, about 50 KB.
+    on CPU ``run`` reads numpy inputs in place, and binding's extra calls per layer cost more than the
+    output copy they save (measured: docs/performance.md, "Runtime settings and why").
     """
 
     def __init__(

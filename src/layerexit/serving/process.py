@@ -4,9 +4,8 @@
 engine's worker thread share one GIL. PyTorch lets go of the GIL around every operator and must take it
 back after, and a layer is dozens of small operators. While the event loop holds the GIL, CPython hands
 it to a waiting thread only every ``sys.getswitchinterval()`` (5 ms): the worker stalls at almost every
-operator (the "convoy effect"). ``benchmarks/gil_convoy.py`` times it: the six MiniLM layers of one input
-went from 15.9 ms alone to 1.16 s beside a thread busy in Python, and took 17.7 ms beside the same work in
-another process. ONNX Runtime takes the GIL back once per layer, so there a thread of the server serves
+operator (the "convoy effect"; ``benchmarks/gil_convoy.py`` times it, docs/serve.md gives the figures).
+ONNX Runtime takes the GIL back once per layer, so there a thread of the server serves
 better (``layerexit serve --engine auto``). With the engine in a process of its own, each side has its
 own GIL; the HTTP process only sends token ids and receives answers.
 
