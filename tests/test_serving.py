@@ -237,6 +237,30 @@ def test_a_body_over_the_limit_is_a_413_before_it_is_read_whole(trained_run: Pat
     engine.close(drain=True)
 
 
+def test_a_megabyte_text_is_cut_before_it_is_tokenised(trained_run: Path) -> None:  # noqa: F811
+    """One client's huge text costs what a short one does: the tokenizer sees a few kilobytes of it, and
+    the answer still says it was truncated (before, the whole text was tokenised, twice)."""
+    from layerexit.predictor import Predictor
+
+    predictor = Predictor.from_run(trained_run, "entropy(threshold=0.5)")
+    seen: list[int] = []
+
+    class Watched:
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            seen.extend(len(t) for batch in args for t in ([batch] if isinstance(batch, str) else batch))
+            return predictor.tokenizer(*args, **kwargs)
+
+    engine = Engine(predictor.runtime, predictor.strategy, scheduler="pooled", max_queue=8)
+    model = Model(Watched(), predictor.label_names, 12, predictor.model.backbone.uses_token_type_ids)
+    client = TestClient(build_app(engine, model))  # the default body limit, 1 MiB
+    huge = " ".join(WORDS[i % len(WORDS)] for i in range(200_000))[: (1 << 20) - 100]
+    response = client.post("/v1/classify", json={"texts": [huge, "good alpha"]})
+    assert response.status_code == 200
+    assert [r["truncated"] for r in response.json()["results"]] == [True, False]
+    assert len(huge) > 900_000 and max(seen) < 2_000
+    engine.close(drain=True)
+
+
 @pytest.mark.parametrize("pairs", [False, True])
 def test_tokenize_truncates_exactly_as_the_tokenizer_does(trained_run: Path, pairs: bool) -> None:  # noqa: F811
     from layerexit.predictor import Predictor

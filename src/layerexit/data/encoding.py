@@ -43,18 +43,130 @@ def encode(
     max_length: int = 128,
     token_types: bool = True,
 ) -> Encoded:
-    """Tokenise with truncation to ``max_length`` tokens; pairs where given (all or none)."""
+    """Tokenise with truncation to ``max_length`` tokens; pairs where given (all or none). Long texts are
+    cut between words first (:func:`cut_to_tokens`): the ids are the same, the time is bounded."""
     has_pairs = pairs is not None and any(p is not None for p in pairs)
     if has_pairs:
         assert pairs is not None
         if any(p is None for p in pairs):
             raise LayerExitError("some examples have a text pair and some do not")
-        out = tokenizer(list(texts), list(pairs), truncation=True, max_length=max_length)
+        first, second = cut_pairs(tokenizer, texts, [p for p in pairs if p is not None], max_length)
+        out = tokenizer(first, second, truncation=True, max_length=max_length)
     else:
-        out = tokenizer(list(texts), truncation=True, max_length=max_length)
+        out = tokenizer(cut_to_tokens(tokenizer, texts, max_length)[0], truncation=True, max_length=max_length)
     types = out.get("token_type_ids") if token_types else None
     label_tensor = torch.tensor(list(labels) if labels is not None else [-1] * len(texts), dtype=torch.long)
     return Encoded(input_ids=out["input_ids"], token_type_ids=types, labels=label_tensor)
+
+
+CHARS_PER_TOKEN = 8
+"""The first guess at how many characters ``max_length`` tokens can need (:func:`cut_to_tokens`)."""
+CUT_SLACK = 8
+"""Tokens a prefix must have beyond ``max_length`` before its cut is trusted: only the last few tokens
+before a cut can differ from the whole text's."""
+
+
+def word_cut(text: str, limit: int) -> str:
+    """``text`` ended before the last whitespace that follows a non-space character at or before ``limit``
+    characters, or at ``limit`` itself when its second half has no such place (one long word, or a script
+    written without spaces); the whole text when it is no longer than ``limit``."""
+    if len(text) <= limit:
+        return text
+    for i in range(limit, limit // 2, -1):
+        if text[i].isspace() and not text[i - 1].isspace():
+            return text[:i]
+    return text[:limit]
+
+
+def cut_to_tokens(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[list[str], list[int | None]]:
+    """Each text cut, between words, to a prefix that still has more than ``max_length`` tokens (plus
+    :data:`CUT_SLACK`), or left whole; with the prefix's token count (``None`` for a text left whole).
+    The tokens a model truncated to ``max_length`` sees are then the same as the whole text's, and
+    tokenising costs at most a bounded time whatever the text's length. The tokenizer splits words at
+    whitespace first and tokenises each word on its own (WordPiece, byte-level BPE and SentencePiece's
+    Metaspace all do), so a prefix that ends at a word boundary tokenises to a prefix of the whole text's
+    tokens. A word longer than the prefix (a script written without spaces) is cut inside; only the
+    tokens next to the cut can change, and :data:`CUT_SLACK` keeps them out of what the model sees
+    (``tests/test_text_cut.py`` checks all of this on the three kinds of tokenizer). A prefix with too few
+    tokens (long words, much whitespace) grows fourfold until it has enough or is the whole text."""
+    out: list[str] = list(texts)
+    counts: list[int | None] = [None] * len(out)
+    limit = CHARS_PER_TOKEN * (max_length + CUT_SLACK)
+    todo = list(range(len(out)))
+    while todo:
+        cuts = {i: word_cut(texts[i], limit) for i in todo}
+        cut = [i for i in todo if len(cuts[i]) < len(texts[i])]
+        if not cut:
+            break
+        found = tokenizer([cuts[i] for i in cut], add_special_tokens=False, truncation=False)["input_ids"]
+        todo = []
+        for i, ids in zip(cut, found, strict=True):
+            if len(ids) > max_length + CUT_SLACK:
+                out[i], counts[i] = cuts[i], len(ids)
+            else:
+                todo.append(i)
+        limit *= 4
+    return out, counts
+
+
+def cut_pairs(
+    tokenizer: Any, texts: Sequence[str], pairs: Sequence[str], max_length: int
+) -> tuple[list[str], list[str]]:
+    """:func:`cut_to_tokens` for text pairs. Truncating a pair keeps a share of each text that depends on
+    which of the two is longer in tokens, so a pair with a long text is cut only after that is known
+    (:func:`_pair_cut`); the tokens the model sees stay the whole texts'. Cutting also keeps the
+    tokenizer from listing the overflowing pieces of two long texts, whose number grows with the product
+    of their lengths."""
+    first, first_counts = cut_to_tokens(tokenizer, texts, max_length)
+    second, second_counts = cut_to_tokens(tokenizer, pairs, max_length)
+    for i in range(len(first)):
+        if first_counts[i] is not None or second_counts[i] is not None:
+            first[i], second[i] = _pair_cut(tokenizer, texts[i], pairs[i], max_length)
+    return first, second
+
+
+def _pair_cut(tokenizer: Any, first: str, second: str, max_length: int) -> tuple[str, str]:
+    """Prefixes of a pair's texts that truncate to what the whole pair does: each has more than
+    ``max_length`` (plus :data:`CUT_SLACK`) tokens or is whole, and the first is longer than the second
+    exactly when it is so whole. Which is longer is found by growing the shorter prefix until one text is
+    whole or the other prefix passes it: the cost follows the shorter text, not the longer."""
+
+    def prefix(text: str, limit: int) -> tuple[str, int, bool]:
+        piece = word_cut(text, limit)
+        count = len(tokenizer(piece, add_special_tokens=False, truncation=False)["input_ids"])
+        return piece, count, len(piece) == len(text)
+
+    start = CHARS_PER_TOKEN * (max_length + CUT_SLACK)
+    limits = [start, start]
+    a, b = prefix(first, start), prefix(second, start)
+    while True:  # is the first text longer than the second, in tokens?
+        (_, na, whole_a), (_, nb, whole_b) = a, b
+        if (whole_a and whole_b) or (whole_a and nb >= na) or (whole_b and na > nb):
+            first_longer = na > nb
+            break
+        if not whole_a and (whole_b or na <= nb):
+            limits[0] *= 4
+            a = prefix(first, limits[0])
+        else:
+            limits[1] *= 4
+            b = prefix(second, limits[1])
+    need = max_length + CUT_SLACK
+    limits = [start, start]
+    a, b = prefix(first, start), prefix(second, start)
+    while not a[2] and a[1] <= need:
+        limits[0] *= 4
+        a = prefix(first, limits[0])
+    while not b[2] and b[1] <= need:
+        limits[1] *= 4
+        b = prefix(second, limits[1])
+    while (a[1] > b[1]) != first_longer:  # grow the one that must be longer (it ends whole at the latest)
+        if first_longer:
+            limits[0] *= 4
+            a = prefix(first, limits[0])
+        else:
+            limits[1] *= 4
+            b = prefix(second, limits[1])
+    return a[0], b[0]
 
 
 def encode_marking_truncation(
@@ -66,9 +178,15 @@ def encode_marking_truncation(
     token_types: bool = True,
 ) -> tuple[Encoded, list[bool]]:
     """As :func:`encode`, and for each input whether it was longer than ``max_length`` tokens, so that the
-    model sees less than the whole input. One tokenizer call in the common case; only the inputs that are
-    too long are encoded again, with the tokenizer's own truncation (which keeps the special tokens and,
-    for pairs, trims the longer text first), as :func:`encode` does."""
+    model sees less than the whole input. Long texts are first cut between words to what ``max_length``
+    tokens can need (:func:`cut_to_tokens`), so a text of megabytes costs what one of a few kilobytes
+    does. One tokenizer call in the common case; only the inputs that are too long are encoded again,
+    with the tokenizer's own truncation (which keeps the special tokens and, for pairs, trims the longer
+    text first), as :func:`encode` does."""
+    if pairs is None:
+        texts = cut_to_tokens(tokenizer, texts, max_length)[0]
+    else:
+        texts, pairs = cut_pairs(tokenizer, texts, pairs, max_length)
 
     def tokenize(rows: list[int], truncate: bool) -> Any:
         args = ([texts[i] for i in rows],) + (([pairs[i] for i in rows],) if pairs is not None else ())

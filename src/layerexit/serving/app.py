@@ -17,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -44,6 +45,9 @@ class Model:
     token_types: bool
     text_pairs: bool | None = None
     """Whether the model was trained on text pairs (``None``: not recorded; requests of either kind are taken)."""
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    """Held while tokenising: a fast tokenizer sets its truncation on shared state before each call, so
+    two threads tokenising at once could each run with the other's setting."""
 
 
 class ApiError(Exception):
@@ -117,15 +121,19 @@ def parse_body(body: bytes, max_texts: int, text_pairs: bool | None = None) -> t
 def tokenize(model: Model, texts: list[str], pairs: list[str] | None) -> tuple[list[Any], list[bool]]:
     """Engine inputs ``(input_ids, token_type_ids)`` per text (lists of ints), truncated to ``max_length`` tokens
     as in training and in ``predict`` (:func:`layerexit.data.encoding.encode_marking_truncation`), and
-    whether each was truncated."""
-    encoded, truncated = encode_marking_truncation(
-        model.tokenizer, texts, pairs, max_length=model.max_length, token_types=model.token_types
-    )
+    whether each was truncated. Long texts are cut between words before tokenising, so each text costs a
+    bounded time whatever its length."""
+    with model.lock:
+        encoded, truncated = encode_marking_truncation(
+            model.tokenizer, texts, pairs, max_length=model.max_length, token_types=model.token_types
+        )
     types = encoded.token_type_ids
     inputs = [(row, types[i] if types is not None else None) for i, row in enumerate(encoded.input_ids)]
     return inputs, truncated
 
 
+PARSE_ON_LOOP_BYTES = 64 << 10
+"""Bodies up to this size are parsed on the event loop (well under a millisecond); larger ones in a thread."""
 MAX_BODY_BYTES = 1 << 20
 """The largest request body read by default (1 MiB: 64 texts of 16 KB each)."""
 
@@ -172,7 +180,11 @@ def build_app(
     async def classify(request: Request) -> Response:
         started = time.perf_counter()
         try:
-            texts, pairs = parse_body(await read_body(request, max_body_bytes), max_texts, model.text_pairs)
+            raw = await read_body(request, max_body_bytes)
+            if len(raw) > PARSE_ON_LOOP_BYTES:  # parsing a large body would hold up every other request
+                texts, pairs = await asyncio.to_thread(parse_body, raw, max_texts, model.text_pairs)
+            else:
+                texts, pairs = parse_body(raw, max_texts, model.text_pairs)
         except ApiError as err:
             return error(err.status, str(err))
         inputs, truncated = await asyncio.to_thread(tokenize, model, texts, pairs)  # off the event loop
