@@ -3,8 +3,9 @@
 * ``POST /v1/classify`` ``{"texts": [...], "text_pairs": [...]?}`` -> ``{"results": [{"label",
   "probability", "exit_layer", "latency_ms", "truncated"}, ...]}``, one per text, in order. Texts longer
   than the model's ``max_length`` tokens are truncated (``"truncated": true``), as in training.
-* ``GET /healthz`` (liveness) -> ``{"status": "ok", ...}``, 503 once the engine has stopped;
-  ``GET /readyz`` (readiness) -> 200 while new inputs are taken, 503 when stopped or draining;
+* ``GET /healthz`` (liveness) -> ``{"status": "ok", ...}``; 503 naming why while the engine is being
+  restarted after a failure and once it has stopped;
+  ``GET /readyz`` (readiness) -> 200 while new inputs are taken, 503 when restarting, stopped or draining;
   ``GET /metrics``: Prometheus text format.
 
 Errors are JSON ``{"error": "..."}`` naming the problem: 400 malformed JSON or wrong types, 413 too many
@@ -31,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from layerexit.data.encoding import encode_marking_truncation, pairs_problem
 from layerexit.serving.admission import Closed, Overloaded
 from layerexit.serving.engine import EngineHandle
+from layerexit.serving.supervisor import EVENTS, Supervisor
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5)
 
@@ -75,11 +77,31 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=self.registry,
         )
+        self.engine_events = Counter(
+            "layerexit_engine_events",
+            "engine failures (died, stalled, start_failed) and restarts (restarted)",
+            ["event"],
+            registry=self.registry,
+        )
+        for event in EVENTS:
+            self.engine_events.labels(event=event)  # shown at 0 before the first one
         depth = Gauge("layerexit_queue_depth", "inputs accepted and not yet answered", registry=self.registry)
         depth.set_function(lambda: engine.queue_depth)
 
     def step(self, stage: int, rows: int, seconds: float) -> None:
         self.batch_rows.labels(stage=str(stage)).observe(rows)
+
+    def answers_by_status(self) -> dict[str, int]:
+        """The classify requests answered so far, by HTTP status."""
+        counts = {}
+        for metric in self.requests.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    counts[sample.labels["status"]] = int(sample.value)
+        return dict(sorted(counts.items()))
+
+    def engine_event(self, name: str) -> None:
+        self.engine_events.labels(event=name).inc()
 
 
 def parse_body(body: bytes, max_texts: int, text_pairs: bool | None = None) -> tuple[list[str], list[str] | None]:
@@ -163,6 +185,8 @@ def build_app(
 ) -> FastAPI:
     metrics = Metrics(engine)
     engine.on_step = metrics.step
+    if isinstance(engine, Supervisor):
+        engine.on_event = metrics.engine_event
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -171,6 +195,7 @@ def build_app(
 
     app = FastAPI(title="layerexit", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.info = dict(info or {})
+    app.state.metrics = metrics
 
     def error(status: int, message: str, **headers: str) -> JSONResponse:
         metrics.requests.labels(status=str(status)).inc()
@@ -229,13 +254,15 @@ def build_app(
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
-        """Liveness: 200 while the engine can answer, 503 once it has stopped (restart the server)."""
+        """Liveness: 200 while the engine can answer; 503 while it is being restarted after a failure and
+        once it has stopped (restart the server)."""
         body = {
-            "status": "ok" if engine.alive else "the engine stopped",
+            "status": "ok" if engine.alive else engine.status,
             "scheduler": engine.scheduler_name,
             "queue_depth": engine.queue_depth,
             "answered": engine.stats.answered,
             "pid": os.getpid(),  # which server (or Ray Serve replica) answered
+            "engine_pid": engine.pid,
             **(info or {}),
         }
         return JSONResponse(body, status_code=200 if engine.alive else 503)
@@ -245,7 +272,7 @@ def build_app(
         """Readiness: 200 while the engine takes new inputs, 503 when it has stopped or is draining."""
         if engine.ready:
             return JSONResponse({"status": "ready"})
-        reason = "the engine stopped" if not engine.alive else "draining: no new inputs are taken"
+        reason = engine.status if not engine.alive else "draining: no new inputs are taken"
         return JSONResponse({"status": reason}, status_code=503)
 
     @app.get("/metrics")

@@ -37,6 +37,12 @@ class EngineConfig:
         1 << 20, "request body size in bytes at most (1 MiB), checked while it is read, before parsing; beyond, 413"
     )
     threads: int = option(0, "torch / ONNX Runtime threads (0: default)")
+    max_restarts: int = option(
+        3, "engine restarts tried in a row after it dies or stalls (back-off 0.5 s, doubling) before the server exits 1"
+    )
+    stall_s: float = option(
+        30.0, "seconds with inputs waiting and no engine step finished before the engine counts as stalled"
+    )
     engine: Literal["auto", "process", "thread"] = option(
         "auto",
         "the engine in a process of its own (no GIL shared with HTTP) or a thread of the server; "
@@ -50,8 +56,10 @@ class EngineConfig:
         for name in ("max_batch", "max_queue", "max_texts", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise LayerExitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.max_wait_ms < 0 or self.threads < 0:
-            raise LayerExitError("--max-wait-ms and --threads must be >= 0")
+        if self.max_wait_ms < 0 or self.threads < 0 or self.max_restarts < 0:
+            raise LayerExitError("--max-wait-ms, --threads and --max-restarts must be >= 0")
+        if self.stall_s <= 0:
+            raise LayerExitError(f"--stall-s must be > 0, got {self.stall_s}")
 
     @property
     def place(self) -> str:

@@ -59,6 +59,7 @@ replay under random concurrent arrivals).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -112,8 +113,10 @@ class EngineHandle(Protocol):
     """What the HTTP app needs of an engine: :class:`Engine` in this process, or
     :class:`~layerexit.serving.process.ProcessEngine` in a process of its own."""
 
-    stats: Stats
     on_step: Callable[[int, int, float], None] | None
+
+    @property
+    def stats(self) -> Stats: ...
 
     @property
     def scheduler_name(self) -> str: ...
@@ -129,6 +132,16 @@ class EngineHandle(Protocol):
     @property
     def ready(self) -> bool:
         """Whether it takes new inputs: alive and not draining."""
+        ...
+
+    @property
+    def status(self) -> str:
+        """Why it cannot answer, in words (for ``/healthz`` when not alive)."""
+        ...
+
+    @property
+    def pid(self) -> int | None:
+        """The process the engine's worker runs in."""
         ...
 
     def submit(self, tokens: Sequence[tuple[Sequence[int] | Tensor, Sequence[int] | Tensor | None]]) -> Request: ...
@@ -202,6 +215,14 @@ class Engine:
     def ready(self) -> bool:
         return self.alive and self.admission.accepting
 
+    @property
+    def status(self) -> str:
+        return "the engine stopped"
+
+    @property
+    def pid(self) -> int | None:
+        return os.getpid()
+
     def submit(self, tokens: Sequence[tuple[Sequence[int] | Tensor, Sequence[int] | Tensor | None]]) -> Request:
         """Queue the inputs of one request (each input's ``input_ids`` and ``token_type_ids``, unpadded,
         as tensors or lists); raises :class:`Overloaded` when they do not fit in ``max_queue``,
@@ -250,8 +271,8 @@ class Engine:
             self._lock.notify()
         if self._started:
             self._worker.join(timeout)
-        else:
-            self._fail_all(Closed("the server stopped"))
+        if not self._started or self._worker.is_alive():  # a worker stuck in a step: its requests fail now
+            self._fail_all(Closed("the engine stopped"))
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> bool:

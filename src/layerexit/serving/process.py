@@ -112,6 +112,15 @@ class ProcessEngine:
     def ready(self) -> bool:
         return self.alive and self.admission.accepting
 
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    @property
+    def status(self) -> str:
+        code = self.process.exitcode
+        return "the engine stopped" if code is None else f"the engine process exited (code {code})"
+
     def submit(self, tokens: Sequence[tuple[Sequence[int] | Tensor, Sequence[int] | Tensor | None]]) -> Request:
         """As :meth:`Engine.submit`: :class:`Overloaded` beyond ``max_queue`` inputs, :class:`Closed` when
         draining or when the engine process is gone."""
@@ -132,7 +141,10 @@ class ProcessEngine:
 
     def cancel(self, request: Request) -> None:
         request.cancelled = True
-        self._send(("cancel", request.key))
+        with self._lock:
+            mine = self._pending.get(request.key) is request  # not another engine's request of the same key
+        if mine:
+            self._send(("cancel", request.key))
 
     def close(self, *, drain: bool = True, timeout: float | None = 30.0) -> None:
         """Stop taking inputs; with ``drain`` the child answers everything accepted first; then it exits."""

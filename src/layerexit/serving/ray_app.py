@@ -39,12 +39,19 @@ class Classifier:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        self.engine: Any = None
 
     def __serve_build_asgi_app__(self) -> Any:
         from layerexit.serving.server import build as build_server
 
-        app, _ = build_server(self.config)
+        app, self.engine = build_server(self.config)
         return app
+
+    def check_health(self) -> None:
+        """Ray Serve calls this periodically and replaces the replica when it raises: once the engine could
+        not be restarted (a restart in progress is left to the engine's supervisor)."""
+        if self.engine is not None and self.engine.state == "failed":
+            raise RuntimeError(self.engine.status)
 
 
 def options(args: dict[str, Any]) -> tuple[EngineConfig, dict[str, Any]]:
