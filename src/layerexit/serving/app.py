@@ -28,6 +28,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.requests import ClientDisconnect
 
 from layerexit.data.encoding import encode_marking_truncation, pairs_problem
 from layerexit.serving.admission import Closed, Overloaded
@@ -212,6 +213,9 @@ def build_app(
                 texts, pairs = parse_body(raw, max_texts, model.text_pairs)
         except ApiError as err:
             return error(err.status, str(err))
+        except ClientDisconnect:  # gone before its body was read whole: nothing was queued
+            metrics.requests.labels(status="499").inc()
+            return Response(status_code=499)
         inputs, truncated = await asyncio.to_thread(tokenize, model, texts, pairs)  # off the event loop
         try:
             job = engine.submit(inputs)

@@ -11,6 +11,7 @@ exits with status 1.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -125,6 +126,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = uvicorn.Server(
         uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=30)
     )
+    for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn raises the signal again after its graceful
+        signal.signal(sig, lambda *_: None)  # shutdown; caught here, so the exit status says how it ended
     server.run()
     print(f"layerexit serve: stopped; HTTP answers by status: {app.state.metrics.answers_by_status()}", file=sys.stderr)
     if gave_up:

@@ -115,7 +115,7 @@ class Supervisor:
         if self.state == "failed":
             last = f" (last try: {self.last_error})" if self.last_error else ""
             return f"the engine {self.reason} and could not be restarted{last}"
-        return "the engine stopped"
+        return self.engine.status
 
     def submit(self, tokens: Sequence[tuple[Sequence[int] | Tensor, Sequence[int] | Tensor | None]]) -> Request:
         if self.state != "running":
