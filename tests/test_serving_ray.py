@@ -86,3 +86,50 @@ def test_two_replicas_both_answer(ray_serve: int, trained_run: Path) -> None:  #
         if len(pids) == 2:
             break
     assert len(pids) == 2
+
+
+def test_the_readme_ray_command_as_written(trained_run: Path) -> None:  # noqa: F811
+    """README's `serve run ...` line, run by Ray's own command with only the run folder swapped in: two
+    replicas on 127.0.0.1:8000, both answering."""
+    import os
+    import re
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    line = re.search(r"^serve run layerexit\.serving\.ray_app:build .*$", readme, re.M)
+    assert line is not None, "the README has no Ray Serve command"
+    words = line.group(0).split()
+    words = [f"run={trained_run}" if w.startswith("run=") else w for w in words]
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", 8000)) == 0:
+            pytest.fail("port 8000, which the README's command serves on, is taken on this machine")
+    serve_command = shutil.which("serve", path=str(Path(sys.executable).parent)) or shutil.which("serve")
+    assert serve_command is not None, "Ray Serve's `serve` command is not installed"
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    process = subprocess.Popen(
+        [serve_command, *words[1:]], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        pids: set[int] = set()
+        deadline = time.monotonic() + 240
+        while len(pids) < 2:
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            assert time.monotonic() < deadline, "the README's Ray command did not serve two replicas in 240 s"
+            try:
+                reply = httpx.post("http://127.0.0.1:8000/v1/classify", json={"texts": ["alpha good"]}, timeout=30)
+                if reply.status_code == 200:
+                    pids.add(httpx.get("http://127.0.0.1:8000/healthz", timeout=30).json()["pid"])
+                    continue
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+    finally:
+        process.send_signal(signal.SIGINT)  # `serve run` shuts the application and its local Ray down
+        try:
+            process.wait(120)
+        except subprocess.TimeoutExpired:
+            process.kill()
