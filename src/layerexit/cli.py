@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from layerexit.cli_options import (
     AnalyzeOptions,
@@ -25,6 +25,9 @@ from layerexit.config import TrainConfig, add_arguments, from_namespace, given_o
 from layerexit.errors import LayerExitError
 from layerexit.evaluation.sweep import FAMILIES
 from layerexit.runtime.registry import REFERENCE
+
+if TYPE_CHECKING:
+    from layerexit.run_folder import RunFolder
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -175,6 +178,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def calibration_batches(run: RunFolder, texts: int, batch_size: int = 32) -> list[tuple[Any, Any, Any]]:
+    """Token batches of up to ``texts`` of the run's training texts (a seeded sample), for static int8."""
+    import random
+
+    from layerexit.data.encoding import collate, encode
+
+    try:
+        task = run.config().load_task()
+    except LayerExitError as err:
+        raise LayerExitError(
+            f"static int8 calibrates on the run's training texts; they cannot be read: {err}"
+        ) from None
+    examples = list(task.splits.get("train") or task.splits.get("dev") or [])
+    if not examples:
+        raise LayerExitError(f"{run.path}: the run's task has no training texts to calibrate int8 on")
+    random.Random(0).shuffle(examples)
+    examples = examples[:texts]
+    pairs = [e.text_pair for e in examples] if examples[0].text_pair is not None else None
+    tokenizer = run.tokenizer()
+    encoded = encode(tokenizer, [e.text for e in examples], pairs, max_length=run.max_length())
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = []
+    for start in range(0, len(encoded), batch_size):
+        b = collate(encoded, range(start, min(start + batch_size, len(encoded))), pad_id=pad_id)
+        batches.append((b["input_ids"], b["attention_mask"], b.get("token_type_ids")))
+    return batches
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from layerexit.model import EarlyExitModel
     from layerexit.run_folder import RunFolder
@@ -186,7 +217,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     run = RunFolder(o.run).require()
     model = EarlyExitModel.from_pretrained(run.path)
     out = Path(o.output) if o.output else run.export_dir(o.runtime)
-    export(model, out, o.opset, run.tokenizer())
+    export(model, out, o.opset, run.tokenizer(), lambda: calibration_batches(run, o.calibration_texts))
     print(f"wrote {out} (embeddings, {model.num_layers} layer+exit graphs, the full model, onnx_manifest.json)")
     return 0
 

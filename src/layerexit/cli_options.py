@@ -122,11 +122,13 @@ class ExportOptions:
     run: str = run_folder()
     runtime: str = option(
         "onnx",
-        "the graphs to write: onnx (fp32, RUN/onnx) or onnx-int8 (int8 dynamic quantization, RUN/onnx-int8)",
+        "the graphs to write: onnx (fp32), onnx-int8 (int8, dynamic quantization) or onnx-int8-static (int8, "
+        "scales fixed on training texts); each into RUN/<runtime>",
         choices=exportable(),
     )
     opset: int = option(17, "ONNX opset")
-    output: str = option("", "folder to write (default: RUN/onnx or RUN/onnx-int8)")
+    calibration_texts: int = option(512, "onnx-int8-static: training texts its activation scales are fixed on")
+    output: str = option("", "folder to write (default: RUN/<runtime>)")
 
 
 @dataclass

@@ -8,11 +8,11 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -33,6 +33,8 @@ from layerexit.runtime.onnx_format import (
     sha256,
 )
 from layerexit.version import __version__
+
+Quantize = Literal["dynamic", "static"] | None
 
 # Export
 
@@ -246,10 +248,19 @@ def _probe_error(ort: Any, path: Path, stage: _Stage) -> float:
 
 
 def _finish_graph(
-    onnx: Any, ort: Any, stage: _Stage, work: Path, out: Path, *, fuse: tuple[int, int] | None, quantize: bool
+    onnx: Any,
+    ort: Any,
+    stage: _Stage,
+    work: Path,
+    out: Path,
+    *,
+    fuse: tuple[int, int] | None,
+    quantize: Quantize,
+    calibration: list[dict[str, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     """Choose the fused graph when it matches PyTorch (else the plain one), quantize it if asked, move it
-    into ``out`` and describe it for the manifest. ``fuse``: (attention heads, hidden size), or None."""
+    into ``out`` and describe it for the manifest. ``fuse``: (attention heads, hidden size), or None;
+    ``calibration``: the stage's inputs on training batches, for static quantization."""
     traced = work / f"{stage.name}.onnx"
     chosen, fused_ops, error = traced, {}, float("inf")
     if fuse is not None:
@@ -268,7 +279,7 @@ def _finish_graph(
                 f"the exported {stage.name} graph differs from PyTorch by {error:.2g} on a probe batch "
                 f"(tolerance {PARITY_TOLERANCE:g}); this architecture does not export cleanly"
             )
-    if quantize:
+    if quantize == "dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantized = work / f"{stage.name}.int8.onnx"
@@ -281,6 +292,9 @@ def _finish_graph(
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
         chosen = quantized
+        error = _probe_error(ort, chosen, stage)
+    elif quantize == "static" and stage.name != "embed":  # the embeddings are lookups: nothing to gain
+        chosen = _quantize_static(onnx, chosen, work / f"{stage.name}.int8.onnx", calibration or [])
         error = _probe_error(ort, chosen, stage)
     graph = onnx.load(str(chosen), load_external_data=False).graph
     initializers = {init.name for init in graph.initializer}
@@ -296,28 +310,95 @@ def _finish_graph(
     }
 
 
+def _quantize_static(onnx: Any, source: Path, target: Path, batches: list[dict[str, np.ndarray]]) -> Path:
+    """int8 QDQ quantization with fixed activation scales, calibrated on ``batches`` (min-max of each
+    tensor over them): unlike dynamic quantization, a row's result does not depend on its batch-mates."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    if not batches:
+        raise LayerExitError("static int8 quantization needs calibration batches (the run's training texts)")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter(batches)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.feeds, None)
+
+    quantize_static(
+        str(source),
+        str(target),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["MatMul"],
+        per_channel=True,
+        activation_type=QuantType.QUInt8,  # u8 activations, s8 weights: the VNNI kernels' pairing
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+    return target
+
+
+def _calibration_feeds(
+    model: EarlyExitModel, stages: list[_Stage], batches: Sequence[tuple[Tensor, Tensor, Tensor | None]]
+) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Each stage's inputs on the calibration batches, from PyTorch: the token batches for ``embed`` and
+    ``full``, each layer's incoming hidden states (and mask) for ``layer_i``."""
+    backbone = model.backbone
+    feeds: dict[str, list[dict[str, np.ndarray]]] = {stage.name: [] for stage in stages}
+    for ids, mask, types in batches:
+        tokens = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        token_feed = {name: tokens[name].cpu().numpy() for name in stages[0].inputs}  # type: ignore[union-attr]
+        feeds["embed"].append(token_feed)
+        feeds["full"].append(token_feed)
+        hidden = backbone.embed(ids, mask, types if backbone.uses_token_type_ids else None)
+        kwargs = backbone.layer_kwargs(hidden, mask)
+        second = model.second_text(ids, mask)
+        for i in range(model.num_layers):
+            feed = {"hidden": hidden.cpu().numpy(), "attention_mask": mask.cpu().numpy()}
+            if second is not None:
+                feed["second_text"] = second.cpu().numpy()
+            feeds[f"layer_{i + 1}"].append(feed)
+            hidden = backbone.layer(i, hidden, kwargs)
+    return feeds
+
+
 def export_onnx(
     model: EarlyExitModel,
     out_dir: str | os.PathLike[str],
     *,
     opset: int = 17,
-    quantize: bool = False,
+    quantize: Quantize | bool = None,
     fuse: bool = True,
     tokenizer: Any = None,
+    calibration: Sequence[tuple[Tensor, Tensor, Tensor | None]] = (),
 ) -> Path:
     """Export ``model`` as per-stage ONNX graphs plus ``onnx_manifest.json`` into ``out_dir``; return it.
 
     Every graph is checked against PyTorch on a padded probe batch unlike the traced one; a graph
     off by more than 1e-4 is an error. ``fuse`` (BERT-like, ALBERT and DistilBERT models) traces
     attention in its eager form and applies ONNX Runtime's transformer fusions; a fused graph is kept
-    only if it matches PyTorch within 1e-5, else the plain one is. ``quantize`` then applies int8 dynamic quantization
-    (``onnxruntime.quantization.quantize_dynamic``, weights of MatMul and fused Attention) to each
-    graph; the folder holds only the int8 graphs, the manifest says so and records each graph's probe
-    error. Use one folder per precision (:func:`export_dir_for`). ``tokenizer`` is saved under
-    ``tokenizer/`` when given. Files are written under temporary names and renamed, the manifest
-    last, so a crash never leaves a folder that loads with mismatched files.
+    only if it matches PyTorch within 1e-5, else the plain one is. ``quantize="dynamic"`` (or ``True``)
+    then applies int8 dynamic quantization (``onnxruntime.quantization.quantize_dynamic``, weights of
+    MatMul and fused Attention) to each graph; ``"static"`` applies QDQ int8 quantization of every MatMul
+    with activation scales fixed on ``calibration`` (token batches, e.g. training texts), so a row's
+    answer does not depend on its batch-mates. The folder holds only the int8 graphs, the manifest says
+    so (``quantized``: ``dynamic`` or ``static``) and records each graph's probe error. Use one folder
+    per precision (:func:`export_dir_for`). ``tokenizer`` is saved under ``tokenizer/`` when given.
+    Files are written under temporary names and renamed, the manifest last, so a crash never leaves a
+    folder that loads with mismatched files.
     """
     onnx, ort = require_onnx()
+    mode: Quantize = "dynamic" if quantize is True else (quantize or None)
+    if mode not in (None, "dynamic", "static"):
+        raise LayerExitError(f"quantize must be 'dynamic' or 'static', got {quantize!r}")
     if opset < MIN_OPSET:
         raise LayerExitError(f"opset {opset} is too old for transformer attention; use {MIN_OPSET} or newer")
     dtypes = {p.dtype for p in model.parameters()}
@@ -342,8 +423,11 @@ def export_onnx(
                     _onnx_export(stage.module, stage.example, path, stage.inputs, stage.outputs, opset)
             backbone = model.backbone
             fusion = (backbone.num_heads, backbone.hidden_size) if fuse and backbone.fusable else None
+            feeds = _calibration_feeds(model, stages, calibration) if mode == "static" else {}
             for stage in stages:
-                graphs[stage.name] = _finish_graph(onnx, ort, stage, work, out, fuse=fusion, quantize=quantize)
+                graphs[stage.name] = _finish_graph(
+                    onnx, ort, stage, work, out, fuse=fusion, quantize=mode, calibration=feeds.get(stage.name)
+                )
     finally:
         model.train(was_training)
 
@@ -353,7 +437,7 @@ def export_onnx(
         "format": ONNX_FORMAT,
         "format_version": ONNX_FORMAT_VERSION,
         "opset": opset,
-        "quantized": bool(quantize),
+        "quantized": mode or False,
         "num_layers": model.num_layers,
         "num_labels": model.num_labels,
         "embed": graphs["embed"],

@@ -73,7 +73,8 @@ class OnnxRuntime:
         _, self._ort = require_onnx()
         self.folder = folder
         self.manifest = manifest
-        self.name = "onnx-int8" if manifest.get("quantized", False) else "onnx"
+        quantized = manifest.get("quantized", False)  # older exports say true for dynamic int8
+        self.name = {"static": "onnx-int8-static", False: "onnx"}.get(quantized, "onnx-int8")
         self.config = config
         self.threads = threads
         self._embed_entry = embed

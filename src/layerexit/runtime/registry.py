@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from layerexit.errors import LayerExitError
 
@@ -23,8 +23,11 @@ if TYPE_CHECKING:
 
 Loader = Callable[["RunFolder", "EarlyExitModel | None", "int | None"], "Runtime"]
 """(run folder, its PyTorch model if already loaded, threads) -> the runtime."""
-Exporter = Callable[["EarlyExitModel", Path, int, Any], Path]
-"""(model, output folder, ONNX opset, tokenizer) -> the folder written."""
+Exporter = Callable[["EarlyExitModel", Path, int, Any, "Callable[[], list[Batch]]"], Path]
+"""(model, output folder, ONNX opset, tokenizer, the run's calibration batches on demand) -> the folder
+written. Calibration batches are token batches of the run's training texts (static quantization)."""
+Batch = tuple[Any, Any, Any]
+"""(input_ids, attention_mask, token_type_ids or None), padded tensors."""
 
 
 @dataclass(frozen=True)
@@ -58,16 +61,26 @@ def _load_torch(run: RunFolder, model: EarlyExitModel | None, threads: int | Non
     return TorchRuntime(model if model is not None else EarlyExitModel.from_pretrained(run.path))
 
 
-def _onnx(name: str, quantize: bool) -> tuple[Loader, Exporter]:
+def _onnx(name: str, quantize: Literal["dynamic", "static"] | None) -> tuple[Loader, Exporter]:
     def load(run: RunFolder, model: EarlyExitModel | None, threads: int | None) -> Runtime:
         from layerexit.runtime.onnx_runtime import OnnxRuntime
 
         return OnnxRuntime.load(run.require_export(name), threads=threads)
 
-    def export(model: EarlyExitModel, out: Path, opset: int, tokenizer: Any) -> Path:
+    def export(
+        model: EarlyExitModel, out: Path, opset: int, tokenizer: Any, calibration: Callable[[], list[Batch]]
+    ) -> Path:
         from layerexit.runtime.onnx_export import export_onnx
 
-        return export_onnx(model, out, opset=opset, quantize=quantize, tokenizer=tokenizer)
+        batches = calibration() if quantize == "static" else []
+        return export_onnx(
+            model,
+            out,
+            opset=opset,
+            quantize=quantize,
+            tokenizer=tokenizer,
+            calibration=batches,
+        )
 
     return load, export
 
@@ -86,12 +99,22 @@ def register_runtime(entry: RuntimeEntry) -> RuntimeEntry:
 
 
 register_runtime(RuntimeEntry("torch", "PyTorch, eager, one layer at a time", _load_torch, holds_gil=True))
+register_runtime(RuntimeEntry("onnx", "ONNX Runtime, fp32 graphs", *_onnx("onnx", None), export_folder="onnx"))
 register_runtime(
-    RuntimeEntry("onnx", "ONNX Runtime, fp32 graphs", *_onnx("onnx", quantize=False), export_folder="onnx")
+    RuntimeEntry(
+        "onnx-int8",
+        "ONNX Runtime, int8 with activation scales computed per batch (dynamic quantisation)",
+        *_onnx("onnx-int8", "dynamic"),
+        "onnx-int8",
+    )
 )
 register_runtime(
     RuntimeEntry(
-        "onnx-int8", "ONNX Runtime, dynamically quantised int8", *_onnx("onnx-int8", quantize=True), "onnx-int8"
+        "onnx-int8-static",
+        "ONNX Runtime, int8 with activation scales fixed on training texts (static QDQ): a row's answer "
+        "does not depend on its batch-mates",
+        *_onnx("onnx-int8-static", "static"),
+        "onnx-int8-static",
     )
 )
 

@@ -63,7 +63,7 @@ def check_url(url: str) -> str:
     return url.rstrip("/")
 
 
-async def _one_rate(
+async def one_rate(
     url: str, texts: Sequence[tuple[str, str | None]], rate: float, seconds: float, timeout: float, rng: random.Random
 ) -> RateResult:
     import aiohttp  # its client costs about a third of httpx's CPU per request (benchmarks/http_overhead.py)
@@ -157,7 +157,7 @@ def sweep(
     results = []
     for rate in rates:
         rng = random.Random(f"{seed}:{rate}")
-        result = asyncio.run(_one_rate(url, texts, rate, seconds, timeout, rng))
+        result = asyncio.run(one_rate(url, texts, rate, seconds, timeout, rng))
         if progress:
             print(format_row(result), flush=True)
         results.append(result)
