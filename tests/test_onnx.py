@@ -260,7 +260,7 @@ def test_quantized_export_loads_and_runs(tmp_path: Path) -> None:
     folder = export_onnx(model, tmp_path, quantize=True)
     runtime = OnnxRuntime.load(folder)
     manifest = json.loads((folder / MANIFEST_NAME).read_text())
-    assert runtime.quantized and manifest["quantized"] is True
+    assert runtime.quantized and manifest["quantized"] == "dynamic" and runtime.name == "onnx-int8"
     assert 0 < manifest["layers"][0]["probe_error"] < 0.1  # recorded, not enforced, for int8 graphs
     ops = {node.op_type for node in onnx.load(str(folder / "layer_1.onnx")).graph.node}
     assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"}
@@ -289,7 +289,7 @@ def test_static_int8_answers_each_row_as_it_would_alone(quantize: str, tmp_path:
     import onnx
 
     model = _peaked(tiny_model("bert"), scale=2.0)
-    calibration = [random_batch(batch=16, length=12, seed=s) + (None,) for s in range(4)]
+    calibration = [(*random_batch(batch=16, length=12, seed=s), None) for s in range(4)]
     folder = export_onnx(model, tmp_path, quantize=quantize, calibration=calibration)  # type: ignore[arg-type]
     runtime = OnnxRuntime.load(folder)
     assert json.loads((folder / MANIFEST_NAME).read_text())["quantized"] == quantize
@@ -313,6 +313,13 @@ def test_static_int8_answers_each_row_as_it_would_alone(quantize: str, tmp_path:
     result = early_exit(runtime, strategy, ids, mask)
     layer, prediction = strategy.replay(alone)
     assert torch.equal(result.exit_layer, layer) and torch.equal(result.prediction, prediction)
+    from layerexit.serving.engine import Engine  # rows pooled layer by layer with other requests' rows
+
+    engine = Engine(runtime, strategy, scheduler="pooled", max_batch=5, max_queue=64)
+    requests = [engine.submit([(ids[i][mask[i].bool()], None)]) for i in range(len(ids))]
+    answers = [r.future.result(timeout=60)[0] for r in requests]
+    engine.close()
+    assert [a.exit_layer for a in answers] == layer.tolist() and [a.label for a in answers] == prediction.tolist()
 
 
 @pytest.mark.integration
@@ -341,3 +348,19 @@ def test_minilm_export_parity(tmp_path: Path) -> None:
     result = early_exit(runtime, strategy, ids, mask)
     assert result.layers_run == 4
     assert torch.equal(result.prediction, early_exit_forward(model, strategy, ids, mask).prediction)
+
+
+def test_export_static_int8_calibrates_on_the_runs_training_texts(tmp_path: Path) -> None:
+    from layerexit.cli import main
+
+    from .test_end_to_end import make_encoder, make_task
+
+    task = make_task(tmp_path / "task", {"train": 64, "dev": 32, "test": 32})
+    run = tmp_path / "run"
+    args = ["train", "--model", str(make_encoder(tmp_path / "encoder")), "--task", str(task), "--output", str(run)]
+    assert main([*args, "--epochs", "1", "--batch-size", "16", "--quiet"]) == 0
+    assert main(["export", str(run), "--runtime", "onnx-int8-static", "--calibration-texts", "40"]) == 0
+    manifest = json.loads((run / "onnx-int8-static" / MANIFEST_NAME).read_text())
+    assert manifest["quantized"] == "static"
+    assert main(["evaluate", str(run), "--runtime", "onnx-int8-static", "--quiet"]) == 0
+    assert (run / "eval-onnx-int8-static").is_dir()

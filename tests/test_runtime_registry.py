@@ -18,11 +18,12 @@ from layerexit.serving.config import EngineConfig
 
 
 def test_the_built_in_runtimes() -> None:
-    assert RUNTIMES == ("torch", "onnx", "onnx-int8") and exportable() == ("onnx", "onnx-int8")
+    assert RUNTIMES == ("torch", "onnx", "onnx-int8", "onnx-int8-static")
+    assert exportable() == ("onnx", "onnx-int8", "onnx-int8-static")
     run = RunFolder("runs/x")
-    assert [run.eval_dir(name).name for name in RUNTIMES] == ["eval", "eval-onnx", "eval-onnx-int8"]
-    assert [run.export_dir(name).name for name in exportable()] == ["onnx", "onnx-int8"]
-    assert [EngineConfig(run="r", runtime=name).place for name in RUNTIMES] == ["process", "thread", "thread"]
+    assert [run.eval_dir(name).name for name in RUNTIMES] == ["eval", "eval-onnx", "eval-onnx-int8", "eval-onnx-int8-static"]
+    assert [run.export_dir(name).name for name in exportable()] == ["onnx", "onnx-int8", "onnx-int8-static"]
+    assert [EngineConfig(run="r", runtime=name).place for name in RUNTIMES] == ["process", "thread", "thread", "thread"]
     with pytest.raises(LayerExitError, match="the torch runtime has no export folder"):
         run.export_dir("torch")
     with pytest.raises(LayerExitError, match="unknown runtime 'tensorrt'; expected one of torch, onnx, onnx-int8"):

@@ -294,7 +294,9 @@ def _finish_graph(
         chosen = quantized
         error = _probe_error(ort, chosen, stage)
     elif quantize == "static" and stage.name != "embed":  # the embeddings are lookups: nothing to gain
-        chosen = _quantize_static(onnx, chosen, work / f"{stage.name}.int8.onnx", calibration or [])
+        # from the plain graph: in a fused one the quantizer cannot see the activations of ONNX Runtime's
+        # own operators and quantizes only the weights
+        chosen, fused_ops = _quantize_static(onnx, traced, work / f"{stage.name}.int8.onnx", calibration or []), {}
         error = _probe_error(ort, chosen, stage)
     graph = onnx.load(str(chosen), load_external_data=False).graph
     initializers = {init.name for init in graph.initializer}
@@ -353,9 +355,10 @@ def _calibration_feeds(
     ``full``, each layer's incoming hidden states (and mask) for ``layer_i``."""
     backbone = model.backbone
     feeds: dict[str, list[dict[str, np.ndarray]]] = {stage.name: [] for stage in stages}
-    for ids, mask, types in batches:
+    for ids, mask, given_types in batches:
+        types = torch.zeros_like(ids) if given_types is None else given_types
         tokens = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-        token_feed = {name: tokens[name].cpu().numpy() for name in stages[0].inputs}  # type: ignore[union-attr]
+        token_feed = {name: tokens[name].cpu().numpy() for name in stages[0].inputs}
         feeds["embed"].append(token_feed)
         feeds["full"].append(token_feed)
         hidden = backbone.embed(ids, mask, types if backbone.uses_token_type_ids else None)
