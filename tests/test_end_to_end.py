@@ -363,6 +363,18 @@ def test_bench_writes_both_speedups(trained_run: Path, tmp_path: Path, capsys: p
     assert "wall-clock" in printed and f"{results['batch_sizes']['8']['wallclock_speedup']:.2f}x" in printed
 
 
+def test_bench_at_a_chosen_length(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--tokens N` times inputs of exactly N tokens, made by joining the split's texts."""
+    out = tmp_path / "bench.json"
+    assert _bench(trained_run, out, "4", ["1", "2"], "--tokens", "40") == 0
+    results = json.loads(out.read_text())
+    assert results["samples"] == 4 and results["mean_tokens"] == 40
+    assert _bench(trained_run, out, "4", ["1"], "--tokens", "4000") == 2
+    assert "--tokens must be between 4 and the model's" in capsys.readouterr().err
+    assert _bench(trained_run, out, "500", ["1"], "--tokens", "60") == 2
+    assert "make only" in capsys.readouterr().err
+
+
 def test_calibrate_both_modes_and_predict_uses_the_choice(
     trained_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -21,7 +21,12 @@ def test_the_built_in_runtimes() -> None:
     assert RUNTIMES == ("torch", "onnx", "onnx-int8", "onnx-int8-static")
     assert exportable() == ("onnx", "onnx-int8", "onnx-int8-static")
     run = RunFolder("runs/x")
-    assert [run.eval_dir(name).name for name in RUNTIMES] == ["eval", "eval-onnx", "eval-onnx-int8", "eval-onnx-int8-static"]
+    assert [run.eval_dir(name).name for name in RUNTIMES] == [
+        "eval",
+        "eval-onnx",
+        "eval-onnx-int8",
+        "eval-onnx-int8-static",
+    ]
     assert [run.export_dir(name).name for name in exportable()] == ["onnx", "onnx-int8", "onnx-int8-static"]
     assert [EngineConfig(run="r", runtime=name).place for name in RUNTIMES] == ["process", "thread", "thread", "thread"]
     with pytest.raises(LayerExitError, match="the torch runtime has no export folder"):

@@ -139,6 +139,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_long_inputs(run: RunFolder, model: Any, split: str, tokens: int, samples: int) -> Any:
+    """``bench --tokens``: inputs of exactly ``tokens`` tokens from the split's texts, checked against what
+    the model can take."""
+    from layerexit.evaluation.bench import long_inputs
+
+    if run.text_pairs():
+        raise LayerExitError("--tokens joins single texts; this run classifies text pairs")
+    positions = getattr(model.backbone.config, "max_position_embeddings", None)
+    if tokens < 4 or (positions is not None and tokens > int(positions)):
+        raise LayerExitError(f"--tokens must be between 4 and the model's {positions} positions, got {tokens}")
+    texts = [e.text for e in run.config().load_task().splits[split]]
+    return long_inputs(run.tokenizer(), texts, tokens, samples, model.backbone.uses_token_type_ids)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -156,9 +170,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     run = RunFolder(o.run).require(config=True).require_finished()
     model = EarlyExitModel.from_pretrained(run.path)
     strategy = parse(o.strategy) if o.strategy else default_strategy(run)[0]
-    loaded = load_run_split(run, o.split, model, limit=o.samples)
+    loaded = load_run_split(run, o.split, model, limit=0 if o.tokens else o.samples)
     assert loaded is not None
     encoded, pad_id = loaded
+    if o.tokens:
+        encoded = bench_long_inputs(run, model, o.split, o.tokens, o.samples)
     others = [load_runtime(run, name, threads=threads) for name in dict.fromkeys(o.runtime) if name != REFERENCE]
     results = bench(
         TorchRuntime(model),

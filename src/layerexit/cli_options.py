@@ -105,6 +105,9 @@ class BenchOptions:
     strategy: str | None = strategy()
     split: str = option("test", "split of the run's task to take inputs from")
     samples: int = option(200, "number of inputs")
+    tokens: int = option(
+        0, "inputs of exactly this many tokens, made by joining the split's texts (0: the texts as they are)"
+    )
     batch_sizes: list[int] = option([1, 8, 32], "batch sizes to measure")
     repeats: int = option(3, "timed passes per row (medians are reported)")
     threads: int = threads()

@@ -47,6 +47,33 @@ class BenchInputs:
         ]
 
 
+def long_inputs(tokenizer: Any, texts: Sequence[str], tokens: int, samples: int, token_types: bool) -> Encoded:
+    """``samples`` inputs of exactly ``tokens`` tokens each (special tokens included), each made of the
+    given texts joined in order until it is long enough, then truncated: how a model serves long
+    documents, timed at a chosen length."""
+    from layerexit.data.encoding import encode
+    from layerexit.errors import LayerExitError
+
+    joined: list[str] = []
+    current: list[str] = []
+    count = 0
+    for text in texts:
+        current.append(text)
+        count += len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if count >= tokens:
+            joined.append(" ".join(current))
+            current, count = [], 0
+            if len(joined) == samples:
+                break
+    if len(joined) < samples:
+        raise LayerExitError(
+            f"the split's texts make only {len(joined)} inputs of {tokens} tokens; ask for fewer --samples"
+        )
+    encoded = encode(tokenizer, joined, max_length=tokens, token_types=token_types)
+    assert all(len(ids) == tokens for ids in encoded.input_ids)
+    return encoded
+
+
 def _time_pass(fn: Callable[[Batch], Any], batches: Sequence[Batch]) -> list[float]:
     """Seconds per batch for one pass over ``batches``."""
     times = []
