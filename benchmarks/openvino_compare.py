@@ -103,11 +103,15 @@ def main() -> int:
                 error = max(float(np.abs(a - b).max()) for a, b in zip(outputs, reference[32], strict=True))
                 results["rows"][f"{name}: largest probability difference from onnxruntime"] = error
 
-            def full_pass() -> None:
+            def full_pass(feeds: list[Feed] = feeds, full: Callable[[Feed], list[np.ndarray]] = full) -> None:
                 for feed in feeds:
                     full(feed)
 
-            def exit_pass() -> None:
+            def exit_pass(
+                feeds: list[Feed] = feeds,
+                embed: Callable[[Feed], list[np.ndarray]] = embed,
+                stages: list[Callable[[Feed], list[np.ndarray]]] = stages,
+            ) -> None:
                 for feed in feeds:
                     hidden, mask = embed(feed)[0], feed["attention_mask"]
                     for i, stage in enumerate(stages):
