@@ -27,7 +27,7 @@ import httpx
 from layerexit.atomic import write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import free_port
+from serving import free_port, wait_ready
 
 WORDS = [
     "the",
@@ -54,17 +54,8 @@ def start(run: str, limit: int, pythonpath: str | None) -> tuple[subprocess.Pope
     command += ["--scheduler", "pooled", "--threads", "1", "--max-body-bytes", str(limit)]
     server = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                return server, url
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or server.poll() is not None:
-            server.kill()
-            raise SystemExit("the server did not start")
-        time.sleep(0.5)
+    wait_ready(server, url)
+    return server, url
 
 
 def one_word_requests(client: httpx.Client, url: str, n: int) -> list[tuple[float, float]]:

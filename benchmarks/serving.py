@@ -72,15 +72,24 @@ def start(run: str, scheduler: str, args: argparse.Namespace) -> tuple[subproces
         cmd += ["--strategy", args.strategy]
     proc = subprocess.Popen(cmd, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
+    wait_ready(proc, url, f"the {scheduler} server")
+    return proc, url
+
+
+def wait_ready(server: subprocess.Popen[bytes], url: str, what: str = "the server", seconds: float = 180) -> None:
+    """Until ``url``'s /readyz answers 200; the server is killed and the benchmark stopped if it exits or
+    takes longer than ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
         try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"the {scheduler} server did not start")
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            server.kill()
+            raise SystemExit(f"{what} did not become ready")
+        time.sleep(0.2)
 
 
 def plot(results: dict[str, list[dict[str, float]]], slo: float, path: Path, title: str) -> None:

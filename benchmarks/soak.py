@@ -23,13 +23,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import httpx
-
 from layerexit.atomic import write_json
 from layerexit.serving.loadtest import one_rate, run_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import free_port
+from serving import free_port, wait_ready
 
 
 def rss_mb(pid: int | None) -> float | None:
@@ -115,17 +113,7 @@ def main() -> int:
     command = [sys.executable, "-m", "layerexit.cli", "serve", args.run, "--port", str(port), "--runtime", "torch"]
     command += ["--scheduler", "pooled", "--strategy", args.strategy, "--threads", str(args.threads)]
     server = subprocess.Popen(command)
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or server.poll() is not None:
-            server.kill()
-            raise SystemExit("the server did not become ready")
-        time.sleep(0.5)
+    wait_ready(server, url)
     try:
         load, samples = asyncio.run(soak(url, server.pid, args))
     finally:
