@@ -156,7 +156,9 @@ def tokenize(model: Model, texts: list[str], pairs: list[str] | None) -> tuple[l
 
 
 PARSE_ON_LOOP_BYTES = 64 << 10
-"""Bodies up to this size are parsed on the event loop (well under a millisecond); larger ones in a thread."""
+"""Bodies up to this size are parsed on the event loop (well under a millisecond); larger ones in a thread.
+Decoding the JSON holds the GIL whichever thread does it (about 1 ms per MB, docs/serve.md), which is
+what the body limit bounds."""
 MAX_BODY_BYTES = 1 << 20
 """The largest request body read by default (1 MiB: 64 texts of 16 KB each)."""
 
@@ -207,7 +209,7 @@ def build_app(
         started = time.perf_counter()
         try:
             raw = await read_body(request, max_body_bytes)
-            if len(raw) > PARSE_ON_LOOP_BYTES:  # parsing a large body would hold up every other request
+            if len(raw) > PARSE_ON_LOOP_BYTES:  # validating a large body's texts runs beside the event loop
                 texts, pairs = await asyncio.to_thread(parse_body, raw, max_texts, model.text_pairs)
             else:
                 texts, pairs = parse_body(raw, max_texts, model.text_pairs)
