@@ -32,6 +32,8 @@ step() {
     tb-lam0.2)   cmp tweets-binary-minilm-lam0.2 --methods ensemble --lambda 0.2 --weighting linear --seeds 0 "${TB[@]}" ;;
     tb-lam0.5)   cmp tweets-binary-minilm-lam0.5 --methods ensemble --lambda 0.5 --weighting linear --seeds 0 "${TB[@]}" ;;
     tb-finetune) cmp tweets-binary-minilm-finetune --methods finetune --seeds 0 "${TB[@]}" ;;
+    tb-finetune1|tb-finetune2)   # the fine-tuned references of seeds 1 and 2 (issue 27), one seed per folder
+                 cmp "tweets-binary-minilm-finetune-seeds${1#tb-finetune}" --methods finetune --seeds "${1#tb-finetune}" "${TB[@]}" ;;
     tb-pabee12)  cmp tweets-binary-minilm-seeds12 --methods pabee --seeds 1 2 "${TB[@]}" ;;
     tb-ours12)   cmp "tweets-binary-minilm-lam$LAM-seeds12" --methods ensemble --lambda "$LAM" --weighting linear --seeds 1 2 "${TB[@]}" ;;
     tb-uniform)  cmp "tweets-binary-minilm-uniform-lam$LAM" --methods ensemble --lambda "$LAM" --weighting uniform --seeds 0 "${TB[@]}" ;;
@@ -57,6 +59,9 @@ step() {
                  cmp "snli-binary-minilm-${1#snli-}" --methods "${1#snli-}" --seeds 0 "${SNLI[@]}" \
                      --finetune-from "$OUT/snli-binary-minilm-finetune" ;;
     snli-finetune) cmp snli-binary-minilm-finetune --methods finetune --seeds 0 "${SNLI[@]}" ;;
+    snli-finetune1|snli-finetune2)   # the fine-tuned references of seeds 1 and 2 (issue 27)
+                 cmp "snli-binary-minilm-finetune-seeds${1#snli-finetune}" --methods finetune --seeds "${1#snli-finetune}" \
+                     "${SNLI[@]}" ;;
     snli-ours12) cmp "snli-binary-minilm-lam$SNLI_LAM-seeds12" --methods ensemble --lambda "$SNLI_LAM" --weighting linear \
                      --seeds 1 2 "${SNLI[@]}" ;;
     snli-ours1|snli-ours2)
