@@ -82,7 +82,7 @@ step() {
     all) # the folders studies/results/full-* were collected from
          for s in tb-pabee0 tb-lam0.1 tb-lam0.2 tb-lam0.5 tb-finetune tb-pabee12 tb-ours12 tb-uniform snli-pabee0 \
                   snli-pabee1 snli-pabee2 snli-lam snli-finetune snli-ours1 snli-ours2 mpnet tb-deebert tb-fastbert \
-                  snli-deebert snli-fastbert tb-onelr mpnet-finetune0 mpnet-finetune1 tb-finetune1; do step "$s"; done ;;
+                  snli-deebert snli-fastbert tb-onelr mpnet-finetune0 mpnet-finetune1 tb-finetune1 snli-finetune1; do step "$s"; done ;;
     *) echo "unknown step $1" >&2; exit 2 ;;
   esac
 }
