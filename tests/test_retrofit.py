@@ -333,3 +333,43 @@ def test_a_cache_larger_than_memory_is_refused_before_the_encoder_pass() -> None
     check_cache_fits(1000, 5, 384)  # 7 MiB
     with pytest.raises(LayerExitError, match=r"need .* GiB, more than half of this machine's .* use --max-train"):
         check_cache_fits(10**9, 11, 768)
+
+
+def test_a_fine_tuned_run_is_retrofitted_with_its_last_exit_kept(
+    user_classifier: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A layerexit `--objective finetune` run as the classifier: its last exit (first-token pooled) stays, its
+    answers at full depth are the run's own, and the new internal exits pool the pair, on PyTorch and ONNX."""
+    from layerexit import Predictor
+
+    _, task = user_classifier
+    data = tmp_path / "pairs"
+    data.mkdir()
+    for split in ("train", "dev", "test"):
+        rows = [line.rsplit(",", 1) for line in (task / f"{split}.csv").read_text().splitlines()[1:]]
+        lines = "".join(f"{t},{t[::-1]},{y}\n" for t, y in rows)
+        (data / f"{split}.csv").write_text("premise,hypothesis,label\n" + lines)
+    finetuned = tmp_path / "finetuned"
+    encoder = make_encoder(tmp_path / "encoder")
+    pair_options = ["--text-column", "premise", "--text-pair-column", "hypothesis"]
+    assert main(["train", "--model", str(encoder), "--task", str(data), "--output", str(finetuned), "--objective",
+                 "finetune", "--epochs", "2", "--batch-size", "16", "--max-length", "32", "--threads", "1",
+                 "--quiet", *pair_options]) == 0  # fmt: skip
+    assert json.loads((finetuned / "layerexit.json").read_text())["pooling"] == "first"
+    run = tmp_path / "run"
+    assert main(retrofit_args(finetuned, data, run, *pair_options)) == 0
+    config = json.loads((run / "layerexit.json").read_text())
+    assert (config["pooling"], config["final_pooling"], config["final_head"]) == ("pair", "first", "exit")
+    before, _ = RunFolder(finetuned).read_probs("test")
+    after, _ = RunFolder(run).read_probs("test")
+    torch.testing.assert_close(after[-1], before[-1], atol=1e-5, rtol=0)  # the fine-tuned run's answers
+    texts, pairs = ["alpha good beta", "bad gamma delta"], ["gamma", "beta alpha good"]
+    answers = {}
+    assert main(["export", str(run), "--runtime", "onnx", "--quiet"]) == 0
+    for runtime in ("torch", "onnx"):
+        predictor = Predictor.from_run(run, "entropy(threshold=0.3)", threads=1, runtime=runtime)
+        answers[runtime] = [(p.label, p.exit_layer) for p in predictor.predict(texts, pairs)]
+    assert answers["torch"] == answers["onnx"]
+    capsys.readouterr()
+    assert main(retrofit_args(finetuned, data, tmp_path / "linear", "--head", "linear", *pair_options)) == 2
+    assert "the run's last exit is a mlp head and retrofit keeps it; give --head mlp" in capsys.readouterr().err

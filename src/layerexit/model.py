@@ -54,6 +54,9 @@ class ExitConfig:
     final_head: FinalHead = "exit"
     """``exit``: the last exit is an exit like the others; ``native``: it is the head of the fine-tuned
     classifier the model was retrofitted to (:mod:`layerexit.native_heads`), so full depth answers as it does."""
+    final_pooling: Pooling | None = None
+    """The last exit's pooling where it differs from the internal exits' (``None``: the same): the last exit of
+    a fine-tuned run kept by ``layerexit retrofit`` while new internal exits pool otherwise."""
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -63,7 +66,9 @@ class ExitConfig:
             raise LayerExitError(f"head must be 'mlp' or 'linear', got {self.head!r}")
         if self.pooling not in POOLINGS:
             raise LayerExitError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
-        if self.pooling == "pair" and self.separator_id is None:
+        if self.final_pooling is not None and self.final_pooling not in POOLINGS:
+            raise LayerExitError(f"final_pooling must be one of {', '.join(POOLINGS)}, got {self.final_pooling!r}")
+        if self.reads_pairs and self.separator_id is None:
             raise LayerExitError("pair pooling needs separator_id: the token that ends the first text")
         if self.final_head not in ("exit", "native"):
             raise LayerExitError(f"final_head must be 'exit' or 'native', got {self.final_head!r}")
@@ -80,6 +85,11 @@ class ExitConfig:
                 f"model format version {self.format_version} is not supported (expected {FORMAT_VERSION})"
             )
 
+    @property
+    def reads_pairs(self) -> bool:
+        """Whether some exit pools text pairs (and so reads the second text's tokens)."""
+        return "pair" in (self.pooling, self.final_pooling)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -93,6 +103,8 @@ class ExitConfig:
         kinds.update(dropout=(int, float), head=str, pooling=str, final_head=str)
         if data.get("separator_id") is not None:
             kinds["separator_id"] = int
+        if data.get("final_pooling") is not None:
+            kinds["final_pooling"] = str
         for key, kind in kinds.items():
             if key in data and (not isinstance(data[key], kind) or isinstance(data[key], bool)):
                 raise LayerExitError(f"{source}: {key} has the wrong type ({data[key]!r})")
@@ -159,9 +171,9 @@ class EarlyExitModel(nn.Module):
         config.num_layers = backbone.num_layers
         self.config = config
         self.backbone = backbone
+        poolings = [config.pooling] * (backbone.num_layers - 1) + [config.final_pooling or config.pooling]
         self.exits = nn.ModuleList(
-            ExitHead(backbone.hidden_size, config.num_labels, config.head, config.pooling, config.dropout)
-            for _ in range(backbone.num_layers)
+            ExitHead(backbone.hidden_size, config.num_labels, config.head, how, config.dropout) for how in poolings
         )
         if final is not None:
             self.exits[-1] = final
@@ -181,8 +193,8 @@ class EarlyExitModel(nn.Module):
         return self.backbone.num_layers
 
     def second_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor | None:
-        """The second text's tokens (B, T) where the exits pool pairs, else ``None``: computed once per batch."""
-        if self.config.pooling != "pair":
+        """The second text's tokens (B, T) where some exit pools pairs, else ``None``: computed once per batch."""
+        if not self.config.reads_pairs:
             return None
         assert self.config.separator_id is not None  # ExitConfig checks it
         return second_text(input_ids, attention_mask, self.config.separator_id)

@@ -140,7 +140,7 @@ def _stages(model: EarlyExitModel, device: torch.device) -> list[_Stage]:
     probe_tokens = (probe_ids, probe_mask, probe_types) if uses_types else (probe_ids, probe_mask)
     token_probe = {name: t.cpu().numpy() for name, t in zip(token_names, probe_tokens, strict=True)}
     mask_np = probe_mask.cpu().numpy()
-    pairs = model.config.pooling == "pair"
+    pairs = model.config.reads_pairs
     layer_names = ["hidden", "attention_mask", "second_text"] if pairs else ["hidden", "attention_mask"]
     example_second = (torch.arange(8, device=device) >= 4).long().expand(2, 8) * mask  # (2, 8)
     probe_second = model.second_text(probe_ids, probe_mask)  # (3, 11) or None

@@ -114,7 +114,7 @@ class OnnxRuntime:
         }
         embed = graph_entry(data.get("embed"), f"{where} embed", token_inputs, ("hidden",))
         layer_inputs: set[tuple[str, ...]] = {("hidden", "attention_mask")}
-        if config.pooling == "pair":  # a native last exit does not read the second text: its input is pruned
+        if config.reads_pairs:  # a native last exit does not read the second text: its input is pruned
             layer_inputs.add(("hidden", "attention_mask", "second_text"))
         layers = [
             graph_entry(entry, f"{where} layer {i + 1}", layer_inputs, ("hidden_out", "probs"))
@@ -180,7 +180,7 @@ class OnnxRuntime:
     def embed(self, input_ids: ArrayLike, attention_mask: ArrayLike, token_type_ids: ArrayLike | None = None) -> Rows:
         feed, mask = self._token_feed(self._embed_entry.inputs, input_ids, attention_mask, token_type_ids)
         second = None
-        if self.config.pooling == "pair":
+        if self.config.reads_pairs:
             assert self.config.separator_id is not None  # ExitConfig checks it
             ids = torch.from_numpy(feed["input_ids"])  # int64 already: every embeddings graph reads the ids
             second = second_text(ids, torch.from_numpy(mask), self.config.separator_id).numpy()  # (B, T)

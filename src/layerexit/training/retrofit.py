@@ -6,6 +6,9 @@ keeps every layer's pooled state and the classifier's own logits, and then train
 those cached states for as many epochs as it needs: seconds per epoch, not an encoder pass each. Each
 exit keeps the epoch whose loss on a held-out share of the training texts is lowest.
 
+The classifier may also be a layerexit run folder, such as a plain ``--objective finetune`` run: its last
+exit is kept as the classifier's head is, with its own pooling.
+
 The exits learn from the classifier's own output distribution (``--loss distill``, no labels needed),
 from the labels (``labels``), or from both (``both``, the mean of the two losses). Texts without labels
 (a ``.txt`` file, or ``--label-column ''``) are labelled by the classifier itself: evaluation then
@@ -30,7 +33,7 @@ from tqdm.auto import tqdm
 from layerexit.config import TrainConfig, check_types, option, save_config
 from layerexit.data.encoding import Encoded, batches, encode_split, load_tokenizer, separator_id, tokenizer_separator
 from layerexit.errors import LayerExitError
-from layerexit.model import EarlyExitModel, ExitHead
+from layerexit.model import BACKBONE_DIR, CONFIG_NAME, EarlyExitModel, ExitHead
 from layerexit.pooling import POOLINGS, Pooling, pool, pooled_size, second_text
 from layerexit.run_folder import RunFolder
 from layerexit.training.recipe import is_decoder, seed_everything
@@ -40,7 +43,11 @@ from layerexit.training.recipe import is_decoder, seed_everything
 class RetrofitConfig:
     """The options of ``layerexit retrofit``; saved as ``retrofit.json`` beside the run's ``config.json``."""
 
-    classifier: str = option("", "the fine-tuned sequence classifier: a local folder (save_pretrained) or a hub name")
+    classifier: str = option(
+        "",
+        "the fine-tuned sequence classifier: a local folder (save_pretrained), a hub name, or a layerexit run folder "
+        "(a `--objective finetune` run: its last exit is kept)",
+    )
     task: str = option(
         "",
         "texts to train the exits on: a built-in task, a CSV/TSV/JSONL file or folder (with labels, or without: "
@@ -195,7 +202,7 @@ def cache_states(
             if i < layers - 1:
                 for how in poolings:
                     states[how][i, rows] = pool(hidden, mask, how, second).float()
-        reference[rows] = model.exits[-1](hidden, mask).float()
+        reference[rows] = model.exits[-1](hidden, mask, second).float()
         bar.update(len(rows))
     bar.close()
     return {how: Cache(states[how], reference) for how in poolings}
@@ -214,6 +221,33 @@ def check_cache_fits(texts: int, layers: int, hidden: int, share: float = 0.5) -
             f"{need / 2**30:.1f} GiB, more than half of this machine's {memory / 2**30:.0f} GiB; "
             f"use --max-train {int(share * memory / (layers * hidden * 4)):,} or fewer"
         )
+
+
+def is_run_model(path: str) -> bool:
+    """Whether ``path`` is a layerexit run folder (its model saved by ``save_pretrained``), not a classifier."""
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
+def keep_last_exit(model: EarlyExitModel, config: RetrofitConfig, pooling: Pooling, separator: int | None) -> None:
+    """A layerexit run as the classifier (a ``--objective finetune`` run, say): its last exit, trained with the
+    encoder, stays as it is; its internal exits are made afresh with retrofit's options. The last exit keeps its
+    own pooling (``final_pooling`` in ``layerexit.json``) where the new internal exits pool otherwise."""
+    last = model.exits[-1]
+    where = f"{config.classifier}/{CONFIG_NAME}"
+    if model.config.temperatures and any(t != 1.0 for t in model.config.temperatures):
+        raise LayerExitError(f"{where}: the run's exits have temperatures; retrofit needs a run without them")
+    if isinstance(last, ExitHead) and (last.hidden is not None) != (config.head == "mlp"):
+        kind = "mlp" if last.hidden is not None else "linear"
+        raise LayerExitError(
+            f"{where}: the run's last exit is a {kind} head and retrofit keeps it; give --head {kind} for the "
+            "internal exits too"
+        )
+    kept = last.pooling if isinstance(last, ExitHead) else None
+    model.config.final_pooling = kept if kept != pooling else None
+    if separator is not None:
+        model.config.separator_id = separator
+    fresh_exits(model, config.head, pooling, config.exit_dropout, config.seed)
+    model.eval()
 
 
 def fresh_exits(model: EarlyExitModel, head: str, pooling: Pooling, dropout: float, seed: int) -> None:
@@ -315,18 +349,24 @@ def retrofit(config: RetrofitConfig, *, progress: bool = True) -> Path:
         torch.set_num_threads(config.threads)
     seed_everything(config.seed)
     started = time.perf_counter()
-    tokenizer = load_tokenizer(config.classifier)
+    from_run = is_run_model(config.classifier)
+    tokenizer = load_tokenizer(Path(config.classifier) / BACKBONE_DIR if from_run else config.classifier)
     train_config = config.train_config(str(run_dir))
     task = train_config.load_task()
-    pooling = config.resolve_pooling(is_decoder(config.classifier), task.has_pairs, tokenizer)
-    model = EarlyExitModel.from_classifier(
-        config.classifier,
-        seed=config.seed,
-        head=config.head,
-        pooling=pooling,
-        separator_id=separator_id(tokenizer) if pooling == "pair" else None,
-        dropout=config.exit_dropout,
-    )
+    if from_run:
+        model = EarlyExitModel.from_pretrained(config.classifier)
+        pooling = config.resolve_pooling(model.backbone.causal, task.has_pairs, tokenizer)
+        keep_last_exit(model, config, pooling, separator_id(tokenizer) if pooling == "pair" else None)
+    else:
+        pooling = config.resolve_pooling(is_decoder(config.classifier), task.has_pairs, tokenizer)
+        model = EarlyExitModel.from_classifier(
+            config.classifier,
+            seed=config.seed,
+            head=config.head,
+            pooling=pooling,
+            separator_id=separator_id(tokenizer) if pooling == "pair" else None,
+            dropout=config.exit_dropout,
+        )
     positions = model.backbone.max_positions
     if positions is not None and config.max_length > positions:
         raise LayerExitError(f"--max-length {config.max_length} exceeds the classifier's {positions} positions")
