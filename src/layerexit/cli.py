@@ -70,7 +70,14 @@ def cmd_retrofit(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     o = from_namespace(EvaluateOptions, args)
     return _evaluate(
-        Path(o.run), o.splits, o.strategies, o.batch_size, not args.quiet, reuse=not o.fresh, runtime=o.runtime
+        Path(o.run),
+        o.splits,
+        o.strategies,
+        o.batch_size,
+        not args.quiet,
+        reuse=not o.fresh,
+        runtime=o.runtime,
+        reference=o.reference or None,
     )
 
 
@@ -82,13 +89,21 @@ def _evaluate(
     progress: bool,
     reuse: bool = True,
     runtime: str = "torch",
+    reference: str | None = None,
 ) -> int:
     from layerexit.evaluation.evaluate import evaluate_run, format_report
     from layerexit.run_folder import RunFolder
 
     folder = RunFolder(run)
     report = evaluate_run(
-        folder, splits=splits, families=families, batch_size=batch_size, progress=progress, reuse=reuse, runtime=runtime
+        folder,
+        splits=splits,
+        families=families,
+        batch_size=batch_size,
+        progress=progress,
+        reuse=reuse,
+        runtime=runtime,
+        reference=reference,
     )
     print(format_report(report))
     if runtime != REFERENCE and folder.report_file(REFERENCE).is_file():
@@ -240,7 +255,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from layerexit.evaluation import calibrate
-    from layerexit.evaluation.evaluate import SplitSource
+    from layerexit.evaluation.evaluate import SplitSource, reference_answers
     from layerexit.run_folder import RunFolder
 
     o = from_namespace(CalibrateOptions, args)
@@ -250,11 +265,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     test = source.probs(o.test_split, required=False)
     assert calib is not None
     probs, labels = calib
+
+    def answers(split: str, split_labels: Any) -> Any:
+        return reference_answers(run, o.reference, split, split_labels) if o.reference else None
+
+    replay = calibrate.replay_of(probs, o.strategies, answers(o.calibration_split, labels))
     if o.target_speedup is not None:
-        choices = calibrate.for_speedup(probs, labels, o.target_speedup, families=o.strategies)
+        choices = calibrate.for_speedup(replay, labels, o.target_speedup, families=o.strategies)
     else:
-        choices = calibrate.for_risk(probs, labels, o.max_drop, o.confidence, families=o.strategies, loss=o.loss)
-    checks = [calibrate.check_on_test(c, *test) for c in choices] if test is not None else []
+        choices = calibrate.for_risk(replay, labels, o.max_drop, o.confidence, families=o.strategies, loss=o.loss)
+    checks = []
+    if test is not None:
+        reference = answers(o.test_split, test[1])
+        checks = [calibrate.check_on_test(c, *test, reference=reference) for c in choices]
     default = calibrate.pick_default(choices)
     path = calibrate.save_choice(
         run.path,
@@ -262,6 +285,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         default=default,
         checks=checks,
         split={"calibration": o.calibration_split, "test": o.test_split if test else None},
+        reference=o.reference or None,
     )
     print(calibrate_table(choices, checks, o.calibration_split, o.test_split))
     print(f"\ndefault strategy: {default.strategy} (used by `layerexit predict` and Predictor.from_run)")

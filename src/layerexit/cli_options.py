@@ -84,6 +84,12 @@ class EvaluateOptions:
     batch_size: int = option(64, "evaluation batch size")
     fresh: bool = option(False, "recompute stored probabilities instead of reusing them")
     runtime: str = runtime()
+    reference: str = option(
+        "",
+        "another run folder on the same examples (a plain `--objective finetune` run, say) whose full model the "
+        "answers are compared with (default: this run's own full depth)",
+        metavar="RUN",
+    )
 
 
 @dataclass
@@ -146,6 +152,12 @@ class CalibrateOptions:
     strategies: list[str] = strategies()
     calibration_split: str = option("dev", "split the setting is chosen on")
     test_split: str = option("test", "split the choice is checked on")
+    reference: str = option(
+        "",
+        "another run folder on the same examples (a plain `--objective finetune` run, say) whose full model the "
+        "risk is measured against (its disagreement or lost accuracy) (default: this run's own full depth)",
+        metavar="RUN",
+    )
 
     def __post_init__(self) -> None:
         if (self.target_speedup is None) == (self.max_drop is None):

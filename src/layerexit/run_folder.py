@@ -244,13 +244,15 @@ class RunFolder:
 
     def write_task(self, task: TaskData, **extra: Any) -> Path:
         """``data.json``: the task's name, label names, metric, split sizes, whether inputs are text pairs,
-        its provenance, and ``extra`` (a retrofit's ``labels``: ``given`` or ``reference``)."""
+        a digest of each split's examples (:meth:`TaskData.digests`), its provenance, and ``extra`` (a retrofit's
+        ``labels``: ``given`` or ``reference``)."""
         info = {
             "task": task.name,
             "label_names": list(task.label_names),
             "metric": task.metric,
             "sizes": {k: len(v) for k, v in task.splits.items()},
             "text_pairs": task.has_pairs,
+            "digests": task.digests(),
             **extra,
             "info": task.info,
         }

@@ -99,6 +99,17 @@ class TaskData:
         }
         return TaskData(self.name, names, self.metric, splits, dict(self.info))
 
+    def digests(self) -> dict[str, str]:
+        """Per split, a SHA-256 of its examples in order (texts, pairs, labels): two runs whose digests match
+        were evaluated on the same examples, so their answers can be compared row by row."""
+        out = {}
+        for split, examples in self.splits.items():
+            h = hashlib.sha256()
+            for ex in examples:
+                h.update(repr((ex.text, ex.text_pair, self.label_names[ex.label])).encode("utf-8", "surrogatepass"))
+            out[split] = h.hexdigest()
+        return out
+
     @property
     def labelled(self) -> bool:
         """False for texts read without labels (every example then has label 0, :data:`UNLABELLED`)."""

@@ -43,6 +43,7 @@ from layerexit.evaluation.replay import (
     Loss,
     check_labels,
     check_probs,
+    check_reference,
     families_in,
     per_sample_loss,
     replay_of,
@@ -188,15 +189,21 @@ class Check:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def check_on_test(choice: Choice, probs: Tensor, labels: Tensor | None = None) -> Check:
-    """Replay ``choice`` on held-out probabilities (L, N, C) (and labels, when known)."""
+def check_on_test(
+    choice: Choice, probs: Tensor, labels: Tensor | None = None, reference: Tensor | None = None
+) -> Check:
+    """Replay ``choice`` on held-out probabilities (L, N, C) (and labels, when known). ``reference`` (N,): the
+    classes of the model the choice was calibrated against, when not this run's own full depth; disagreement,
+    accuracy drop and ``full_metric_value`` are then the reference's."""
     check_probs(probs)
+    if reference is not None:
+        check_reference(reference, probs)
     if labels is not None:
         check_labels(labels, probs.shape[1])
     if choice.mode == "risk" and choice.loss == "accuracy_drop" and labels is None:
         raise LayerExitError("this choice bounds the loss of accuracy; checking it needs the test labels")
     exit_layer, prediction = choice.strategy.replay(probs)  # (N,), (N,)
-    full = probs[-1].argmax(-1)  # (N,)
+    full = probs[-1].argmax(-1) if reference is None else reference  # (N,)
     speedup = metrics.speedup(exit_layer, probs.shape[0])
     disagreement = float(per_sample_loss(prediction, full, "disagreement").double().mean())
     accuracy_drop = (
@@ -346,12 +353,14 @@ def save_choice(
     default: Choice | None = None,
     checks: Sequence[Check] = (),
     split: Mapping[str, Any] | None = None,
+    reference: str | None = None,
 ) -> Path:
     """Write ``calibration.json`` in ``run_dir`` atomically (temp file, then rename); return its path.
 
     It records the mode and its request (target speed-up and metric, or max_drop, confidence and
     loss), the calibration and test sizes, every family's choice, the checks on the test split,
-    ``split`` (free-form provenance, e.g. seed and fraction), and the default strategy:
+    ``split`` (free-form provenance, e.g. seed and fraction), the ``reference`` run whose full model the
+    risk was measured against (``None``: this run's own full depth), and the default strategy:
     ``default`` or else :func:`pick_default` of ``choices``.
     """
     items = [choices] if isinstance(choices, Choice) else list(choices)
@@ -368,6 +377,7 @@ def save_choice(
         "n_calibration": first.n_calibration,
         "n_test": checks[0].n if checks else None,
         "split": dict(split) if split is not None else None,
+        "reference": reference,
         "default": str(chosen.strategy),
         "default_family": chosen.family,
         "choices": [c.to_dict() for c in items],

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from layerexit import metrics
@@ -45,14 +46,17 @@ def evaluate_probs(
     select_split: str = "dev",
     report_split: str = "test",
     band: tuple[float, float] | None = None,
+    references: dict[str, Tensor] | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[Point]]]:
     """Sweep every split, select each family's best setting in the band on ``select_split`` and
-    report it on ``report_split``. Returns the report and the points of every split."""
+    report it on ``report_split``. Returns the report and the points of every split. ``references``: per
+    split, another model's classes (N,); every point and exit then also reports its agreement with them."""
+    references = references or {}
     num_layers = next(iter(probs.values())).shape[0]
     grid = default_grid(num_layers, num_classes, families)
     names = metric_names(metric)
     band = band or paper_band(num_classes)
-    points = {split: sweep(p, labels[split], grid, names) for split, p in probs.items()}
+    points = {split: sweep(p, labels[split], grid, names, references.get(split)) for split, p in probs.items()}
     report: dict[str, Any] = {
         "metric": metric,
         "num_layers": num_layers,
@@ -71,6 +75,9 @@ def evaluate_probs(
             "per_layer": {n: [round(s, 5) for s in metrics.per_layer_scores(p, y, n)] for n in names},
             "oracle": {"speedup": round(oracle.speedup, 4), **{n: round(oracle.scores[n], 5) for n in names}},
         }
+        if split in references:
+            agree = (p.argmax(-1) == references[split]).double().mean(1)  # (L,)
+            report["splits"][split]["agreement_with_reference"] = [round(float(a), 5) for a in agree]
     if select_split in points:
         for family in families:
             chosen = select_in_band(points[select_split], family, metric, band)
@@ -83,9 +90,10 @@ def evaluate_probs(
             }
             if report_split in points:
                 on_report = next(pt for pt in points[report_split] if pt.strategy == chosen.strategy)
+                shown = [*names, *(["agreement_with_reference"] if report_split in references else [])]
                 entry[report_split] = {
                     "speedup": round(on_report.speedup, 4),
-                    **{n: round(on_report.scores[n], 5) for n in names},
+                    **{n: round(on_report.scores[n], 5) for n in shown},
                 }
             report["selected"][family] = entry
     return report, points
@@ -181,9 +189,11 @@ def evaluate_run(
     progress: bool = True,
     reuse: bool = True,
     runtime: str = "torch",
+    reference: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a trained run folder; writes ``<run>/eval/`` (``eval-onnx``, ``eval-onnx-int8`` for the
-    exported graphs) and returns the report."""
+    exported graphs) and returns the report. ``reference``: another run folder on the same examples (a plain
+    fine-tuned run, say) whose full model's answers every exit and setting is also compared with."""
     run = RunFolder(run_dir) if not isinstance(run_dir, RunFolder) else run_dir
     run.require(config=True).require_finished()
     config = run.config()
@@ -209,6 +219,9 @@ def evaluate_run(
             raise LayerExitError(
                 f"{run}: {split} probabilities have {p.shape[-1]} classes, data.json names {num_classes}"
             )
+    references = (
+        {split: reference_answers(run, reference, split, labels[split]) for split in probs} if reference else {}
+    )
     select_split = "dev" if "dev" in probs else next(iter(probs))
     report_split = "test" if "test" in probs else select_split
     report, points = evaluate_probs(
@@ -219,8 +232,10 @@ def evaluate_run(
         families=families,
         select_split=select_split,
         report_split=report_split,
+        references=references,
     )
     report["run"] = str(run)
+    report["reference"] = str(reference) if reference else None
     report["task"] = info["task"]
     report["model"] = config.model
     report["objective"] = config.objective
@@ -302,6 +317,30 @@ class SplitSource:
         return probs, labels
 
 
+def reference_answers(run: RunFolder, reference: str | Path, split: str, labels: Tensor) -> Tensor:
+    """The classes (N,) that ``reference`` (another run folder: a plain fine-tuned run, say) gives ``split`` of
+    ``run``'s task at full depth: computed once and stored in the reference's own eval folder. Refused unless
+    both runs hold the same examples in the same order, with the same label names."""
+    other = RunFolder(reference).require(config=True)
+    mine, theirs = run.data_info(), other.data_info()
+    where = f"--reference {reference}"
+    for key in ("task", "label_names"):
+        if mine.get(key) != theirs.get(key):
+            raise LayerExitError(f"{where}: its {key} is {theirs.get(key)!r}, this run's is {mine.get(key)!r}")
+    size, other_size = mine.get("sizes", {}).get(split), theirs.get("sizes", {}).get(split)
+    if size != other_size:
+        raise LayerExitError(f"{where}: its {split} split has {other_size} examples, this run's has {size}")
+    digest, other_digest = mine.get("digests", {}).get(split), theirs.get("digests", {}).get(split)
+    if digest and other_digest and digest != other_digest:
+        raise LayerExitError(f"{where}: its {split} examples differ from this run's (data.json digests)")
+    loaded = SplitSource(other).probs(split)
+    assert loaded is not None  # required
+    probs, other_labels = loaded
+    if other_labels.shape != labels.shape or not torch.equal(other_labels, labels):
+        raise LayerExitError(f"{where}: its {split} labels differ from this run's, so its examples do too")
+    return probs[-1].argmax(-1)
+
+
 def load_run_split(
     run_dir: RunFolder | Path, split: str, model: EarlyExitModel, *, required: bool = True, limit: int = 0
 ) -> tuple[Encoded, int] | None:
@@ -336,6 +375,9 @@ def format_report(report: dict[str, Any]) -> str:
             f"oracle {data['oracle'][metric]:.4f} at {data['oracle']['speedup']:.2f}x"
         )
         lines.append(f"      per-exit {metric}: {per_layer}")
+        if "agreement_with_reference" in data:
+            agree = " ".join(f"{v:.3f}" for v in data["agreement_with_reference"])
+            lines.append(f"      per-exit agreement with the reference {report['reference']}: {agree}")
     lo, hi = report["band"]
     lines.append("")
     lines.append(f"Best setting per strategy with speed-up in {lo:.1f}x-{hi:.1f}x, chosen on {sel}, reported on {rep}:")

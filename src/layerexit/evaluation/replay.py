@@ -34,13 +34,18 @@ class GridReplay:
     grid: tuple[Strategy, ...]
     exit_layer: Tensor  # (S, N) long, 1-based
     prediction: Tensor  # (S, N) long
-    full_prediction: Tensor  # (N,) the full model's (last exit's) argmax
+    full_prediction: Tensor  # (N,) the reference's answers: the full model's (last exit's) argmax by default
     num_layers: int
+    own_full_prediction: Tensor | None = None
+    """(N,) the run's own last exit's argmax where ``full_prediction`` is another model's (``--reference``)."""
 
     @classmethod
-    def of(cls, probs: Tensor, grid: Sequence[Strategy]) -> GridReplay:
-        """Replay each setting of ``grid`` over probabilities (L, N, C)."""
+    def of(cls, probs: Tensor, grid: Sequence[Strategy], reference: Tensor | None = None) -> GridReplay:
+        """Replay each setting of ``grid`` over probabilities (L, N, C). ``reference`` (N,): the classes of the
+        model whose answers the losses compare with, when it is not this run's own full depth."""
         check_probs(probs)
+        if reference is not None:
+            check_reference(reference, probs)
         if not grid:
             raise LayerExitError("the grid of settings to calibrate is empty")
         for strategy in grid:
@@ -53,9 +58,15 @@ class GridReplay:
             grid=tuple(grid),
             exit_layer=torch.stack([r[0] for r in replays]),  # (S, N)
             prediction=torch.stack([r[1] for r in replays]),  # (S, N)
-            full_prediction=probs[-1].argmax(-1),  # (N,)
+            full_prediction=probs[-1].argmax(-1) if reference is None else reference,  # (N,)
             num_layers=probs.shape[0],
+            own_full_prediction=None if reference is None else probs[-1].argmax(-1),
         )
+
+    @property
+    def last_prediction(self) -> Tensor:
+        """(N,) this run's own full depth's answers."""
+        return self.full_prediction if self.own_full_prediction is None else self.own_full_prediction
 
     @property
     def num_samples(self) -> int:
@@ -69,6 +80,7 @@ class GridReplay:
             self.prediction.index_select(1, index),
             self.full_prediction.index_select(0, index),
             self.num_layers,
+            None if self.own_full_prediction is None else self.own_full_prediction.index_select(0, index),
         )
 
     def speedups(self) -> Tensor:
@@ -102,7 +114,7 @@ def per_sample_loss(prediction: Tensor, full_prediction: Tensor, loss: Loss, lab
 # Input checks
 
 
-def replay_of(probs: Tensor | GridReplay, families: Sequence[str]) -> GridReplay:
+def replay_of(probs: Tensor | GridReplay, families: Sequence[str], reference: Tensor | None = None) -> GridReplay:
     if isinstance(families, str):
         raise LayerExitError(f"families must be a list of names, got the text {families!r}")
     for family in families:
@@ -111,9 +123,11 @@ def replay_of(probs: Tensor | GridReplay, families: Sequence[str]) -> GridReplay
     if not families:
         raise LayerExitError("no strategy family to calibrate")
     if isinstance(probs, GridReplay):
+        if reference is not None:
+            raise LayerExitError("give the reference when the grid is replayed (GridReplay.of), not with a replay")
         return probs
     check_probs(probs)
-    return GridReplay.of(probs, default_grid(probs.shape[0], probs.shape[2], families))
+    return GridReplay.of(probs, default_grid(probs.shape[0], probs.shape[2], families), reference)
 
 
 def families_in(replay: GridReplay, families: Sequence[str]) -> list[str]:
@@ -122,6 +136,16 @@ def families_in(replay: GridReplay, families: Sequence[str]) -> list[str]:
     if not names:
         raise LayerExitError(f"the grid holds no setting of {', '.join(families)}")
     return names
+
+
+def check_reference(reference: Tensor, probs: Tensor) -> None:
+    """A reference model's classes (N,) for probabilities (L, N, C)."""
+    n, classes = probs.shape[1], probs.shape[2]
+    if not isinstance(reference, Tensor) or reference.shape != (n,) or reference.is_floating_point():
+        shape = tuple(reference.shape) if isinstance(reference, Tensor) else type(reference).__name__
+        raise LayerExitError(f"the reference's answers must be {n} class indices, got {shape}")
+    if n and (int(reference.min()) < 0 or int(reference.max()) >= classes):
+        raise LayerExitError(f"the reference's answers must be classes in 0..{classes - 1}")
 
 
 def check_probs(probs: Tensor) -> None:

@@ -16,7 +16,16 @@ from torch import Tensor
 from layerexit import metrics
 from layerexit.errors import LayerExitError
 from layerexit.evaluation.choice import Choice
-from layerexit.evaluation.replay import CALIBRATABLE, LOSSES, GridReplay, Loss, check_labels, families_in, replay_of
+from layerexit.evaluation.replay import (
+    CALIBRATABLE,
+    LOSSES,
+    GridReplay,
+    Loss,
+    check_labels,
+    families_in,
+    per_sample_loss,
+    replay_of,
+)
 from layerexit.evaluation.sweep import FAMILIES
 from layerexit.strategies import Static, Strategy, family_of
 
@@ -166,19 +175,26 @@ def for_risk(
                 else "no setting faster than the full model passed"
             )
             full = Static(layer=replay.num_layers)
+            own = replay.last_prediction
+            # 0 against the run's own full depth; against another reference, measured and not certified
+            full_disagreement = float(per_sample_loss(own, replay.full_prediction, "disagreement").double().mean())
+            full_risk = float(per_sample_loss(own, replay.full_prediction, loss, labels).double().mean())
+            outcome = "only the full model satisfies the bound"
+            if replay.own_full_prediction is not None:
+                outcome = "the full model, whose risk against the reference (another model) is measured, not certified"
             choices.append(
                 Choice(
                     family=family,
                     strategy=full,
                     mode="risk",
                     speedup=1.0,
-                    disagreement=0.0,
+                    disagreement=full_disagreement,
                     n_calibration=n,
-                    method=f"{method}; {reason}: only the full model satisfies the bound",
+                    method=f"{method}; {reason}: {outcome}",
                     metric=metric if labels is not None else None,
-                    metric_value=metrics.score(metric, replay.full_prediction, labels) if labels is not None else None,
+                    metric_value=metrics.score(metric, own, labels) if labels is not None else None,
                     loss=loss,
-                    risk=0.0,
+                    risk=full_risk,
                     max_drop=float(max_drop),
                     confidence=float(confidence),
                     full_model=True,

@@ -61,12 +61,19 @@ class Point:
 
 
 def evaluate_point(
-    strategy: Strategy, probs: Tensor, labels: Tensor | None, metric_names: Sequence[str] = ("accuracy",)
+    strategy: Strategy,
+    probs: Tensor,
+    labels: Tensor | None,
+    metric_names: Sequence[str] = ("accuracy",),
+    reference: Tensor | None = None,
 ) -> Point:
+    """``reference`` (N,): another model's classes; the point then also scores ``agreement_with_reference``."""
     exit_layer, prediction = strategy.replay(probs, labels)
     scores = {name: metrics.score(name, prediction, labels) for name in metric_names} if labels is not None else {}
     full_prediction = probs[-1].argmax(-1)
     scores["agreement_with_full"] = float((prediction == full_prediction).float().mean())
+    if reference is not None:
+        scores["agreement_with_reference"] = float((prediction == reference).float().mean())
     return Point(strategy, exit_layer, prediction, metrics.speedup(exit_layer, probs.shape[0]), scores)
 
 
@@ -75,11 +82,12 @@ def sweep(
     labels: Tensor | None,
     grid: Sequence[Strategy],
     metric_names: Sequence[str] = ("accuracy",),
+    reference: Tensor | None = None,
 ) -> list[Point]:
     """Replay every setting of ``grid`` (plus the oracle when labels are given)."""
-    points = [evaluate_point(s, probs, labels, metric_names) for s in grid]
+    points = [evaluate_point(s, probs, labels, metric_names, reference) for s in grid]
     if labels is not None:
-        points.append(evaluate_point(Oracle(), probs, labels, metric_names))
+        points.append(evaluate_point(Oracle(), probs, labels, metric_names, reference))
     return points
 
 
