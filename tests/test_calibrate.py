@@ -503,3 +503,26 @@ def study(trials: int = 1000) -> None:
 
 if __name__ == "__main__":
     study()
+
+
+def test_counts_alone_certify_as_the_replay_does() -> None:
+    """`fixed_sequence` on the loss counts of a grid (what a report's points.csv holds) accepts the settings
+    whose fastest is each family's choice of `for_risk` on the replay itself."""
+    from layerexit.evaluation.risk import fixed_sequence
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 3000, 2, generator=g) * torch.linspace(0.8, 3.0, 6)[:, None, None]
+    probs = (logits + logits[-1:] * 1.5).softmax(-1)  # exits that mostly agree with the last one
+    replay = calibrate.replay_of(probs, FAMILIES)
+    choices = calibrate.for_risk(replay, None, 0.02, 0.9, FAMILIES)
+    counts = [int(c) for c in replay.losses("disagreement").sum(1)]
+    tests = fixed_sequence(replay.grid, list(FAMILIES), counts, 3000, 0.02, 0.9)
+    speedups = replay.speedups().tolist()
+    assert any(not c.full_model for c in choices)  # the check is not about full models only
+    for choice in choices:
+        accepted = tests[choice.family].accepted
+        if choice.full_model:
+            assert accepted == []
+        else:
+            best = max(accepted, key=lambda s: (speedups[s], -counts[s]))
+            assert replay.grid[best] == choice.strategy

@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -97,6 +97,57 @@ def _chains(grid: tuple[Strategy, ...], family: str) -> tuple[tuple[int, ...], .
     )
 
 
+@dataclass(frozen=True)
+class FamilyTest:
+    """The outcome of fixed-sequence testing for one family."""
+
+    accepted: list[int]
+    """Indices into the grid of the settings that passed, in testing order."""
+    chains: int
+    level: float
+    """The level of each of the family's chains: delta split over the families, then over their chains."""
+    needed: int
+    """The fewest calibration samples with which a setting of the family can pass at that level."""
+
+
+def fixed_sequence(
+    grid: Sequence[Strategy],
+    families: Sequence[str],
+    counts: Tensor | Sequence[int],
+    n: int,
+    max_drop: float,
+    confidence: float,
+) -> dict[str, FamilyTest]:
+    """Learn-then-Test's tests from loss counts alone: ``counts[s]`` samples of ``n`` have loss 1 under grid
+    setting ``s``. Delta = 1 - confidence is split equally over ``families`` and within a family over its
+    chains; along a chain, most conservative setting first, settings are accepted until the first p-value
+    above the chain's level. Counts are all the tests need, so a grid replayed elsewhere (a report's
+    ``points.csv``, whose rates times n are the counts) is certified exactly as :func:`for_risk` would."""
+    delta = 1.0 - confidence
+    family_chains = {family: chains(grid, family) for family in families}
+    levels = {family: delta / len(families) / len(family_chains[family]) for family in families}
+    needed = {family: required_samples(max_drop, levels[family]) for family in families}
+    if n < min(needed.values()):
+        raise LayerExitError(
+            f"{n} calibration samples cannot show a risk of at most {max_drop:g} with confidence {confidence:g}: "
+            f"even with no loss at all, at least {min(needed.values())} are needed (for the family with fewest "
+            f"settings to test, after splitting {delta:g} over {len(families)} "
+            f"famil{'y' if len(families) == 1 else 'ies'}). "
+            "Use more calibration data, a larger max_drop, a lower confidence or fewer strategies."
+        )
+    p_values = p_value(torch.as_tensor(counts), n, max_drop).tolist()
+    out = {}
+    for family in families:
+        accepted: list[int] = []
+        for chain in family_chains[family]:
+            for s in chain:
+                if p_values[s] > levels[family]:
+                    break
+                accepted.append(s)
+        out[family] = FamilyTest(accepted, len(family_chains[family]), levels[family], needed[family])
+    return out
+
+
 def for_risk(
     probs: Tensor | GridReplay,
     labels: Tensor | None,
@@ -140,38 +191,25 @@ def for_risk(
     n = replay.num_samples
     delta = 1.0 - confidence
     names = families_in(replay, families)
-    family_chains = {family: chains(replay.grid, family) for family in names}
-    levels = {family: delta / len(names) / len(family_chains[family]) for family in names}
-    needed = {family: required_samples(max_drop, levels[family]) for family in names}
-    if n < min(needed.values()):
-        raise LayerExitError(
-            f"{n} calibration samples cannot show a risk of at most {max_drop:g} with confidence {confidence:g}: "
-            f"even with no loss at all, at least {min(needed.values())} are needed (for the family with fewest "
-            f"settings to test, after splitting {delta:g} over {len(names)} famil{'y' if len(names) == 1 else 'ies'}). "
-            "Use more calibration data, a larger max_drop, a lower confidence or fewer strategies."
-        )
     disagreements = replay.losses("disagreement").sum(1)  # (S,)
     counts = disagreements if loss == "disagreement" else replay.losses(loss, labels).sum(1)  # (S,)
+    tests = fixed_sequence(replay.grid, names, counts, n, max_drop, confidence)
     p_values = p_value(counts, n, max_drop).tolist()
     risks = (counts.double() / n).tolist()
     disagreement = (disagreements.double() / n).tolist()
     speedups = replay.speedups().tolist()
     choices: list[Choice] = []
     for family in names:
-        accepted: list[int] = []
-        for chain in family_chains[family]:
-            for s in chain:
-                if p_values[s] > levels[family]:
-                    break
-                accepted.append(s)
+        accepted, test = tests[family].accepted, tests[family]
         method = (
-            f"Learn-then-Test, fixed-sequence over {len(family_chains[family])} {family} chain(s), exact binomial "
-            f"tail, level {levels[family]:.3g} per chain (delta {delta:g} split over {len(names)} families)"
+            f"Learn-then-Test, fixed-sequence over {test.chains} {family} chain(s), exact binomial "
+            f"tail, level {test.level:.3g} per chain (delta {delta:g} split over {len(names)} families)"
         )
+        needed = test.needed
         if not accepted:
             reason = (
-                f"needs at least {needed[family]} calibration samples"
-                if n < needed[family]
+                f"needs at least {needed} calibration samples"
+                if n < needed
                 else "no setting faster than the full model passed"
             )
             full = Static(layer=replay.num_layers)
