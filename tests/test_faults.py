@@ -6,6 +6,7 @@ client's."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +40,20 @@ class Server:
         self.log = tmp / f"serve-{self.port}.log"
         command = [sys.executable, "-c", "import sys; from layerexit.cli import main; sys.exit(main())"]
         command += ["serve", str(run), "--port", str(self.port), "--threads", "1", *extra]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self.log.open("w"))
+        # a session of its own: teardown ends the server and its engine process together, whatever the test did
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=self.log.open("w"), start_new_session=True
+        )
+
+    def ready(self) -> Server:
         self.wait_until(lambda: self.get("/readyz").status_code == 200, 120, "the server did not become ready")
+        return self
+
+    def kill_all(self) -> None:
+        """End the server's process group (the server, its engine process) if anything of it is left."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(30)
 
     def get(self, path: str) -> Any:
         try:
@@ -122,12 +136,28 @@ class Clients:
         return self.seen
 
 
+@pytest.fixture
+def serve(trained_run: Path, tmp_path: Path) -> Iterator[Callable[..., Server]]:  # noqa: F811
+    """Start `layerexit serve` on the trained run with extra flags, ready; whatever a test leaves running
+    (a failed assertion before its stop, a server that never became ready) is killed at teardown."""
+    started: list[Server] = []
+
+    def start(*extra: str) -> Server:
+        server = Server(trained_run, tmp_path, *extra)
+        started.append(server)
+        return server.ready()
+
+    yield start
+    for server in started:
+        server.kill_all()
+
+
 def _answered(seen: Counter[int | str]) -> Counter[int]:
     return Counter({k: v for k, v in seen.items() if isinstance(k, int)})
 
 
-def test_the_engine_process_killed_mid_step(trained_run: Path, tmp_path: Path) -> None:  # noqa: F811
-    server = Server(trained_run, tmp_path)
+def test_the_engine_process_killed_mid_step(serve: Callable[..., Server]) -> None:
+    server = serve()
     first = server.get("/healthz").json()["engine_pid"]
     clients = Clients(server.url)
     time.sleep(1.0)
@@ -148,8 +178,8 @@ def test_the_engine_process_killed_mid_step(trained_run: Path, tmp_path: Path) -
     assert server.stop() == 0
 
 
-def test_clients_that_disconnect_mid_request(trained_run: Path, tmp_path: Path) -> None:  # noqa: F811
-    server = Server(trained_run, tmp_path, "--max-queue", "512")
+def test_clients_that_disconnect_mid_request(serve: Callable[..., Server]) -> None:
+    server = serve("--max-queue", "512")
     body = json.dumps({"texts": TEXTS * 4}).encode()
     head = "POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     head += f"Content-Length: {len(body)}\r\n\r\n"
@@ -168,8 +198,8 @@ def test_clients_that_disconnect_mid_request(trained_run: Path, tmp_path: Path) 
     assert server.stop() == 0
 
 
-def test_sigterm_under_overload(trained_run: Path, tmp_path: Path) -> None:  # noqa: F811
-    server = Server(trained_run, tmp_path, "--max-queue", "8")
+def test_sigterm_under_overload(serve: Callable[..., Server]) -> None:
+    server = serve("--max-queue", "8")
     clients = Clients(server.url, threads=8, texts=8)
     time.sleep(1.5)
     code = server.stop()
@@ -179,8 +209,8 @@ def test_sigterm_under_overload(trained_run: Path, tmp_path: Path) -> None:  # n
     assert server.said_answers() == _answered(seen)
 
 
-def test_sigterm_during_an_engine_restart(trained_run: Path, tmp_path: Path) -> None:  # noqa: F811
-    server = Server(trained_run, tmp_path)
+def test_sigterm_during_an_engine_restart(serve: Callable[..., Server]) -> None:
+    server = serve()
     clients = Clients(server.url)
     time.sleep(0.5)
     os.kill(server.get("/healthz").json()["engine_pid"], signal.SIGKILL)
@@ -191,8 +221,8 @@ def test_sigterm_during_an_engine_restart(trained_run: Path, tmp_path: Path) -> 
     assert server.said_answers() == _answered(seen)  # what the clients saw as not taken, the server did not take
 
 
-def test_an_engine_that_cannot_be_restarted_ends_the_server_with_status_1(trained_run: Path, tmp_path: Path) -> None:  # noqa: F811
-    server = Server(trained_run, tmp_path, "--max-restarts", "0")
+def test_an_engine_that_cannot_be_restarted_ends_the_server_with_status_1(serve: Callable[..., Server]) -> None:
+    server = serve("--max-restarts", "0")
     os.kill(server.get("/healthz").json()["engine_pid"], signal.SIGKILL)
     assert server.process.wait(60) == 1
     assert "stopping: the engine died and could not be restarted" in server.log.read_text()
