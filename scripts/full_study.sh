@@ -10,7 +10,8 @@
 #   OUT=runs/full bash scripts/full_study.sh all
 #
 # The mpnet-* steps need the encoder first: `python -m layerexit.assets install mpnet-base` (`make assets` skips it).
-# Then `python scripts/results.py collect ...` copies each finished run's small reports into studies/results/.
+# Then `python scripts/results.py collect ...` copies each finished run's small reports into studies/results/
+# (`collect-run` for the retrofit steps, into studies/results/recipe/).
 set -euo pipefail
 OUT=${OUT:-runs/full}
 PY=${PY:-.venv/bin/python}
@@ -24,6 +25,23 @@ MPNET=(--model mpnet-base --task tweets-binary --epochs 2 --batch-size 32 --max-
        --data-seed 0 --max-train 4000 --max-eval 1000 --quiet)
 
 cmp() { local out=$1; shift; echo "== $(date -u +%FT%TZ) $out $*"; "$PY" -m layerexit.cli compare --output "$OUT/$out" "$@"; }
+
+# retrofit NAME FINETUNED_RUN ARGS: exits on the frozen encoder of a plain fine-tuned run (its last exit kept),
+# then the speed-up certified at <= 1% disagreement with it, 90% confidence, on dev (issue 27). Minutes, not
+# resumable: an unfinished folder is started again.
+retro() {
+  local out=$OUT/$1 from=$2; shift 2
+  echo "== $(date -u +%FT%TZ) ${out#"$OUT"/} from $from $*"
+  [ -f "$from/eval/report.json" ] || { echo "$from has not finished: run its finetune step first" >&2; return 1; }
+  if [ ! -f "$out/eval/report.json" ]; then
+    rm -rf "$out"
+    "$PY" -m layerexit.cli retrofit "$from" --output "$out" "$@"
+  fi
+  "$PY" -m layerexit.cli calibrate "$out" --max-drop 0.01 --confidence 0.9 --loss disagreement --quiet
+}
+# the plain fine-tuned run of a seed, as the finetune steps write it
+finetuned() { echo "$OUT/$1-finetune$([ "$2" = 0 ] || echo "-seeds$2")/finetune-seed$2"; }
+RETRO=(--max-length 64 --threads "$THREADS" --data-seed 0 --quiet)
 
 step() {
   case $1 in
@@ -79,10 +97,22 @@ step() {
     mpnet-deebert|mpnet-fastbert)   # from mpnet-finetune0's run
                  cmp "tweets-binary-mpnet-${1#mpnet-}" --methods "${1#mpnet-}" --seeds 0 "${MPNET[@]}" \
                      --finetune-from "$OUT/tweets-binary-mpnet-finetune" ;;
+    tb-retrofit[0-2])   # issue 27: exits for the fine-tuned references, trained on the same texts
+                 local seed=${1#tb-retrofit}; retro "tweets-binary-minilm-retrofit-seed$seed" \
+                     "$(finetuned tweets-binary-minilm "$seed")" --task tweets-binary --seed "$seed" "${RETRO[@]}" ;;
+    snli-retrofit[0-2])
+                 local seed=${1#snli-retrofit}; retro "snli-binary-minilm-retrofit-seed$seed" \
+                     "$(finetuned snli-binary-minilm "$seed")" --task snli-binary --max-train 20000 --seed "$seed" "${RETRO[@]}" ;;
+    mpnet-retrofit[0-1])
+                 local seed=${1#mpnet-retrofit}; retro "tweets-binary-mpnet-retrofit-seed$seed" \
+                     "$(finetuned tweets-binary-mpnet "$seed")" --task tweets-binary --max-train 4000 --max-eval 1000 \
+                     --seed "$seed" "${RETRO[@]}" ;;
+    recipe)      # the folders studies/results/recipe/ were collected from
+         for s in tb-retrofit1; do step "$s"; done ;;
     all) # the folders studies/results/full-* were collected from
          for s in tb-pabee0 tb-lam0.1 tb-lam0.2 tb-lam0.5 tb-finetune tb-pabee12 tb-ours12 tb-uniform snli-pabee0 \
                   snli-pabee1 snli-pabee2 snli-lam snli-finetune snli-ours1 snli-ours2 mpnet tb-deebert tb-fastbert \
-                  snli-deebert snli-fastbert tb-onelr mpnet-finetune0 mpnet-finetune1 tb-finetune1 snli-finetune1; do step "$s"; done ;;
+                  snli-deebert snli-fastbert tb-onelr mpnet-finetune0 mpnet-finetune1 tb-finetune1 snli-finetune1 tb-finetune2; do step "$s"; done ;;
     *) echo "unknown step $1" >&2; exit 2 ;;
   esac
 }

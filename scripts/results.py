@@ -3,12 +3,16 @@
     python scripts/results.py collect runs/compare-tweets-binary studies/results/tweets-binary-minilm
     python scripts/results.py build studies/results/tweets-binary-minilm      # prints the markdown table
     python scripts/results.py refresh runs/compare-tweets-binary studies/results/tweets-binary-minilm
+    python scripts/results.py collect-run runs/full/tweets-binary-minilm-retrofit-seed0 studies/results/recipe/...
 
 `collect` keeps, per run, config.json, data.json, train_summary.json, eval/report.json,
-eval/points.csv and eval/exit_layers.csv (never weights or stored probabilities), plus the
-comparison's compare.* files. `refresh` copies the run files again (after `layerexit evaluate`
-replayed a run) for the runs the committed folder already lists, keeping its own compare.* files.
-`build` recomputes the table from the per-run reports alone, with `layerexit.compare.summarise`.
+eval/points.csv and eval/exit_layers.csv, and the per-layer probabilities of dev and test in float16
+(eval/probs_dev.safetensors, a few hundred KB at most: any exit rule can be replayed on them later;
+never weights), plus the comparison's compare.* files. `collect-run` does the same for one run folder
+that no comparison lists (a retrofit), with its retrofit.json and calibration.json. `refresh` copies
+the run files again (after `layerexit evaluate` replayed a run) for the runs the committed folder
+already lists, keeping its own compare.* files. `build` recomputes the table from the per-run reports
+alone, with `layerexit.compare.summarise`.
 """
 
 from __future__ import annotations
@@ -32,6 +36,34 @@ RUN_FILES = (
 COMPARE_FILES = ("compare.json", "compare.md", "compare.csv", "compare.png")
 
 
+RUN_EXTRAS = ("retrofit.json", "calibration.json")
+PROB_SPLITS = ("dev", "test")
+
+
+def copy_run(run_dir: Path, target: Path, extras: tuple[str, ...] = ()) -> None:
+    """A run's small files, and its dev and test probabilities as float16 (labels as they are)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    for name in RUN_FILES + extras:
+        if name in extras and not (run_dir / name).is_file():
+            continue
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(run_dir / name, target / name)
+    for split in PROB_SPLITS:
+        stored = run_dir / "eval" / f"probs_{split}.safetensors"
+        if stored.is_file():
+            data = load_file(str(stored))
+            small = {"probs": data["probs"].to(torch.float16).contiguous(), "labels": data["labels"].contiguous()}
+            save_file(small, str(target / "eval" / stored.name), metadata={"dtype": "float16 copy"})
+    portable_sources(target / "data.json")
+
+
+def collect_run(source: Path, dest: Path) -> None:
+    copy_run(source, dest, RUN_EXTRAS)
+    print(f"{source}: {dest}")
+
+
 def collect(source: Path, dest: Path) -> None:
     summary = json.loads((source / "compare.json").read_text(encoding="utf-8"))
     dest.mkdir(parents=True, exist_ok=True)
@@ -40,10 +72,7 @@ def collect(source: Path, dest: Path) -> None:
     for key, run in summary["runs"].items():
         run_dir = Path(run)
         target = dest / run_dir.name
-        for name in RUN_FILES:
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(run_dir / name, target / name)
-        portable_sources(target / "data.json")
+        copy_run(run_dir, target)
         print(f"{key}: {target}")
 
 
@@ -96,11 +125,16 @@ def main() -> int:
     r = sub.add_parser("refresh")
     r.add_argument("source", type=Path)
     r.add_argument("dest", type=Path)
+    one = sub.add_parser("collect-run")
+    one.add_argument("source", type=Path)
+    one.add_argument("dest", type=Path)
     b = sub.add_parser("build")
     b.add_argument("folder", type=Path)
     args = parser.parse_args()
     if args.command == "collect":
         collect(args.source, args.dest)
+    elif args.command == "collect-run":
+        collect_run(args.source, args.dest)
     elif args.command == "refresh":
         refresh(args.source, args.dest)
     else:

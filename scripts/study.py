@@ -31,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # studylib and study_full, beside this file
 
 from study_full import tables as full_tables
+from study_recipe import tables as recipe_tables
 from studylib import (
     Run,
     StudyError,
@@ -368,6 +369,7 @@ def generate(results: Path) -> tuple[dict[str, str], dict[Study, dict[tuple[str,
     main_runs = studies.get(STUDIES[0], {})
     lam = lambda_runs(results, main_runs)
     tables = {
+        **recipe_tables(results),
         **full_tables(results),
         "main": main_table(studies),
         "pairs": pairs_table(studies),

@@ -57,7 +57,7 @@ def test_study_script_reproduces_every_table_of_docs_results() -> None:
         [sys.executable, str(ROOT / "scripts" / "study.py"), "--check"], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
-    assert "12 tables match" in done.stdout
+    assert "14 tables match" in done.stdout
 
 
 def test_study_check_fails_on_an_edited_number(tmp_path: Path) -> None:
@@ -162,3 +162,30 @@ def test_full_study_script_all_makes_the_committed_folders(tmp_path: Path) -> No
     committed = sorted(p.name.removeprefix("full-") for p in (ROOT / "studies" / "results").glob("full-*"))
     assert sorted(made) == committed
     assert len(made) == len(set(made))
+
+
+def test_full_study_script_recipe_makes_the_committed_recipe_folders(tmp_path: Path) -> None:
+    """`full_study.sh recipe` retrofits one run per committed studies/results/recipe/ folder, no other."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+    out_dir = tmp_path / "OUT"
+    for prefix in ("tweets-binary-minilm", "snli-binary-minilm", "tweets-binary-mpnet"):
+        for seed in range(3):
+            folder = f"{prefix}-finetune{'' if seed == 0 else f'-seeds{seed}'}/finetune-seed{seed}/eval"
+            (out_dir / folder).mkdir(parents=True)
+            (out_dir / folder / "report.json").write_text("{}")
+    out = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "full_study.sh"), "recipe"],
+        env={"PATH": "/usr/bin:/bin", "PY": str(fake), "OUT": str(out_dir)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    made = [
+        line.split(f"--output {out_dir}/", 1)[1].split()[0]
+        for line in out.splitlines()
+        if line.startswith("-m layerexit.cli retrofit")
+    ]
+    committed = sorted(p.name for p in (ROOT / "studies" / "results" / "recipe").iterdir() if p.is_dir())
+    assert sorted(made) == committed and len(made) == len(set(made))

@@ -1,0 +1,276 @@
+"""The recipe study of docs/results.md (issue 27): the plain fine-tuned model's answers, faster.
+
+Rebuilt from ``studies/results/recipe/`` alone. Each folder there is one run of a method that keeps the
+fine-tuned model as its last exit (``scripts/results.py collect-run``): its configuration, data and training
+summary, its ``calibration.json``, and its per-layer dev and test probabilities in float16. Because the last
+exit is the fine-tuned model, disagreement with the run's own full depth is disagreement with the fine-tuned
+model, and every figure below is replayed from the probabilities with the library's own calibration:
+
+* certified: ``for_risk`` at <= 1% disagreement, 90% confidence, on dev, every strategy family (as
+  ``layerexit calibrate --max-drop 0.01 --confidence 0.9 --loss disagreement`` does), its default choice
+  replayed on test;
+* at a target speed-up: ``for_speedup`` on dev (the best dev accuracy among the settings at least that fast),
+  replayed on test.
+
+Test accuracy is compared with the fine-tuned model's, example by example: the mean over seeds of the
+difference, with a paired bootstrap interval (the seeds share their test examples, so one draw of examples
+resamples every seed).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from studylib import StudyError, bootstrap, table
+
+from layerexit.errors import LayerExitError
+from layerexit.evaluation.calibrate import check_on_test, for_risk, for_speedup, pick_default
+from layerexit.evaluation.risk import fixed_sequence
+from layerexit.evaluation.sweep import FAMILIES, default_grid
+
+MAX_DROP, CONFIDENCE = 0.01, 0.9
+SPEEDUPS = (1.5, 2.0, 2.5, 3.0)
+FOLDER = re.compile(r"(?P<setting>[a-z0-9-]+)-(?P<method>retrofit)-seed(?P<seed>\d+)$")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of the study: a task with an encoder, and the speed-up the issue aims at there."""
+
+    prefix: str
+    task: str
+    model: str
+    target: float
+
+
+SETTINGS = (
+    Setting("tweets-binary-minilm", "tweets-binary", "MiniLM-L6", 2.5),
+    Setting("snli-binary-minilm", "snli-binary", "MiniLM-L6", 2.0),
+    Setting("tweets-binary-mpnet", "tweets-binary", "MPNet-base", 3.0),
+)
+METHODS = {"retrofit": "retrofit: exits distilled on the frozen fine-tuned encoder"}
+
+
+@dataclass
+class RecipeRun:
+    path: Path
+    seed: int
+    dev: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+
+    @classmethod
+    def load(cls, path: Path, seed: int) -> RecipeRun:
+        splits = []
+        for split in ("dev", "test"):
+            file = path / "eval" / f"probs_{split}.safetensors"
+            if not file.is_file():
+                raise StudyError(f"{file} is missing (collect the run with scripts/results.py collect-run)")
+            data = load_file(str(file))
+            splits.append((data["probs"].float(), data["labels"].long()))
+        return cls(path, seed, splits[0], splits[1])
+
+    def full_correct(self) -> np.ndarray:
+        probs, labels = self.test
+        return (probs[-1].argmax(-1) == labels).numpy()
+
+    def certified(self) -> tuple[str, float, float, float, np.ndarray]:
+        """(setting, dev speed-up, test speed-up, test disagreement, test correctness of the setting)."""
+        choice = pick_default(for_risk(*self.dev, MAX_DROP, CONFIDENCE, FAMILIES, loss="disagreement"))
+        check = check_on_test(choice, *self.test)
+        _, prediction = choice.strategy.replay(self.test[0])
+        return str(choice.strategy), choice.speedup, check.speedup, check.disagreement, self.correct(prediction)
+
+    def at_speedup(self, target: float) -> tuple[float, np.ndarray] | None:
+        """(test speed-up, test correctness) of the best dev setting at least ``target`` fast; None if none is."""
+        try:
+            choice = pick_default(for_speedup(*self.dev, target, FAMILIES))
+        except LayerExitError:
+            return None
+        exit_layer, prediction = choice.strategy.replay(self.test[0])
+        return self.test[0].shape[0] / float(exit_layer.double().mean()), self.correct(prediction)
+
+    def correct(self, prediction: torch.Tensor) -> np.ndarray:
+        return (prediction == self.test[1]).numpy()
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A two-stage run of the full-scale study (DeeBERT, FastBERT): its last exit is the fine-tuned model of
+    the same seed, so its own disagreement is disagreement with the fine-tuned model. Only its report is
+    committed (``points.csv``: every setting's dev and test rates), so it is certified from counts."""
+
+    path: Path
+    method: str
+    seed: int
+
+    def certified(self) -> tuple[str, float, float, float, float, float]:
+        """(setting, dev speed-up, test speed-up, test disagreement, test accuracy, the fine-tuned model's)."""
+        report = json.loads((self.path / "eval" / "report.json").read_text(encoding="utf-8"))
+        with (self.path / "eval" / "points.csv").open(encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        by_split = {split: {r["setting"]: r for r in rows if r["split"] == split} for split in ("dev", "test")}
+        n = int(report["splits"]["dev"]["size"])
+        classes = len(json.loads((self.path / "data.json").read_text(encoding="utf-8"))["label_names"])
+        grid = default_grid(int(report["num_layers"]), classes, FAMILIES)
+        missing = [str(s) for s in grid if str(s) not in by_split["dev"] or str(s) not in by_split["test"]]
+        if missing:
+            raise StudyError(f"{self.path}/eval/points.csv lacks settings of the calibration grid: {missing[:3]}")
+        dev = [by_split["dev"][str(s)] for s in grid]
+        counts = [round((1 - float(r["agreement_with_full"])) * n) for r in dev]
+        speed = [float(r["speedup"]) for r in dev]
+        tests = fixed_sequence(grid, list(FAMILIES), counts, n, MAX_DROP, CONFIDENCE)
+        accepted = [s for test in tests.values() for s in test.accepted]
+        full = float(report["splits"]["test"]["full_model"]["accuracy"])
+        if not accepted:
+            return "full model", 1.0, 1.0, 0.0, full, full
+        best = max(accepted, key=lambda s: (speed[s], -counts[s]))
+        test = by_split["test"][str(grid[best])]
+        return (
+            str(grid[best]),
+            speed[best],
+            float(test["speedup"]),
+            1 - float(test["agreement_with_full"]),
+            float(test["accuracy"]),
+            full,
+        )
+
+
+BASELINES = {"deebert": "DeeBERT (entropy exits on the frozen encoder)", "fastbert": "FastBERT (self-distilled exits)"}
+
+
+def load_baselines(results: Path) -> dict[tuple[str, str], list[Baseline]]:
+    """(setting prefix, method) -> the committed full-scale runs of DeeBERT and FastBERT."""
+    found: dict[tuple[str, str], list[Baseline]] = {}
+    for setting in SETTINGS:
+        for method in BASELINES:
+            folder = results / f"full-{setting.prefix}-{method}"
+            runs = sorted(folder.glob(f"{method}-seed*")) if folder.is_dir() else []
+            found[(setting.prefix, method)] = [Baseline(p, method, int(p.name.rsplit("seed", 1)[1])) for p in runs]
+    return found
+
+
+def load_recipe(results: Path) -> dict[tuple[str, str], list[RecipeRun]]:
+    """(setting prefix, method) -> its runs, by seed."""
+    found: dict[tuple[str, str], list[RecipeRun]] = {}
+    folder = results / "recipe"
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        match = FOLDER.match(path.name)
+        if match is None or not path.is_dir():
+            continue
+        key = (match["setting"], match["method"])
+        found.setdefault(key, []).append(RecipeRun.load(path, int(match["seed"])))
+    for runs in found.values():
+        runs.sort(key=lambda r: r.seed)
+        labels = runs[0].test[1]
+        for run in runs[1:]:
+            if not torch.equal(run.test[1], labels):
+                raise StudyError(f"{run.path} and {runs[0].path} were not scored on the same test examples")
+    return found
+
+
+def difference(pairs: list[tuple[np.ndarray, np.ndarray]]) -> str:
+    """Mean over seeds of (accuracy of the early exit - the fine-tuned model's), in points, with its paired
+    bootstrap interval; bold when the interval lies below 0."""
+    groups = [np.stack([a, b]).astype(np.float64) for a, b in pairs]
+
+    def stat(gs: list[np.ndarray]) -> float:
+        return float(np.mean([g[0].mean() - g[1].mean() for g in gs]))
+
+    value, (lo, hi) = stat(groups), bootstrap(groups, stat, shared=True)
+    text = f"{100 * value:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+    return f"**{text}**" if hi < 0 else text
+
+
+def certified_table(
+    found: dict[tuple[str, str], list[RecipeRun]], baselines: dict[tuple[str, str], list[Baseline]]
+) -> str:
+    rows = []
+    for setting in SETTINGS:
+        for method, label in BASELINES.items():
+            done = baselines.get((setting.prefix, method))
+            if not done:
+                continue
+            results = [b.certified() for b in done]
+            rows.append(
+                [
+                    f"{setting.task}, {setting.model}",
+                    label,
+                    ", ".join(str(b.seed) for b in done),
+                    " / ".join(f"{r[1]:.2f}x" for r in results),
+                    f"{setting.target:.1f}x",
+                    " / ".join(f"{r[2]:.2f}x" for r in results),
+                    " / ".join(f"{100 * r[3]:.2f}%" for r in results),
+                    f"{100 * statistics.mean(r[5] for r in results):.2f}",
+                    f"{100 * statistics.mean(r[4] - r[5] for r in results):+.2f} (no interval: answers not kept)",
+                ]
+            )
+        for method, label in METHODS.items():
+            runs = found.get((setting.prefix, method))
+            if not runs:
+                continue
+            results = [run.certified() for run in runs]
+            dev = [r[1] for r in results]
+            test = [r[2] for r in results]
+            reached = min(dev) >= setting.target
+            full = statistics.mean(float(run.full_correct().mean()) for run in runs)
+            rows.append(
+                [
+                    f"{setting.task}, {setting.model}",
+                    label,
+                    ", ".join(str(run.seed) for run in runs),
+                    " / ".join(f"{s:.2f}x" for s in dev) + (" (target met)" if reached else ""),
+                    f"{setting.target:.1f}x",
+                    " / ".join(f"{s:.2f}x" for s in test),
+                    " / ".join(f"{100 * r[3]:.2f}%" for r in results),
+                    f"{100 * full:.2f}",
+                    difference([(r[4], run.full_correct()) for r, run in zip(results, runs, strict=True)]),
+                ]
+            )
+    header = [
+        "task, encoder",
+        "method",
+        "seeds",
+        "certified speed-up on dev, per seed",
+        "target",
+        "test speed-up",
+        "test disagreement with the fine-tuned model",
+        "fine-tuned model, test accuracy",
+        "test accuracy − fine-tuned, points [95%]",
+    ]
+    return table(header, rows)
+
+
+def speedups_table(found: dict[tuple[str, str], list[RecipeRun]]) -> str:
+    rows = []
+    for setting in SETTINGS:
+        for method, label in METHODS.items():
+            runs = found.get((setting.prefix, method))
+            if not runs:
+                continue
+            cells = []
+            for target in SPEEDUPS:
+                chosen = [(run.at_speedup(target), run) for run in runs]
+                if any(c is None for c, _ in chosen):
+                    cells.append("no setting that fast on dev")
+                    continue
+                pairs = [(c[1], run.full_correct()) for c, run in chosen if c is not None]
+                speed = statistics.mean(c[0] for c, _ in chosen if c is not None)
+                cells.append(f"{difference(pairs)} at {speed:.2f}x")
+            rows.append([f"{setting.task}, {setting.model}", label, str(len(runs)), *cells])
+    header = ["task, encoder", "method", "seeds", *(f"chosen on dev at {s:g}x" for s in SPEEDUPS)]
+    return table(header, rows)
+
+
+def tables(results: Path) -> dict[str, str]:
+    found = load_recipe(results)
+    if not found:
+        raise StudyError(f"no recipe runs under {results / 'recipe'} (scripts/full_study.sh recipe)")
+    return {"recipe": certified_table(found, load_baselines(results)), "recipespeed": speedups_table(found)}
