@@ -24,7 +24,7 @@ def finetuned(assets: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactor
     return run
 
 
-@pytest.mark.parametrize("objective", ["deebert", "fastbert"])
+@pytest.mark.parametrize("objective", ["deebert", "fastbert", "retrofit"])
 def test_second_stage_from_a_finetune_run_equals_training_both_stages(
     objective: str, assets: tuple[Path, Path], finetuned: Path, tmp_path: Path
 ) -> None:
@@ -91,3 +91,19 @@ def test_only_a_finished_finetune_run_starts_a_two_stage_run(
         main(train_args(assets, tmp_path / "c", "--objective", "fastbert", "--first-stage-from", str(unfinished))) == 2
     )
     assert f"{unfinished}: training has not finished (train_summary.json missing)" in _error(capsys)
+
+
+def test_retrofit_keeps_the_fine_tuned_model_whole(assets: tuple[Path, Path], finetuned: Path, tmp_path: Path) -> None:
+    """`train --objective retrofit`: the encoder and the last exit are the fine-tuned run's, bit for bit; only the
+    internal exits are new, fitted on the frozen encoder's cached states, and they learned the task."""
+    run = tmp_path / "run"
+    assert main(train_args(assets, run, "--objective", "retrofit", *DROPOUT, "--first-stage-from", str(finetuned))) == 0
+    before, after = weights(finetuned), weights(run)
+    last = max(int(k.split(".")[1]) for k in after if k.startswith("exits."))
+    kept = [k for k in after if not k.startswith("exits.") or k.startswith(f"exits.{last}.")]
+    assert kept and all(torch.equal(before[k], after[k]) for k in kept)
+    assert all(not torch.equal(before[k], after[k]) for k in after if k.startswith("exits.0."))
+    stage = summary(run)["stages"][1]
+    assert stage["stage"] == "exits-on-cached-states" and stage["pooling"] == "mean"
+    assert len(stage["exits"]) == last and len(stage["dev_scores"]) == last + 1
+    assert min(stage["dev_scores"][1:]) > 0.9, stage["dev_scores"]  # the deeper exits agree with the labels

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from layerexit.errors import LayerExitError
-from layerexit.methods import METHODS, EnsembleOptions, MethodOptions, StaticOptions
+from layerexit.methods import METHODS, EnsembleOptions, MethodOptions, RetrofitOptions, StaticOptions
 from layerexit.methods import objective_help as objective_help
 from layerexit.options import option, option_of
 
@@ -41,6 +41,10 @@ class TrainConfig:
     detach_teacher: bool = option_of(EnsembleOptions, "detach_teacher")
     min_over: Literal["batch", "sample"] = option_of(EnsembleOptions, "min_over")
     static_layers: int = option_of(StaticOptions, "static_layers")
+    exit_epochs: int = option_of(RetrofitOptions, "exit_epochs")
+    exit_lr: float = option_of(RetrofitOptions, "exit_lr")
+    exit_loss: Literal["distill", "labels", "both"] = option_of(RetrofitOptions, "exit_loss")
+    exit_pooling: Literal["auto", "mean", "first", "last", "pair"] = option_of(RetrofitOptions, "exit_pooling")
     head: Literal["mlp", "linear"] = option(
         "mlp", "internal classifier: one-hidden-layer MLP (paper) or linear (PABEE)"
     )

@@ -27,14 +27,18 @@ from layerexit.errors import LayerExitError
 from layerexit.options import option
 from layerexit.strategies import Entropy, MaxProb, Patience, Voting
 
-Trainable = Literal["all", "internal_exits"]
+Trainable = Literal["all", "internal_exits", "cached_exits"]
+"""What a stage trains: everything, the internal exits through the frozen encoder (a forward pass per
+batch), or the internal exits on pooled states the frozen encoder computed once (``cached_exits``:
+:func:`layerexit.training.retrofit.fit_cached_stage`, which has its own loss and schedule)."""
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    loss: LossFn
+    loss: LossFn | None
+    """Over the logits of every exit; ``None`` for a ``cached_exits`` stage, which trains on its own terms."""
     trainable: Trainable
     depth: int
     """How many layers the forward pass runs; exits deeper than this get no logits."""
@@ -88,6 +92,31 @@ class StaticOptions(MethodOptions):
     def check(self) -> None:
         if self.static_layers < 1:
             raise LayerExitError("objective 'static' needs --static-layers >= 1")
+
+
+@dataclass(frozen=True)
+class RetrofitOptions(MethodOptions):
+    """The retrofit method's second stage: exits fitted on the frozen fine-tuned encoder's cached states, as
+    ``layerexit retrofit`` fits them (defaults chosen on dev there: docs/retrofit.md)."""
+
+    exit_epochs: int = option(
+        100, "retrofit: epochs of the internal exits over the cached states (each keeps its best epoch)"
+    )
+    exit_lr: float = option(2e-3, "retrofit: peak learning rate of the internal exits on the cached states")
+    exit_loss: Literal["distill", "labels", "both"] = option(
+        "distill", "retrofit: what the internal exits learn: the final exit's distribution, the labels, or both"
+    )
+    exit_pooling: Literal["auto", "mean", "first", "last", "pair"] = option(
+        "auto",
+        "retrofit: how the internal exits pool; auto = a decoder's last token, pair features for text pairs, else "
+        "the mean (as `layerexit retrofit`)",
+    )
+
+    def __post_init__(self) -> None:
+        if self.exit_epochs < 1:
+            raise LayerExitError(f"--exit-epochs must be >= 1, got {self.exit_epochs}")
+        if not self.exit_lr > 0:
+            raise LayerExitError(f"--exit-lr must be positive, got {self.exit_lr}")
 
 
 StagesFn = Callable[[int, Any, str], list[Stage]]
@@ -294,7 +323,8 @@ def _static(num_layers: int, options: StaticOptions, model_type: str) -> list[St
 
 
 def _retrofit(num_layers: int, options: MethodOptions, model_type: str) -> list[Stage]:
-    raise ValueError("retrofit starts from a fine-tuned classifier: run `layerexit retrofit CLASSIFIER --task ...`")
+    internal = _every(num_layers)[:-1]
+    return [_finetune(num_layers), Stage("exits-on-cached-states", None, "cached_exits", num_layers, internal)]
 
 
 register_method(
@@ -378,7 +408,12 @@ register_method(
 register_method(
     Method(
         "retrofit",
-        "exits added to a fine-tuned classifier, its encoder frozen and its head kept (`layerexit retrofit`)",
+        "plain fine-tuning, then internal exits distilled from the final exit on the frozen encoder's cached "
+        "states (`layerexit retrofit` does the second stage for a classifier you already have)",
         _retrofit,
+        options=RetrofitOptions,
+        label="retrofit (frozen fine-tuned encoder)",
+        native_strategy=Entropy.name,
+        first_stage="finetune",
     )
 )

@@ -24,7 +24,7 @@ from layerexit.methods import METHODS, Stage
 from layerexit.model import EarlyExitModel, check_state
 from layerexit.run_folder import RunFolder
 from layerexit.runtime.loop import model_probs
-from layerexit.training import checkpoint, reuse
+from layerexit.training import checkpoint, retrofit, reuse
 from layerexit.training.distributed import Processes
 from layerexit.training.recipe import calibrate_temperatures, resolve_pooling, seed_everything
 
@@ -136,7 +136,17 @@ def train(
             if index > 0:  # a later stage's dropout does not depend on how the one before it ran
                 seed_everything(config.seed + index)
             here = start if start is not None and index == start.position.stage else None
-            run.results.append(fit_stage(model, stage, index, encoded["train"], encoded["dev"], run, resume=here))
+            if stage.trainable == "cached_exits":  # minutes on process 0, no checkpoints: a resume starts it again
+                result: dict[str, Any] = {}
+                if runtime.is_main:
+                    result = retrofit.fit_cached_stage(
+                        model, stage.name, config, tokenizer, encoded["train"], encoded["dev"],
+                        pairs=task.has_pairs, metric=task.metric, progress=progress,
+                    )  # fmt: skip
+                    model.save_pretrained(run_dir, tokenizer)
+                run.results.append(result)
+            else:
+                run.results.append(fit_stage(model, stage, index, encoded["train"], encoded["dev"], run, resume=here))
             runtime.barrier()
             with _transformers_progress(progress):
                 model = EarlyExitModel.from_pretrained(run_dir)  # continue from the stage's best checkpoint
@@ -350,6 +360,7 @@ def fit_stage(
                         batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), depth=stage.depth
                     ).logits  # (depth, b_r, C)
             logits = runtime.gather_rows(local_logits, sizes, (stage.depth, model.num_labels))  # (depth, B, C)
+            assert stage.loss is not None  # a stage without one trains on cached states, not here
             loss = stage.loss(logits, train_data.labels[rows].to(runtime.device))
             weight = len(rows) / window_rows  # the step's loss is the mean over its rows
             if local:

@@ -33,9 +33,12 @@ from tqdm.auto import tqdm
 from layerexit.config import TrainConfig, check_types, option, save_config
 from layerexit.data.encoding import Encoded, batches, encode_split, load_tokenizer, separator_id, tokenizer_separator
 from layerexit.errors import LayerExitError
+from layerexit.methods import RetrofitOptions
+from layerexit.metrics import per_layer_scores
 from layerexit.model import BACKBONE_DIR, CONFIG_NAME, EarlyExitModel, ExitHead
 from layerexit.pooling import POOLINGS, Pooling, pool, pooled_size, second_text
 from layerexit.run_folder import RunFolder
+from layerexit.runtime.loop import model_probs
 from layerexit.training.recipe import is_decoder, seed_everything
 
 
@@ -111,15 +114,7 @@ class RetrofitConfig:
                 raise LayerExitError(message)
 
     def resolve_pooling(self, decoder: bool, pairs: bool, tokenizer: Any) -> Pooling:
-        """``auto``: a decoder's last token; the pair features for text pairs where the tokenizer separates the
-        two texts (chosen on dev: docs/retrofit.md); else the mean."""
-        if self.pooling != "auto":
-            if self.pooling == "pair" and not pairs:
-                raise LayerExitError(f"--pooling pair is for inputs of two texts; {self.task} has single texts")
-            return self.pooling
-        if decoder:
-            return "last"
-        return "pair" if pairs and tokenizer_separator(tokenizer) is not None else "mean"
+        return exit_pooling(self.pooling, decoder, pairs, tokenizer, self.task)
 
     def run_name(self) -> str:
         return f"{self.train_config('').slug()}-retrofit-seed{self.seed}"
@@ -149,6 +144,18 @@ class RetrofitConfig:
             threads=self.threads,
             exit_dropout=self.exit_dropout,
         )
+
+
+def exit_pooling(choice: str, decoder: bool, pairs: bool, tokenizer: Any, task: str) -> Pooling:
+    """The internal exits' pooling. ``auto``: a decoder's last token; the pair features for text pairs where
+    the tokenizer separates the two texts (chosen on dev: docs/retrofit.md); else the mean."""
+    if choice != "auto":
+        if choice == "pair" and not pairs:
+            raise LayerExitError(f"pair pooling is for inputs of two texts; {task} has single texts")
+        return cast(Pooling, choice)
+    if decoder:
+        return "last"
+    return "pair" if pairs and tokenizer_separator(tokenizer) is not None else "mean"
 
 
 @dataclass
@@ -228,15 +235,16 @@ def is_run_model(path: str) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
 
 
-def keep_last_exit(model: EarlyExitModel, config: RetrofitConfig, pooling: Pooling, separator: int | None) -> None:
+def keep_last_exit(
+    model: EarlyExitModel, head: str, pooling: Pooling, separator: int | None, dropout: float, seed: int, where: str
+) -> None:
     """A layerexit run as the classifier (a ``--objective finetune`` run, say): its last exit, trained with the
     encoder, stays as it is; its internal exits are made afresh with retrofit's options. The last exit keeps its
     own pooling (``final_pooling`` in ``layerexit.json``) where the new internal exits pool otherwise."""
     last = model.exits[-1]
-    where = f"{config.classifier}/{CONFIG_NAME}"
     if model.config.temperatures and any(t != 1.0 for t in model.config.temperatures):
         raise LayerExitError(f"{where}: the run's exits have temperatures; retrofit needs a run without them")
-    if isinstance(last, ExitHead) and (last.hidden is not None) != (config.head == "mlp"):
+    if isinstance(last, ExitHead) and (last.hidden is not None) != (head == "mlp"):
         kind = "mlp" if last.hidden is not None else "linear"
         raise LayerExitError(
             f"{where}: the run's last exit is a {kind} head and retrofit keeps it; give --head {kind} for the "
@@ -246,7 +254,7 @@ def keep_last_exit(model: EarlyExitModel, config: RetrofitConfig, pooling: Pooli
     model.config.final_pooling = kept if kept != pooling else None
     if separator is not None:
         model.config.separator_id = separator
-    fresh_exits(model, config.head, pooling, config.exit_dropout, config.seed)
+    fresh_exits(model, head, pooling, dropout, seed)
     model.eval()
 
 
@@ -356,7 +364,9 @@ def retrofit(config: RetrofitConfig, *, progress: bool = True) -> Path:
     if from_run:
         model = EarlyExitModel.from_pretrained(config.classifier)
         pooling = config.resolve_pooling(model.backbone.causal, task.has_pairs, tokenizer)
-        keep_last_exit(model, config, pooling, separator_id(tokenizer) if pooling == "pair" else None)
+        separator = separator_id(tokenizer) if pooling == "pair" else None
+        where = f"{config.classifier}/{CONFIG_NAME}"
+        keep_last_exit(model, config.head, pooling, separator, config.exit_dropout, config.seed, where)
     else:
         pooling = config.resolve_pooling(is_decoder(config.classifier), task.has_pairs, tokenizer)
         model = EarlyExitModel.from_classifier(
@@ -407,3 +417,56 @@ def retrofit(config: RetrofitConfig, *, progress: bool = True) -> Path:
     }
     run.write_json(run.summary_file, summary)
     return run_dir
+
+
+def fit_cached_stage(
+    model: EarlyExitModel,
+    name: str,
+    config: TrainConfig,
+    tokenizer: Any,
+    train: Encoded,
+    dev: Encoded,
+    *,
+    pairs: bool,
+    metric: str,
+    progress: bool,
+) -> dict[str, Any]:
+    """The retrofit method's second stage inside ``layerexit train``: the model's last exit (just fine-tuned)
+    stays, its internal exits are made afresh and fitted on the frozen encoder's cached states exactly as
+    ``layerexit retrofit`` fits them. Returns the stage's result for ``train_summary.json``."""
+    options = config.method_options()
+    if not isinstance(options, RetrofitOptions):
+        raise LayerExitError(f"objective {config.objective!r} has no exits to fit on cached states")
+    model.to("cpu")
+    pooling = exit_pooling(options.exit_pooling, model.backbone.causal, pairs, tokenizer, config.task)
+    separator = separator_id(tokenizer) if pooling == "pair" else None
+    keep_last_exit(model, config.head, pooling, separator, config.exit_dropout, config.seed, config.output)
+    fit = RetrofitConfig(
+        classifier=config.output or "run",
+        task=config.task,
+        loss=options.exit_loss,
+        head=config.head,
+        epochs=options.exit_epochs,
+        lr=options.exit_lr,
+        weight_decay=config.weight_decay,
+        exit_dropout=config.exit_dropout,
+        seed=config.seed,
+    )
+    check_cache_fits(len(train), model.num_layers - 1, pooled_size(model.backbone.hidden_size, pooling))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    cache = cache_states(model, train, config.eval_batch_size, pad_id, progress)[pooling]
+    held_rows, train_rows = holdout_split(len(train), fit.holdout, fit.seed)
+    exits, _ = fit_exits(
+        model, cache.rows(train_rows), train.labels[train_rows], cache.rows(held_rows), train.labels[held_rows], fit,
+        progress,
+    )  # fmt: skip
+    probs = model_probs(model, dev, config.eval_batch_size, pad_id, progress=progress)
+    scores = per_layer_scores(probs, dev.labels, metric)
+    return {
+        "stage": name,
+        "pooling": pooling,
+        "exits": exits,
+        "dev_scores": [round(s, 4) for s in scores],
+        "train_texts": len(train_rows),
+        "held_out_texts": len(held_rows),
+    }  # no timings: a stage's result is the same however the run got there (train_summary.json has its seconds)
