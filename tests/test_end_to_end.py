@@ -70,6 +70,8 @@ def test_train_then_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str])
             "3e-3",
             "--warmup-ratio",
             "0",
+            "--objective",
+            "ensemble",
             "--lambda",
             "0.2",
             "--quiet",

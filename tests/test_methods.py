@@ -13,7 +13,7 @@ import torch
 from layerexit import losses, methods
 from layerexit.config import TrainConfig, add_arguments, load_train_config
 from layerexit.errors import LayerExitError
-from layerexit.methods import METHODS, EnsembleOptions, Method, MethodOptions, Stage, StaticOptions
+from layerexit.methods import METHODS, EnsembleOptions, Method, MethodOptions, RetrofitOptions, Stage, StaticOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,10 +43,14 @@ def test_flags_keep_their_spellings_and_defaults() -> None:
         "batch",
     )
     assert args.static_layers == 0
-    given = parser.parse_args(["--lambda", "0.3", "--no-detach-teacher", "--weighting", "uniform"])
+    assert (args.exit_epochs, args.exit_lr, args.exit_loss, args.exit_pooling) == (100, 2e-3, "distill", "auto")
+    given = parser.parse_args(
+        ["--objective", "ensemble", "--lambda", "0.3", "--no-detach-teacher", "--weighting", "uniform"]
+    )
     config = TrainConfig(**vars(given))
     assert config.method_options() == EnsembleOptions(lam=0.3, weighting="uniform", detach_teacher=False)
-    assert EnsembleOptions() == TrainConfig().method_options()  # one default, whoever asks
+    assert EnsembleOptions() == TrainConfig(objective="ensemble").method_options()  # one default, whoever asks
+    assert RetrofitOptions() == TrainConfig().method_options()  # the default method's
 
 
 def test_saved_configs_of_committed_runs_load() -> None:

@@ -170,8 +170,8 @@ class CompareCommand:
 
     methods: str = option(
         "",
-        "comma-separated: finetune, static:N, deebert, fastbert, pabee, righttool, relevancy, ensemble"
-        " (default: finetune,static:3,static:4,deebert,fastbert,pabee,righttool,ensemble)",
+        "comma-separated: finetune, static:N, deebert, fastbert, retrofit, pabee, righttool, relevancy, ensemble"
+        " (default: finetune,static:3,static:4,deebert,fastbert,retrofit,pabee,righttool,ensemble)",
     )
     seeds: list[int] = option([0], "seeds; every method runs with each")
     output: str = option("", "folder of the comparison (default: runs/compare-<task>-...)")

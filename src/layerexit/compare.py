@@ -34,7 +34,17 @@ from layerexit.strategies import Static
 
 __all__ = ["DEFAULT_METHODS", "LABELS", "NATIVE", "compare", "format_table", "parse_method", "summarise"]
 
-DEFAULT_METHODS = ("finetune", "static:3", "static:4", "deebert", "fastbert", "pabee", "righttool", "ensemble")
+DEFAULT_METHODS = (
+    "finetune",
+    "static:3",
+    "static:4",
+    "deebert",
+    "fastbert",
+    "retrofit",
+    "pabee",
+    "righttool",
+    "ensemble",
+)
 NATIVE = native_strategies()
 """Each training method's own strategy family (from the method registry)."""
 LABELS = labels()

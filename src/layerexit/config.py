@@ -33,7 +33,12 @@ class TrainConfig:
         "tweets-binary", "built-in task name (see `layerexit tasks`), a data file or folder, or glue:TASK:FOLDER"
     )
     output: str = option("", "run folder to create (default: runs/<task>-<model>-<objective>-seed<seed>)")
-    objective: str = option("ensemble", "training method", choices=tuple(METHODS))
+    objective: str = option(
+        "retrofit",
+        "training method (the default keeps the plain fine-tuned model as the full depth and certifies the largest "
+        "speed-ups against it: docs/results.md)",
+        choices=tuple(METHODS),
+    )
     # the methods' own options (layerexit.methods), one flat field each: their defaults and help live there
     lam: float = option_of(EnsembleOptions, "lam")
     weighting: Literal["auto", "uniform", "linear"] = option_of(EnsembleOptions, "weighting")
