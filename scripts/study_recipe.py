@@ -6,9 +6,9 @@ summary, its ``calibration.json``, and its per-layer dev and test probabilities 
 exit is the fine-tuned model, disagreement with the run's own full depth is disagreement with the fine-tuned
 model, and every figure below is replayed from the probabilities with the library's own calibration:
 
-* certified: ``for_risk`` at <= 1% disagreement, 90% confidence, on dev, every strategy family (as
-  ``layerexit calibrate --max-drop 0.01 --confidence 0.9 --loss disagreement`` does), its default choice
-  replayed on test;
+* certified: ``for_risk`` at <= 1% disagreement, 90% confidence, on dev, the method's own strategy family
+  (as ``layerexit calibrate --max-drop 0.01 --confidence 0.9 --loss disagreement`` does by default), its
+  choice replayed on test;
 * at a target speed-up: ``for_speedup`` on dev (the best dev accuracy among the settings at least that fast),
   replayed on test.
 
@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from studylib import StudyError, bootstrap, table
 
 from layerexit.errors import LayerExitError
-from layerexit.evaluation.calibrate import check_on_test, for_risk, for_speedup, pick_default
+from layerexit.evaluation.calibrate import check_on_test, default_families, for_risk, for_speedup, pick_default
 from layerexit.evaluation.risk import fixed_sequence
 from layerexit.evaluation.sweep import FAMILIES, default_grid
 
@@ -83,7 +83,8 @@ class RecipeRun:
 
     def certified(self) -> tuple[str, float, float, float, np.ndarray]:
         """(setting, dev speed-up, test speed-up, test disagreement, test correctness of the setting)."""
-        choice = pick_default(for_risk(*self.dev, MAX_DROP, CONFIDENCE, FAMILIES, loss="disagreement"))
+        families = default_families("retrofit", risk=True)
+        choice = pick_default(for_risk(*self.dev, MAX_DROP, CONFIDENCE, families, loss="disagreement"))
         check = check_on_test(choice, *self.test)
         _, prediction = choice.strategy.replay(self.test[0])
         return str(choice.strategy), choice.speedup, check.speedup, check.disagreement, self.correct(prediction)
@@ -126,7 +127,7 @@ class Baseline:
         dev = [by_split["dev"][str(s)] for s in grid]
         counts = [round((1 - float(r["agreement_with_full"])) * n) for r in dev]
         speed = [float(r["speedup"]) for r in dev]
-        tests = fixed_sequence(grid, list(FAMILIES), counts, n, MAX_DROP, CONFIDENCE)
+        tests = fixed_sequence(grid, default_families(self.method, risk=True), counts, n, MAX_DROP, CONFIDENCE)
         accepted = [s for test in tests.values() for s in test.accepted]
         full = float(report["splits"]["test"]["full_model"]["accuracy"])
         if not accepted:

@@ -119,3 +119,20 @@ def test_a_reference_on_other_examples_is_refused(
     folder.write_json(folder.data_file, info)
     assert main(["evaluate", str(run), "--reference", str(other), "--quiet"]) == 2
     assert "its dev examples differ from this run's (data.json digests)" in capsys.readouterr().err
+
+
+def test_calibrate_tests_the_runs_own_family_by_default(runs: tuple[Path, Path]) -> None:
+    """With a bound, only the family the run's method was made for shares the confidence (patience for PABEE);
+    a method without one (plain fine-tuning), or a target speed-up, gets every family."""
+    from layerexit.evaluation.sweep import FAMILIES
+
+    pabee, finetuned = runs
+
+    def families(run: Path, *args: str) -> list[str]:
+        assert main(["calibrate", str(run), *args, "--quiet"]) == 0
+        return [c["family"] for c in json.loads(RunFolder(run).calibration_file.read_text())["choices"]]
+
+    assert families(pabee, "--max-drop", "0.2") == ["patience"]
+    assert families(finetuned, "--max-drop", "0.2") == list(FAMILIES)
+    assert set(families(pabee, "--target-speedup", "1.2")) > {"patience"}
+    assert families(pabee, "--max-drop", "0.2", "--strategies", "entropy,maxprob") == ["entropy", "maxprob"]

@@ -269,11 +269,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     def answers(split: str, split_labels: Any) -> Any:
         return reference_answers(run, o.reference, split, split_labels) if o.reference else None
 
-    replay = calibrate.replay_of(probs, o.strategies, answers(o.calibration_split, labels))
+    families = o.strategies or calibrate.default_families(run.config().objective, risk=o.max_drop is not None)
+    replay = calibrate.replay_of(probs, families, answers(o.calibration_split, labels))
     if o.target_speedup is not None:
-        choices = calibrate.for_speedup(replay, labels, o.target_speedup, families=o.strategies)
+        choices = calibrate.for_speedup(replay, labels, o.target_speedup, families=families)
     else:
-        choices = calibrate.for_risk(replay, labels, o.max_drop, o.confidence, families=o.strategies, loss=o.loss)
+        choices = calibrate.for_risk(replay, labels, o.max_drop, o.confidence, families=families, loss=o.loss)
     checks = []
     if test is not None:
         reference = answers(o.test_split, test[1])

@@ -149,7 +149,14 @@ class CalibrateOptions:
     loss: Literal["disagreement", "accuracy_drop"] = option(
         "disagreement", "what --max-drop bounds: disagreement with the full model (no labels) or lost accuracy"
     )
-    strategies: list[str] = strategies()
+    strategies: list[str] = option(
+        [],
+        "comma-separated strategy families: " + ",".join(FAMILIES) + ". Default with --max-drop: the run's own "
+        "family (its method's: entropy for retrofit, DeeBERT and FastBERT, voting for ensemble, patience for PABEE, "
+        "maxprob for RightTool), since the confidence is split over the families tested; with --target-speedup, "
+        "all of them",
+        parse=families,
+    )
     calibration_split: str = option("dev", "split the setting is chosen on")
     test_split: str = option("test", "split the choice is checked on")
     reference: str = option(

@@ -50,6 +50,7 @@ from layerexit.evaluation.replay import (
 )
 from layerexit.evaluation.risk import binomial_cdf, chains, for_risk, p_value, required_samples
 from layerexit.evaluation.sweep import FAMILIES
+from layerexit.methods import METHODS
 from layerexit.run_folder import CALIBRATION, RunFolder
 from layerexit.strategies import Static, Strategy
 
@@ -68,6 +69,7 @@ __all__ = [
     "binomial_cdf",
     "chains",
     "check_on_test",
+    "default_families",
     "for_risk",
     "for_speedup",
     "load_choice",
@@ -187,6 +189,18 @@ class Check:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def default_families(objective: str, *, risk: bool) -> list[str]:
+    """The families ``calibrate`` tests when none are named. With a bound (``risk``), the run's own family, the
+    one its training method was made for: the confidence 1 - delta is split over the families tested, so every
+    family that cannot win costs the one that can a share of delta. The family depends on the method alone,
+    never on the calibration data, so the guarantee holds as for any family named in advance. Without a bound
+    (a target speed-up), and for a method without a family of its own, every family."""
+    method = METHODS.get(objective)
+    if risk and method is not None and method.native_strategy in CALIBRATABLE:
+        return [method.native_strategy]
+    return list(FAMILIES)
 
 
 def check_on_test(
