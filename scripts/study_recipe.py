@@ -270,8 +270,41 @@ def speedups_table(found: dict[tuple[str, str], list[RecipeRun]]) -> str:
     return table(header, rows)
 
 
+RULES = {
+    "entropy": "entropy (DeeBERT)",
+    "maxprob": "max-probability (RightTool)",
+    "pcee-2": "PCEE, patience 2",
+    "pcee-3": "PCEE, patience 3",
+    "learned": "learned agreement (CATs-style, probabilities only)",
+}
+
+
+def rules_table(results: Path) -> str:
+    """``benchmarks/exit_rules_offline.py``'s committed output: per rule and run, the speed-up at <= 1%
+    disagreement on half of dev (uncertified), and on test."""
+    path = results / "recipe" / "exit_rules_offline.json"
+    if not path.is_file():
+        raise StudyError(f"{path} is missing (python benchmarks/exit_rules_offline.py ... --json {path})")
+    found = json.loads(path.read_text(encoding="utf-8"))
+    runs = sorted(found)
+    rows = []
+    for rule, label in RULES.items():
+        cells = []
+        for run in runs:
+            entry = found[run].get(rule)
+            cells.append(
+                "no setting" if entry is None else f"{entry['dev']['speedup']:.2f}x → {entry['test']['speedup']:.2f}x"
+            )
+        rows.append([label, *cells])
+    return table(["rule: speed-up at <= 1% disagreement on half of dev → on test", *runs], rows)
+
+
 def tables(results: Path) -> dict[str, str]:
     found = load_recipe(results)
     if not found:
         raise StudyError(f"no recipe runs under {results / 'recipe'} (scripts/full_study.sh recipe)")
-    return {"recipe": certified_table(found, load_baselines(results)), "recipespeed": speedups_table(found)}
+    return {
+        "recipe": certified_table(found, load_baselines(results)),
+        "recipespeed": speedups_table(found),
+        "exitrules": rules_table(results),
+    }
