@@ -316,6 +316,11 @@ def test_text_pairs_without_labels(user_classifier: tuple[Path, Path], tmp_path:
         "pair",
         AutoTokenizer.from_pretrained(classifier).sep_token_id,
     )
+    assert_torch_and_onnx_answer_pairs_alike(run)
+
+
+def assert_torch_and_onnx_answer_pairs_alike(run: Path) -> None:
+    """The exported graphs find the second text as PyTorch does: the same labels and exit layers."""
     from layerexit import Predictor
 
     texts, pairs = ["alpha good beta", "bad gamma delta"], ["gamma", "beta alpha good"]
@@ -340,8 +345,6 @@ def test_a_fine_tuned_run_is_retrofitted_with_its_last_exit_kept(
 ) -> None:
     """A layerexit `--objective finetune` run as the classifier: its last exit (first-token pooled) stays, its
     answers at full depth are the run's own, and the new internal exits pool the pair, on PyTorch and ONNX."""
-    from layerexit import Predictor
-
     _, task = user_classifier
     data = tmp_path / "pairs"
     data.mkdir()
@@ -363,13 +366,7 @@ def test_a_fine_tuned_run_is_retrofitted_with_its_last_exit_kept(
     before, _ = RunFolder(finetuned).read_probs("test")
     after, _ = RunFolder(run).read_probs("test")
     torch.testing.assert_close(after[-1], before[-1], atol=1e-5, rtol=0)  # the fine-tuned run's answers
-    texts, pairs = ["alpha good beta", "bad gamma delta"], ["gamma", "beta alpha good"]
-    answers = {}
-    assert main(["export", str(run), "--runtime", "onnx", "--quiet"]) == 0
-    for runtime in ("torch", "onnx"):
-        predictor = Predictor.from_run(run, "entropy(threshold=0.3)", threads=1, runtime=runtime)
-        answers[runtime] = [(p.label, p.exit_layer) for p in predictor.predict(texts, pairs)]
-    assert answers["torch"] == answers["onnx"]
+    assert_torch_and_onnx_answer_pairs_alike(run)
     capsys.readouterr()
     assert main(retrofit_args(finetuned, data, tmp_path / "linear", "--head", "linear", *pair_options)) == 2
     assert "the run's last exit is a mlp head and retrofit keeps it; give --head mlp" in capsys.readouterr().err
