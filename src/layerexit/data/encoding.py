@@ -209,18 +209,31 @@ def encode_marking_truncation(
     return Encoded(input_ids=ids, token_type_ids=types, labels=labels), truncated
 
 
+TokenRow = Sequence[int] | Tensor
+
+
+def pad_right(
+    id_rows: Sequence[TokenRow], type_rows: Sequence[TokenRow] | None, pad_id: int
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Right-padded ``input_ids``, ``attention_mask`` and (where ``type_rows`` are given) ``token_type_ids`` of
+    token rows of any lengths: the one padding of training, evaluation, prediction and the serving engine."""
+    lengths = [len(row) for row in id_rows]
+    width = max(lengths)
+    ids = torch.full((len(id_rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(id_rows), width, dtype=torch.long)
+    types = None if type_rows is None else torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.as_tensor(id_rows[i])
+        mask[i, :n] = 1
+        if types is not None and type_rows is not None:
+            types[i, :n] = torch.as_tensor(type_rows[i])
+    return ids, mask, types
+
+
 def collate(encoded: Encoded, rows: Sequence[int], pad_id: int) -> dict[str, Tensor]:
     """Right-padded tensors for the given rows: input_ids, attention_mask, [token_type_ids], labels."""
-    length = max(len(encoded.input_ids[r]) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    types = torch.zeros(len(rows), length, dtype=torch.long) if encoded.token_type_ids is not None else None
-    for i, r in enumerate(rows):
-        seq = encoded.input_ids[r]
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
-        if types is not None and encoded.token_type_ids is not None:
-            types[i, : len(seq)] = torch.tensor(encoded.token_type_ids[r])
+    type_rows = None if encoded.token_type_ids is None else [encoded.token_type_ids[r] for r in rows]
+    ids, mask, types = pad_right([encoded.input_ids[r] for r in rows], type_rows, pad_id)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": encoded.labels[list(rows)]}
     if types is not None:
         batch["token_type_ids"] = types

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from layerexit.data.encoding import pad_right
 from layerexit.errors import LayerExitError
 from layerexit.runtime.base import Rows, Runtime
 from layerexit.runtime.loop import check_online, early_exit, exit_step
@@ -140,14 +141,5 @@ class StepRunner:
 
 def collate(inputs: list[Inputs], pad_id: int) -> tuple[Tensor, Tensor, Tensor | None]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``token_type_ids`` of the given inputs."""
-    lengths = [int(ids.numel()) for ids, _ in inputs]
-    width = max(lengths)
-    ids = torch.full((len(inputs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(inputs), width, dtype=torch.long)
-    types = None if inputs[0][1] is None else torch.zeros_like(ids)
-    for row, ((token_ids, token_types), n) in enumerate(zip(inputs, lengths, strict=True)):
-        ids[row, :n] = token_ids
-        mask[row, :n] = 1
-        if types is not None and token_types is not None:
-            types[row, :n] = token_types
-    return ids, mask, types
+    type_rows = None if inputs[0][1] is None else [torch.zeros_like(i) if t is None else t for i, t in inputs]
+    return pad_right([ids for ids, _ in inputs], type_rows, pad_id)
