@@ -65,6 +65,17 @@ def test_two_processes_train_like_one(
     assert not (tmp_path / "two" / "checkpoint").exists()
 
 
+@pytest.mark.slow
+def test_two_processes_retrofit_like_one(tmp_path: Path, assets: tuple[Path, Path]) -> None:
+    """The default method: fine-tuning shared out among the processes, then the exits on cached states on
+    process 0 while the others wait; the same model as one process trains."""
+    options = ("--objective", "retrofit", "--exit-epochs", "5")
+    assert main(train_args(assets, tmp_path / "one", *options)) == 0
+    assert main([*train_args(assets, tmp_path / "two", *options), "--num-processes", "2"]) == 0
+    assert_close_weights(weights(tmp_path / "one"), weights(tmp_path / "two"))
+    assert [s["stage"] for s in summary(tmp_path / "two")["stages"]] == ["finetune", "exits-on-cached-states"]
+
+
 def test_launch_stops_every_process_when_one_fails(capfd: pytest.CaptureFixture[str]) -> None:
     code = "import os, sys, time; r = os.environ['RANK']; {}"
     quick = [sys.executable, "-c", code.format("sys.exit(0)")]
