@@ -13,7 +13,7 @@ trains the learned rule, so every rule is chosen on the same half. The chosen se
   the probability the exits so far gave the predicted class (mean and lowest), the share of exits so far that
   predicted it, and the depth; exit at the first layer whose predicted agreement reaches the threshold.
 
-    python benchmarks/exit_rules_offline.py studies/results/recipe/*-retrofit-seed*
+    python benchmarks/exit_rules_offline.py studies/results/recipe/*-retrofit-seed?
 """
 
 from __future__ import annotations
