@@ -357,6 +357,11 @@ def test_bench_writes_both_speedups(trained_run: Path, tmp_path: Path, capsys: p
         slack = ratio * (5e-5 / full["total_s"] + 5e-5 / early["total_s"]) + 1e-4
         assert entry["wallclock_speedup"] == pytest.approx(ratio, abs=slack)
         assert entry["wallclock_over_layer"] == pytest.approx(entry["wallclock_speedup"] / 2.0, abs=1e-3)
+        # the exit loop run to the last layer, against early exit: the layer saving alone
+        loop = entry["all_layers"]["total_s"]
+        looped = loop / early["total_s"]
+        slack = looped * (5e-5 / loop + 5e-5 / early["total_s"]) + 1e-4
+        assert entry["early_exit_vs_all_layers"] == pytest.approx(looped, abs=slack)
         for row in (full, early):
             rate = 24 / row["total_s"]
             assert row["throughput_per_s"] == pytest.approx(rate, abs=rate * 5e-5 / row["total_s"] + 0.1)
@@ -447,7 +452,8 @@ def test_onnx_export_evaluate_predict_and_bench(
     out = tmp_path / "bench.json"
     assert _bench(trained_run, out, "16", ["1", "4"], "--runtime", "torch", "onnx") == 0
     entry = json.loads(out.read_text())["batch_sizes"]["1"]
-    assert {"full", "early_exit", "onnx_full", "onnx_early_exit"} <= set(entry)
+    assert {"full", "all_layers", "early_exit", "onnx_full", "onnx_all_layers", "onnx_early_exit"} <= set(entry)
+    assert entry["onnx_early_exit_vs_onnx_all_layers"] > 0
     assert entry["onnx_early_exit_vs_onnx_full"] > 0
 
 

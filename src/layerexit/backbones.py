@@ -17,9 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
@@ -133,8 +135,108 @@ class BertLikeBackbone(Backbone):
         project = getattr(self.model, "embeddings_project", None)  # ELECTRA small
         return project(hidden) if project is not None else hidden
 
+    def layer_kwargs(self, hidden: Tensor, padding_mask: Tensor) -> LayerKwargs:
+        if self.config._attn_implementation == "sdpa" and bool(padding_mask.all()):
+            # no padding: SDPA attends everywhere, the mask the model's own forward would pass is None
+            # (tests/test_backbones.py), and building it to find that out costs a tenth of a layer at batch 1
+            return {"attention_mask": None}
+        return super().layer_kwargs(hidden, padding_mask)
+
     def layer(self, index: int, hidden: Tensor, kwargs: LayerKwargs) -> Tensor:
+        if not self.model.training and self.config._attn_implementation == "sdpa":
+            weights = self._inference_weights(index)
+            if weights is not None:
+                return _bert_layer(hidden, kwargs["attention_mask"], weights)
         return _first(self.model.encoder.layer[index](hidden, kwargs["attention_mask"]))
+
+    def _inference_weights(self, index: int) -> _BertLayerWeights | None:
+        """Layer ``index``'s parameters for :func:`_bert_layer`, gathered once (the same parameter objects, so
+        later in-place updates are seen), or None where the layer is not the plain post-norm BERT layer."""
+        cache: dict[int, _BertLayerWeights | None] = self.__dict__.setdefault("_fast_weights", {})
+        if index not in cache:
+            cache[index] = _bert_layer_weights(self.config, self.model.encoder.layer[index])
+        return cache[index]
+
+
+BERT_FAST_PATH = ("bert", "roberta", "xlm-roberta", "electra", "camembert")
+"""Model types whose layers run in eval mode as :func:`_bert_layer` (with SDPA attention)."""
+
+# The inference path of a BERT-like layer, as plain functions: the module path spends about a fifth of a
+# MiniLM layer's time at batch 1 in Python (eight module calls, a keyword-deprecation wrapper that inspects
+# its arguments on every call). Same operations in the same order, so the same numbers: the parity tests
+# (tests/test_backbones.py) compare it with the module path bit for bit.
+
+
+@dataclass(frozen=True)
+class _BertLayerWeights:
+    query: tuple[Tensor, Tensor]
+    key: tuple[Tensor, Tensor]
+    value: tuple[Tensor, Tensor]
+    attention_out: tuple[Tensor, Tensor]
+    attention_norm: tuple[Tensor, Tensor, float]
+    intermediate: tuple[Tensor, Tensor]
+    activation: Any
+    output: tuple[Tensor, Tensor]
+    output_norm: tuple[Tensor, Tensor, float]
+    heads: int
+    head_size: int
+    scaling: float
+
+
+def _bert_layer_weights(config: Any, layer: Any) -> _BertLayerWeights | None:
+    """None unless ``layer`` is an encoder's post-norm BERT layer with absolute positions (no relative
+    attention scores, no decoder or cross attention, no feed-forward chunking)."""
+    plain = (
+        config.model_type in BERT_FAST_PATH
+        and not getattr(config, "is_decoder", False)
+        and not getattr(config, "add_cross_attention", False)
+        and getattr(config, "position_embedding_type", "absolute") in ("absolute", None)
+        and not getattr(config, "chunk_size_feed_forward", 0)
+    )
+    try:
+        attention, intermediate, output = layer.attention, layer.intermediate, layer.output
+        own = attention.self
+        pairs = (own.query, own.key, own.value, attention.output.dense, intermediate.dense, output.dense)
+        linears = tuple((m.weight, m.bias) for m in pairs)
+        norms = tuple((n.weight, n.bias, float(n.eps)) for n in (attention.output.LayerNorm, output.LayerNorm))
+        heads, head_size, scaling = int(own.num_attention_heads), int(own.attention_head_size), float(own.scaling)
+        activation = intermediate.intermediate_act_fn
+    except AttributeError:
+        return None
+    if not plain or any(bias is None for _, bias in linears):
+        return None
+    query, key, value, attention_out, inner, out = linears
+    return _BertLayerWeights(
+        query=query,
+        key=key,
+        value=value,
+        attention_out=attention_out,
+        attention_norm=norms[0],
+        intermediate=inner,
+        activation=activation,
+        output=out,
+        output_norm=norms[1],
+        heads=heads,
+        head_size=head_size,
+        scaling=scaling,
+    )
+
+
+def _bert_layer(hidden: Tensor, mask: Tensor | None, w: _BertLayerWeights) -> Tensor:
+    """A BERT layer in eval mode: self-attention through scaled_dot_product_attention with the mask the
+    model's own forward builds, then the feed-forward block, each closed by residual and LayerNorm."""
+    batch, length, _ = hidden.shape
+    heads = (batch, length, w.heads, w.head_size)
+    query = F.linear(hidden, *w.query).view(heads).transpose(1, 2)  # (b, h, t, d)
+    key = F.linear(hidden, *w.key).view(heads).transpose(1, 2)
+    value = F.linear(hidden, *w.value).view(heads).transpose(1, 2)
+    attended = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, scale=w.scaling)
+    attended = attended.transpose(1, 2).contiguous().reshape(batch, length, -1).contiguous()  # (b, t, H)
+    weight, bias, eps = w.attention_norm
+    hidden = F.layer_norm(F.linear(attended, *w.attention_out) + hidden, weight.shape, weight, bias, eps)
+    inner = w.activation(F.linear(hidden, *w.intermediate))  # (b, t, I)
+    weight, bias, eps = w.output_norm
+    return F.layer_norm(F.linear(inner, *w.output) + hidden, weight.shape, weight, bias, eps)
 
 
 class AlbertBackbone(Backbone):

@@ -148,9 +148,11 @@ class ExitHead(nn.Module):
 
     def classify(self, pooled: Tensor) -> Tensor:
         """Logits from the pooled state (B, H or 4H): what training on cached pooled states calls."""
-        x = self.dropout(pooled)  # (B, H)
+        training = self.training  # in eval, dropout is the identity: not even called (batch-1 latency)
+        x = self.dropout(pooled) if training else pooled  # (B, H)
         if self.hidden is not None:
-            x = self.dropout(torch.tanh(self.hidden(x)))  # (B, H)
+            x = torch.tanh(self.hidden(x))  # (B, H)
+            x = self.dropout(x) if training else x
         logits = self.classifier(x)  # (B, C)
         return logits if self.temperature == 1.0 else logits / self.temperature
 

@@ -3,13 +3,17 @@
 Rows measured for each batch size:
 * ``full``: the plain Hugging Face encoder forward (its own fused path) and the final exit, which is
   what a user would deploy without early exit;
+* ``all_layers``: the same exit loop made to run every layer (``static(layer=L)``): the runtime's own
+  layer-by-layer path, exit heads included, with no layer saved;
 * ``early_exit``: the exit loop (:func:`layerexit.runtime.loop.early_exit`) with the chosen strategy;
-* ``onnx_full`` / ``onnx_early_exit`` and ``onnx_int8_full`` / ``onnx_int8_early_exit``: the same two on
-  each further runtime given (ONNX Runtime fp32, int8), each with its own early-exit-vs-full ratio.
+* ``onnx_full`` / ``onnx_all_layers`` / ``onnx_early_exit``, ``onnx_int8_...``: the same three on each
+  further runtime given (ONNX Runtime fp32, int8), each with its own early-exit-vs-full ratio.
 
 Speed-ups: ``layer_speedup`` is the paper's L / mean exit layer; ``wallclock_speedup`` is the full
 model's total time over early exit's total time for the same inputs (medians over repeats);
-their ratio is what the exits, the decision and the Python loop cost.
+their ratio is what the exits, the decision and the Python loop cost, net of any difference between
+the runtime's layers and the full model's own forward. ``all_layers`` separates the two: early exit
+against it (``early_exit_vs_all_layers``) is the layer saving alone on the clock.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from layerexit.data.encoding import Encoded, collate
 from layerexit.runtime.base import Runtime
 from layerexit.runtime.loop import ExitResult, early_exit
 from layerexit.runtime.registry import REFERENCE
-from layerexit.strategies import Strategy
+from layerexit.strategies import Static, Strategy
 
 Batch = dict[str, Tensor]
 
@@ -115,10 +119,15 @@ def bench(
     for rt in (runtime, *others):
         prefix = row_prefix(rt)
         rows[f"{prefix}full"] = _full_row(rt)
+        rows[f"{prefix}all_layers"] = _early_exit_row(rt, Static(layer=rt.num_layers))
         rows[f"{prefix}early_exit"] = _early_exit_row(rt, strategy)
     # exit layers come from one early-exit pass (they do not depend on the batch size)
     exit_layers = torch.cat([_early_exit_row(runtime, strategy)(b).exit_layer for b in inputs.batches(32)])
     layer_speedup = runtime.num_layers / float(exit_layers.float().mean())
+    # the same saving weighted by each input's length: what it saves in token-layers, the work a layer
+    # does growing with its input (linearly, attention aside). Below layer_speedup when long inputs exit late.
+    tokens = torch.tensor([len(ids) for ids in inputs.encoded.input_ids], dtype=torch.float64)
+    token_speedup = runtime.num_layers * float(tokens.sum()) / float((tokens * exit_layers).sum())
     results: dict[str, Any] = {
         "strategy": str(strategy),
         "num_layers": runtime.num_layers,
@@ -129,6 +138,7 @@ def bench(
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
         "repeats": repeats,
         "mean_exit_layer": round(float(exit_layers.float().mean()), 4),
+        "token_layer_speedup": round(token_speedup, 4),
         "batch_sizes": {},
     }
     bar = tqdm(total=len(batch_sizes) * repeats * len(rows), desc="bench", disable=not progress, leave=False)
@@ -157,10 +167,12 @@ def bench(
                 if name != "full":
                     entry[f"{name}_wallclock_speedup"] = round(totals["full"] / totals[name], 4)
             entry["wallclock_speedup"] = entry["early_exit_wallclock_speedup"]
-            for rt in others:
+            for rt in (runtime, *others):
                 prefix = row_prefix(rt)
-                ratio = totals[f"{prefix}full"] / totals[f"{prefix}early_exit"]
-                entry[f"{prefix}early_exit_vs_{prefix}full"] = round(ratio, 4)
+                early = totals[f"{prefix}early_exit"]
+                if rt is not runtime:
+                    entry[f"{prefix}early_exit_vs_{prefix}full"] = round(totals[f"{prefix}full"] / early, 4)
+                entry[f"{prefix}early_exit_vs_{prefix}all_layers"] = round(totals[f"{prefix}all_layers"] / early, 4)
             entry["wallclock_over_layer"] = round(entry["wallclock_speedup"] / layer_speedup, 4)
             results["batch_sizes"][str(batch_size)] = entry
     bar.close()
@@ -172,6 +184,8 @@ def format_bench(results: dict[str, Any]) -> str:
         f"strategy {results['strategy']}  ·  {results['samples']} inputs, {results['mean_tokens']} tokens on average"
         f"  ·  {results['threads']} threads"
         f"  ·  mean exit layer {results['mean_exit_layer']} of {results['num_layers']}",
+        f"token-layers saved: {results['token_layer_speedup']:.2f}x (each input's layers weighted by its length; "
+        "below the layer speed-up when long inputs leave late)",
         "",
         f"{'batch':>5}  {'row':<16} {'median ms':>10} {'p90 ms':>9} {'inputs/s':>9} {'wall-clock':>11} {'layers':>7} "
         f"{'ratio':>6}",
@@ -181,7 +195,7 @@ def format_bench(results: dict[str, Any]) -> str:
             if not isinstance(row, dict):
                 continue
             speed = "1.00x" if name == "full" else f"{entry[f'{name}_wallclock_speedup']:.2f}x"
-            is_full = name.endswith("full")  # a full model: runs every layer
+            is_full = name.endswith(("full", "all_layers"))  # runs every layer
             layers = "1.00x" if is_full else f"{entry['layer_speedup']:.2f}x"
             ratio = "" if is_full else f"{entry[f'{name}_wallclock_speedup'] / entry['layer_speedup']:.2f}"
             lines.append(
@@ -189,14 +203,22 @@ def format_bench(results: dict[str, Any]) -> str:
                 f"{row['throughput_per_s']:>9.1f} {speed:>11} {layers:>7} {ratio:>6}"
             )
         for key, value in entry.items():
-            if key.endswith("_full") and "_vs_" in key:
-                name = key.split("_early_exit_vs_")[0].replace("_", "-")
+            if "early_exit_vs_" not in key:
+                continue
+            name = key.split("early_exit_vs_")[0].rstrip("_").replace("_", "-") or "torch"
+            if key.endswith("_full"):
                 lines.append(f"{'':>5}  {name} early exit vs {name} full model: {value:.2f}x")
+            else:
+                lines.append(
+                    f"{'':>5}  {name} early exit vs its loop at full depth: {value:.2f}x "
+                    f"(ratio {value / entry['layer_speedup']:.2f} of the layer saving)"
+                )
     lines.append("")
     lines.append(
         "median/p90: per batch; wall-clock: full model's total time / this row's; layers: L / mean exit layer;"
     )
     lines.append("ratio: wall-clock / layer speed-up (1.00 = the layer saving shows up fully on the clock)")
+    lines.append("all_layers: the exit loop made to run every layer (the runtime's layer-by-layer path, no exit)")
     return "\n".join(lines)
 
 

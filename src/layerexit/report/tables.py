@@ -110,7 +110,7 @@ def bench_section(bench: dict[str, Any]) -> str:
         for name, row in entry.items():
             if not isinstance(row, dict):
                 continue
-            full = name.endswith("full")
+            full = name.endswith(("full", "all_layers"))  # runs every layer
             wall = 1.0 if name == "full" else entry.get(f"{name}_wallclock_speedup")
             layers = 1.0 if full else entry.get("layer_speedup")
             ratio = None if full or not wall or not layers else wall / layers
