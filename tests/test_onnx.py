@@ -364,3 +364,48 @@ def test_export_static_int8_calibrates_on_the_runs_training_texts(tmp_path: Path
     assert manifest["quantized"] == "static"
     assert main(["evaluate", str(run), "--runtime", "onnx-int8-static", "--quiet"]) == 0
     assert (run / "eval-onnx-int8-static").is_dir()
+
+
+_SHARED_POOL_SCRIPT = """
+import sys, torch
+from layerexit.runtime import onnx_runtime
+from layerexit.runtime.onnx_runtime import OnnxRuntime, share_thread_pool
+from layerexit.runtime.loop import all_exits
+from tests.conftest import random_batch
+shared = sys.argv[2] == "shared"
+if shared:
+    assert share_thread_pool(2) and share_thread_pool(2)  # a second call with the same size is a no-op
+    try:
+        share_thread_pool(1)
+    except Exception as err:
+        assert "already shared" in str(err)
+    else:
+        raise AssertionError("a different pool size was accepted")
+runtime = OnnxRuntime.load(sys.argv[1], threads=2)
+assert shared == bool(onnx_runtime._SHARED_POOL)
+for session in (runtime._embed, *runtime._layers):
+    assert session.get_session_options().use_per_session_threads == (not shared)
+assert share_thread_pool(2) == shared  # after the first session: too late to start sharing
+ids, mask = random_batch(batch=6, length=11, seed=3)
+torch.save(all_exits(runtime, ids, mask), sys.argv[3])
+"""
+
+
+def test_one_shared_thread_pool_gives_the_same_answers(tmp_path: Path, exported: Callable[[str], Exported]) -> None:
+    """`bench`, `predict` and `evaluate` run every layer's session on one thread pool (share_thread_pool,
+    before the process's first session): each process decides once, and the answers do not change."""
+    import subprocess
+
+    _, _, folder = exported("bert")
+    root = Path(__file__).resolve().parent.parent
+    out = {}
+    for mode in ("shared", "own"):
+        out[mode] = tmp_path / f"{mode}.pt"
+        subprocess.run(
+            [sys.executable, "-c", _SHARED_POOL_SCRIPT, str(folder), mode, str(out[mode])],
+            cwd=root,
+            check=True,
+            timeout=120,
+        )
+    shared, own = torch.load(out["shared"]), torch.load(out["own"])
+    torch.testing.assert_close(shared, own, atol=1e-6, rtol=0)

@@ -28,6 +28,7 @@ from layerexit.runtime.onnx_format import (
     ONNX_FORMAT,
     ONNX_FORMAT_VERSION,
     PARITY_TOLERANCE,
+    SESSIONS_MADE,
     TOKENIZER_DIR,
     require_onnx,
     sha256,
@@ -239,6 +240,7 @@ def _probe_error(ort: Any, path: Path, stage: _Stage) -> float:
     output's scale when that exceeds 1 (probabilities: absolute; hidden states: relative)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
+    SESSIONS_MADE.append(True)
     session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     feed = {i.name: stage.probe[i.name] for i in session.get_inputs()}
     got = session.run(stage.outputs, feed)

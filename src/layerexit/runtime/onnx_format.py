@@ -45,6 +45,11 @@ FUSED_TOLERANCE = 1e-5
 """A fused graph is kept only this close to PyTorch; otherwise the plain traced graph is used."""
 
 
+SESSIONS_MADE: list[bool] = []
+"""Non-empty once layerexit has created an ONNX Runtime session in this process (its thread pools are then
+fixed: :func:`layerexit.runtime.onnx_runtime.share_thread_pool`)."""
+
+
 def require_onnx() -> tuple[Any, Any]:
     """``onnx`` and ``onnxruntime``, imported on first use."""
     try:

@@ -9,7 +9,7 @@ parametrised over it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -42,6 +42,9 @@ class RuntimeEntry:
     holds_gil: bool = False
     """Its threads take the GIL back often (after every operator): the server then runs its engine in a
     process of its own (``--engine auto``), so HTTP and tokenising are not starved (docs/serve.md)."""
+    prepare: Callable[[int | None], None] | None = None
+    """Process-wide set-up with the thread count, before anything of the runtime is created in the process
+    (:func:`prepare_process`); None: none needed."""
 
     @property
     def eval_folder(self) -> str:
@@ -85,6 +88,23 @@ def _onnx(name: str, quantize: Literal["dynamic", "static"] | None) -> tuple[Loa
     return load, export
 
 
+def _share_ort_threads(threads: int | None) -> None:
+    from layerexit.runtime.onnx_runtime import share_thread_pool
+
+    share_thread_pool(threads)  # False where sessions exist already: each keeps its own pool, as before
+
+
+def prepare_process(names: Sequence[str], threads: int | None) -> None:
+    """Run the ``prepare`` of each named runtime once: commands call this first thing, for the runtimes they
+    will load (ONNX Runtime: one thread pool shared by the sessions of every layer)."""
+    done = set()
+    for name in names:
+        prepare = runtime_entry(name).prepare
+        if prepare is not None and prepare not in done:
+            prepare(threads)
+            done.add(prepare)
+
+
 REFERENCE = "torch"
 """The runtime every other is compared with (and trained in)."""
 
@@ -99,13 +119,18 @@ def register_runtime(entry: RuntimeEntry) -> RuntimeEntry:
 
 
 register_runtime(RuntimeEntry("torch", "PyTorch, eager, one layer at a time", _load_torch, holds_gil=True))
-register_runtime(RuntimeEntry("onnx", "ONNX Runtime, fp32 graphs", *_onnx("onnx", None), export_folder="onnx"))
+register_runtime(
+    RuntimeEntry(
+        "onnx", "ONNX Runtime, fp32 graphs", *_onnx("onnx", None), export_folder="onnx", prepare=_share_ort_threads
+    )
+)
 register_runtime(
     RuntimeEntry(
         "onnx-int8",
         "ONNX Runtime, int8 with activation scales computed per batch (dynamic quantisation)",
         *_onnx("onnx-int8", "dynamic"),
         "onnx-int8",
+        prepare=_share_ort_threads,
     )
 )
 register_runtime(
@@ -115,6 +140,7 @@ register_runtime(
         "does not depend on its batch-mates",
         *_onnx("onnx-int8-static", "static"),
         "onnx-int8-static",
+        prepare=_share_ort_threads,
     )
 )
 
