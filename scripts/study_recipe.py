@@ -33,12 +33,13 @@ from studylib import StudyError, bootstrap, table
 
 from layerexit.errors import LayerExitError
 from layerexit.evaluation.calibrate import check_on_test, default_families, for_risk, for_speedup, pick_default
+from layerexit.evaluation.replay import replay_of
 from layerexit.evaluation.risk import fixed_sequence
 from layerexit.evaluation.sweep import FAMILIES, default_grid
 
 MAX_DROP, CONFIDENCE = 0.01, 0.9
 SPEEDUPS = (1.5, 2.0, 2.5, 3.0)
-FOLDER = re.compile(r"(?P<setting>[a-z0-9-]+)-(?P<method>retrofit)-seed(?P<seed>\d+)$")
+FOLDER = re.compile(r"(?P<setting>[a-z0-9-]+)-(?P<method>retrofit(?:-alltrain)?|pabee|ensemble)-seed(?P<seed>\d+)$")
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,29 @@ SETTINGS = (
     Setting("snli-binary-minilm", "snli-binary", "MiniLM-L6", 2.0),
     Setting("tweets-binary-mpnet", "tweets-binary", "MPNet-base", 3.0),
 )
-METHODS = {"retrofit": "retrofit: exits distilled on the frozen fine-tuned encoder"}
+METHODS = {
+    "retrofit": "retrofit: exits distilled on the frozen fine-tuned encoder",
+    "retrofit-alltrain": "retrofit, exits distilled on all 18,120 training tweets (labels unused)",
+    "pabee": "PABEE, joint training (rerun with its answers kept)",
+    "ensemble": "the paper's objective, joint training (rerun with its answers kept)",
+}
+"""Methods whose last exit is the fine-tuned model (retrofit) and jointly trained ones, whose last exit is
+not: those are certified against the committed fine-tuned run of the same seed (:func:`reference_answers`)."""
+JOINT = {"pabee": ("patience", "entropy"), "ensemble": ("voting", "entropy")}
+"""Jointly trained methods and the strategy families each is certified with, one row per family."""
+
+
+def reference_answers(results: Path, prefix: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The committed fine-tuned run's answers (dev, test) for a setting and seed: the model a jointly
+    trained run is measured against (as ``layerexit calibrate --reference RUN`` does)."""
+    folder = results / (f"full-{prefix}-finetune" + ("" if seed == 0 else f"-seeds{seed}")) / f"finetune-seed{seed}"
+    answers = []
+    for split in ("dev", "test"):
+        file = folder / "eval" / f"probs_{split}.safetensors"
+        if not file.is_file():
+            raise StudyError(f"{file} is missing: the fine-tuned reference of seed {seed} has no committed answers")
+        answers.append(load_file(str(file))["probs"].float()[-1].argmax(-1))
+    return answers[0], answers[1]
 
 
 @dataclass
@@ -65,9 +88,11 @@ class RecipeRun:
     seed: int
     dev: tuple[torch.Tensor, torch.Tensor]
     test: tuple[torch.Tensor, torch.Tensor]
+    reference: tuple[torch.Tensor, torch.Tensor] | None = None
+    """The fine-tuned model's answers on (dev, test) where the run's own last exit is not that model."""
 
     @classmethod
-    def load(cls, path: Path, seed: int) -> RecipeRun:
+    def load(cls, path: Path, seed: int, reference: tuple[torch.Tensor, torch.Tensor] | None = None) -> RecipeRun:
         splits = []
         for split in ("dev", "test"):
             file = path / "eval" / f"probs_{split}.safetensors"
@@ -75,17 +100,24 @@ class RecipeRun:
                 raise StudyError(f"{file} is missing (collect the run with scripts/results.py collect-run)")
             data = load_file(str(file))
             splits.append((data["probs"].float(), data["labels"].long()))
-        return cls(path, seed, splits[0], splits[1])
+        if reference is not None and any(r.shape != s[1].shape for r, s in zip(reference, splits, strict=True)):
+            raise StudyError(f"{path}: the fine-tuned reference was scored on other examples")
+        return cls(path, seed, splits[0], splits[1], reference)
 
     def full_correct(self) -> np.ndarray:
+        """Test correctness of the fine-tuned model: the run's own last exit, or the reference's answers."""
         probs, labels = self.test
-        return (probs[-1].argmax(-1) == labels).numpy()
+        answers = probs[-1].argmax(-1) if self.reference is None else self.reference[1]
+        return (answers == labels).numpy()
 
-    def certified(self) -> tuple[str, float, float, float, np.ndarray]:
-        """(setting, dev speed-up, test speed-up, test disagreement, test correctness of the setting)."""
-        families = default_families("retrofit", risk=True)
-        choice = pick_default(for_risk(*self.dev, MAX_DROP, CONFIDENCE, families, loss="disagreement"))
-        check = check_on_test(choice, *self.test)
+    def certified(self, family: str | None = None) -> tuple[str, float, float, float, np.ndarray]:
+        """(setting, dev speed-up, test speed-up, test disagreement with the fine-tuned model, test correctness
+        of the setting). ``family``: the one strategy family tested; default the retrofit's own."""
+        families = [family] if family else default_families("retrofit", risk=True)
+        dev_reference, test_reference = self.reference if self.reference is not None else (None, None)
+        replay = replay_of(self.dev[0], families, dev_reference)
+        choice = pick_default(for_risk(replay, self.dev[1], MAX_DROP, CONFIDENCE, families, loss="disagreement"))
+        check = check_on_test(choice, *self.test, reference=test_reference)
         _, prediction = choice.strategy.replay(self.test[0])
         return str(choice.strategy), choice.speedup, check.speedup, check.disagreement, self.correct(prediction)
 
@@ -166,8 +198,9 @@ def load_recipe(results: Path) -> dict[tuple[str, str], list[RecipeRun]]:
         match = FOLDER.match(path.name)
         if match is None or not path.is_dir():
             continue
-        key = (match["setting"], match["method"])
-        found.setdefault(key, []).append(RecipeRun.load(path, int(match["seed"])))
+        key, seed = (match["setting"], match["method"]), int(match["seed"])
+        reference = reference_answers(results, key[0], seed) if key[1] in JOINT else None
+        found.setdefault(key, []).append(RecipeRun.load(path, seed, reference))
     for runs in found.values():
         runs.sort(key=lambda r: r.seed)
         labels = runs[0].test[1]
@@ -215,26 +248,25 @@ def certified_table(
             )
         for method, label in METHODS.items():
             runs = found.get((setting.prefix, method))
-            if not runs:
-                continue
-            results = [run.certified() for run in runs]
-            dev = [r[1] for r in results]
-            test = [r[2] for r in results]
-            reached = min(dev) >= setting.target
-            full = statistics.mean(float(run.full_correct().mean()) for run in runs)
-            rows.append(
-                [
-                    f"{setting.task}, {setting.model}",
-                    label,
-                    ", ".join(str(run.seed) for run in runs),
-                    " / ".join(f"{s:.2f}x" for s in dev) + (" (target met)" if reached else ""),
-                    f"{setting.target:.1f}x",
-                    " / ".join(f"{s:.2f}x" for s in test),
-                    " / ".join(f"{100 * r[3]:.2f}%" for r in results),
-                    f"{100 * full:.2f}",
-                    difference([(r[4], run.full_correct()) for r, run in zip(results, runs, strict=True)]),
-                ]
-            )
+            for family in JOINT.get(method, (None,)) if runs else ():
+                results = [run.certified(family) for run in runs]
+                dev = [r[1] for r in results]
+                test = [r[2] for r in results]
+                reached = min(dev) >= setting.target
+                full = statistics.mean(float(run.full_correct().mean()) for run in runs)
+                rows.append(
+                    [
+                        f"{setting.task}, {setting.model}",
+                        f"{label} + {family}" if family else label,
+                        ", ".join(str(run.seed) for run in runs),
+                        " / ".join(f"{s:.2f}x" for s in dev) + (" (target met)" if reached else ""),
+                        f"{setting.target:.1f}x",
+                        " / ".join(f"{s:.2f}x" for s in test),
+                        " / ".join(f"{100 * r[3]:.2f}%" for r in results),
+                        f"{100 * full:.2f}",
+                        difference([(r[4], run.full_correct()) for r, run in zip(results, runs, strict=True)]),
+                    ]
+                )
     header = [
         "task, encoder",
         "method",
