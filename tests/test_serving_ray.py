@@ -33,18 +33,23 @@ def free_port() -> int:
 @pytest.fixture
 def ray_serve() -> Iterator[int]:
     port = free_port()
+    # A loaded machine (CI beside other jobs) can keep Serve's HTTP proxy from answering its readiness
+    # check within the default 5 s: give it 30, in the controller's and proxy's processes.
+    patience = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
     ray.init(
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(SRC)}},
+        runtime_env={"env_vars": {"PYTHONPATH": str(SRC), **patience}},
     )
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
+    try:  # a failed start must not leave Ray running for the next test
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield port
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
 
 
 def test_options_read_like_the_serve_command(trained_run: Path) -> None:  # noqa: F811
