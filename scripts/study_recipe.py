@@ -104,6 +104,12 @@ class RecipeRun:
             raise StudyError(f"{path}: the fine-tuned reference was scored on other examples")
         return cls(path, seed, splits[0], splits[1], reference)
 
+    def own_full_disagreement(self) -> float:
+        """How often the run's own last exit disagrees with the fine-tuned model on dev (0 without a reference)."""
+        if self.reference is None:
+            return 0.0
+        return float((self.dev[0][-1].argmax(-1) != self.reference[0]).double().mean())
+
     def full_correct(self) -> np.ndarray:
         """Test correctness of the fine-tuned model: the run's own last exit, or the reference's answers."""
         probs, labels = self.test
@@ -253,13 +259,20 @@ def certified_table(
                 dev = [r[1] for r in results]
                 test = [r[2] for r in results]
                 reached = min(dev) >= setting.target
+                # a jointly trained run whose own full model already disagrees too often certifies nothing
+                certified = [
+                    f"none: its full model disagrees on {100 * run.own_full_disagreement():.2f}% of dev"
+                    if r[0] == f"static(layer={run.dev[0].shape[0]})" and run.reference is not None
+                    else f"{r[1]:.2f}x"
+                    for r, run in zip(results, runs, strict=True)
+                ]
                 full = statistics.mean(float(run.full_correct().mean()) for run in runs)
                 rows.append(
                     [
                         f"{setting.task}, {setting.model}",
                         f"{label} + {family}" if family else label,
                         ", ".join(str(run.seed) for run in runs),
-                        " / ".join(f"{s:.2f}x" for s in dev) + (" (target met)" if reached else ""),
+                        " / ".join(certified) + (" (target met)" if reached else ""),
                         f"{setting.target:.1f}x",
                         " / ".join(f"{s:.2f}x" for s in test),
                         " / ".join(f"{100 * r[3]:.2f}%" for r in results),
