@@ -69,10 +69,23 @@ JOINT = {"pabee": ("patience", "entropy"), "ensemble": ("voting", "entropy")}
 """Jointly trained methods and the strategy families each is certified with, one row per family."""
 
 
+def finetune_folder(results: Path, prefix: str, seed: int) -> Path:
+    """The committed plain fine-tuned run of a setting and seed (``scripts/full_study.sh *-finetune*``)."""
+    return results / (f"full-{prefix}-finetune" + ("" if seed == 0 else f"-seeds{seed}")) / f"finetune-seed{seed}"
+
+
+def seconds(folder: Path) -> float:
+    """A committed run's training wall-clock (``train_summary.json``)."""
+    file = folder / "train_summary.json"
+    if not file.is_file():
+        raise StudyError(f"{file} is missing")
+    return float(json.loads(file.read_text(encoding="utf-8"))["seconds"])
+
+
 def reference_answers(results: Path, prefix: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The committed fine-tuned run's answers (dev, test) for a setting and seed: the model a jointly
     trained run is measured against (as ``layerexit calibrate --reference RUN`` does)."""
-    folder = results / (f"full-{prefix}-finetune" + ("" if seed == 0 else f"-seeds{seed}")) / f"finetune-seed{seed}"
+    folder = finetune_folder(results, prefix, seed)
     answers = []
     for split in ("dev", "test"):
         file = folder / "eval" / f"probs_{split}.safetensors"
@@ -230,7 +243,7 @@ def difference(pairs: list[tuple[np.ndarray, np.ndarray]]) -> str:
 
 
 def certified_table(
-    found: dict[tuple[str, str], list[RecipeRun]], baselines: dict[tuple[str, str], list[Baseline]]
+    found: dict[tuple[str, str], list[RecipeRun]], baselines: dict[tuple[str, str], list[Baseline]], results_dir: Path
 ) -> str:
     rows = []
     for setting in SETTINGS:
@@ -250,6 +263,7 @@ def certified_table(
                     " / ".join(f"{100 * r[3]:.2f}%" for r in results),
                     f"{100 * statistics.mean(r[5] for r in results):.2f}",
                     f"{100 * statistics.mean(r[4] - r[5] for r in results):+.2f} (no interval: answers not kept)",
+                    " / ".join(f"{seconds(b.path) / 60:.0f}" for b in done),
                 ]
             )
         for method, label in METHODS.items():
@@ -278,6 +292,9 @@ def certified_table(
                         " / ".join(f"{100 * r[3]:.2f}%" for r in results),
                         f"{100 * full:.2f}",
                         difference([(r[4], run.full_correct()) for r, run in zip(results, runs, strict=True)]),
+                        " / ".join(
+                            f"{training_seconds(results_dir, setting.prefix, method, run) / 60:.0f}" for run in runs
+                        ),
                     ]
                 )
     header = [
@@ -290,8 +307,16 @@ def certified_table(
         "test disagreement with the fine-tuned model",
         "fine-tuned model, test accuracy",
         "test accuracy − fine-tuned, points [95%]",
+        "training, minutes (fine-tuning included; shared machine)",
     ]
     return table(header, rows)
+
+
+def training_seconds(results: Path, prefix: str, method: str, run: RecipeRun) -> float:
+    """Wall-clock of everything the method trains: a retrofit's exits plus the fine-tuning it starts from; a
+    jointly trained run's own training."""
+    own = seconds(run.path)
+    return own if method in JOINT else own + seconds(finetune_folder(results, prefix, run.seed))
 
 
 def speedups_table(found: dict[tuple[str, str], list[RecipeRun]]) -> str:
@@ -349,7 +374,7 @@ def tables(results: Path) -> dict[str, str]:
     if not found:
         raise StudyError(f"no recipe runs under {results / 'recipe'} (scripts/full_study.sh recipe)")
     return {
-        "recipe": certified_table(found, load_baselines(results)),
+        "recipe": certified_table(found, load_baselines(results), results),
         "recipespeed": speedups_table(found),
         "exitrules": rules_table(results),
     }
