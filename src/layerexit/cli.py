@@ -69,7 +69,6 @@ def cmd_retrofit(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     o = from_namespace(EvaluateOptions, args)
-    prepare_process([o.runtime], None)
     return _evaluate(
         Path(o.run),
         o.splits,
@@ -144,7 +143,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from layerexit.predictor import Predictor
 
     o = from_namespace(PredictOptions, args)
-    prepare_process([o.runtime], o.threads or None)
+    if o.shared_pool:
+        prepare_process([o.runtime], o.threads or None)
     predictor = Predictor.from_run(o.run, o.strategy, threads=o.threads or None, runtime=o.runtime)
     texts, pairs = _read_inputs(o)
     problem = pairs_problem(predictor.text_pairs, pairs is not None, field="--file with --pair-column")
@@ -184,7 +184,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     o = from_namespace(BenchOptions, args)
     threads = o.threads or torch.get_num_threads()  # pinned for the whole run
-    prepare_process(o.runtime, threads)
+    if o.shared_pool:
+        prepare_process(o.runtime, threads)
     run = RunFolder(o.run).require(config=True).require_finished()
     model = EarlyExitModel.from_pretrained(run.path)
     strategy = parse(o.strategy) if o.strategy else default_strategy(run)[0]

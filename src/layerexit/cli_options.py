@@ -50,6 +50,14 @@ def threads() -> Any:
     return option(0, "threads of the runtime (0: its default, one per core)")
 
 
+def shared_pool() -> Any:
+    return option(
+        False,
+        "ONNX Runtime: run every layer's session on one shared thread pool that stays warm between layers "
+        "(faster at batch 1, can be slower in batches: docs/performance.md)",
+    )
+
+
 def strategies() -> Any:
     return option(list(FAMILIES), "comma-separated strategy families: " + ",".join(FAMILIES), parse=families)
 
@@ -103,6 +111,7 @@ class PredictOptions:
     batch_size: int = option(32, "inputs per batch (exited rows leave the batch)")
     threads: int = threads()
     runtime: str = runtime()
+    shared_pool: bool = shared_pool()
 
 
 @dataclass
@@ -124,6 +133,7 @@ class BenchOptions:
         "e.g. --runtime torch onnx onnx-int8",
         choices=RUNTIMES,
     )
+    shared_pool: bool = shared_pool()
 
 
 @dataclass

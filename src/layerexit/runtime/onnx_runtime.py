@@ -46,10 +46,11 @@ def share_thread_pool(threads: int | None) -> bool:
 
     With one session per layer, the default of a pool per session means each layer's call wakes its own
     sleeping threads; one shared pool that stays warm from one layer to the next made early exit 1.4-1.5x
-    faster at batch 1 (docs/performance.md, "ONNX Runtime: one thread pool for every layer"). ONNX
-    Runtime fixes its thread pools when it creates its environment, at the process's first session, so
-    this must come before any: `layerexit bench`, `predict` and `evaluate` call it first thing. A session
-    that other code created earlier cannot be detected: do not call this in such a process.
+    faster at batch 1, but up to 1.7x slower in batches on a run whose rows leave at many different layers
+    (docs/performance.md, "ONNX Runtime: one thread pool for every layer"), so it is opt-in:
+    `layerexit bench --shared-pool`, `predict --shared-pool`. ONNX Runtime fixes its thread pools when it
+    creates its environment, at the process's first session, so this must come before any. A session that
+    other code created earlier cannot be detected: do not call this in such a process.
     """
     wanted = 0 if threads is None else int(threads)
     if _SHARED_POOL:

@@ -95,8 +95,8 @@ def _share_ort_threads(threads: int | None) -> None:
 
 
 def prepare_process(names: Sequence[str], threads: int | None) -> None:
-    """Run the ``prepare`` of each named runtime once: commands call this first thing, for the runtimes they
-    will load (ONNX Runtime: one thread pool shared by the sessions of every layer)."""
+    """Run the ``prepare`` of each named runtime once, before any of them is loaded (``--shared-pool``: for
+    ONNX Runtime, one thread pool shared by the sessions of every layer)."""
     done = set()
     for name in names:
         prepare = runtime_entry(name).prepare
