@@ -79,15 +79,13 @@ def _session_options(ort: Any, threads: int | None) -> Any:
     After :func:`share_thread_pool` every session runs on the one shared pool instead.
     """
     options = ort.SessionOptions()
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if _SHARED_POOL:
         options.use_per_session_threads = False
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         return options
     options.intra_op_num_threads = 0 if threads is None else threads
     options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
