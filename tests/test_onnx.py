@@ -24,7 +24,7 @@ from layerexit.runtime.onnx_export import export_onnx
 from layerexit.runtime.onnx_format import MANIFEST_NAME
 from layerexit.runtime.onnx_runtime import OnnxRuntime
 
-from .conftest import ARCHITECTURES, random_batch, tiny_model
+from .conftest import ARCHITECTURES, SEPARATOR, random_batch, tiny_model
 from .test_model import CANDIDATES, _peaked, _varied
 
 PARITY = 1e-4
@@ -138,12 +138,79 @@ def test_exited_rows_are_dropped_and_padding_trimmed(
         assert length == (13 if layer == 1 else int(lengths[running].max()))
 
     calls.clear()
+    monkeypatch.setattr(runtime, "fuse", False)  # a single row otherwise runs in one fused call
     early_exit(runtime, strategies.Static(layer=1), ids[:1], mask[:1])
     assert calls == [(1, 13)]
     calls.clear()
     untrimmed = early_exit(runtime, strategy, ids, mask, trim_padding=False)
     assert {length for _, length in calls} == {13}
     assert torch.equal(untrimmed.exit_layer, result.exit_layer)
+
+
+def _single_rows(runtime: OnnxRuntime, strategy: strategies.Strategy, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """Each row through the fused single-row graph equals the per-layer loop bit for bit."""
+    fused = 0
+    for row in range(ids.shape[0]):
+        n = int(mask[row].sum())
+        one_ids, one_mask = ids[row : row + 1, :n], mask[row : row + 1, :n]
+        whole = runtime.single_row_exit(strategy, one_ids, one_mask)
+        runtime.fuse = False
+        try:
+            loop = early_exit(runtime, strategy, one_ids, one_mask)
+        finally:
+            runtime.fuse = True
+        if whole is None:
+            continue
+        fused += 1
+        layer, prediction, probs = whole
+        assert (layer, prediction) == (loop.exit_layer.item(), loop.prediction.item()), (strategy, row)
+        assert torch.equal(probs, loop.probs)
+        assert torch.equal(early_exit(runtime, strategy, one_ids, one_mask).probs, probs)
+    assert fused >= ids.shape[0] - 1, f"{strategy}: only {fused} of {ids.shape[0]} rows ran fused"
+
+
+@pytest.mark.parametrize("arch", ["bert", "mpnet"])
+@pytest.mark.parametrize("name", list(CANDIDATES))
+def test_a_single_row_runs_in_one_call_with_the_loops_decisions(
+    arch: str, name: str, exported: Callable[[str], Exported], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, runtime, _ = exported(arch)
+    ids, mask = random_batch(batch=12, length=13, seed=4)
+    with torch.no_grad():
+        strategy = _varied(name, model(ids, mask).probs)
+    calls: list[tuple[int, int]] = []
+    sessions = runtime._layers
+    monkeypatch.setattr(runtime, "_layers", [_CountingSession(s, calls) for s in sessions])
+    result = early_exit(runtime, strategy, ids[:1, : int(mask[0].sum())], mask[:1, : int(mask[0].sum())])
+    assert calls == [] and result.layers_run == result.exit_layer.item()
+    monkeypatch.setattr(runtime, "_layers", sessions)
+    _single_rows(runtime, strategy, ids, mask)
+
+
+@pytest.mark.parametrize("quantize", [True, "static"])
+def test_single_row_graph_of_int8_and_pair_exports(quantize: bool | str, tmp_path: Path) -> None:
+    model = _peaked(tiny_model("bert", pooling="pair"), scale=2.0)
+    calibration = [(*random_batch(batch=8, length=12, seed=s), None) for s in range(2)]
+    folder = export_onnx(model, tmp_path, quantize=quantize, calibration=calibration)  # type: ignore[arg-type]
+    runtime = OnnxRuntime.load(folder)
+    ids, mask = random_batch(batch=10, length=12, seed=7)
+    ids[:, 4] = SEPARATOR  # a second text in every row
+    probs = all_exits(runtime, ids, mask)
+    for name in ("entropy", "patience", "voting", "hybrid"):
+        _single_rows(runtime, _varied(name, probs), ids, mask)
+
+
+def test_a_score_at_its_threshold_goes_through_the_loop(exported: Callable[[str], Exported]) -> None:
+    _, runtime, _ = exported("bert")
+    ids, mask = random_batch(batch=1, length=9, seed=3)
+    probs = all_exits(runtime, ids, mask)  # (L, 1, C)
+    exact = strategies.Entropy(threshold=float(strategies.entropy(probs[0]).item()))  # layer 1's own entropy
+    assert runtime.single_row_exit(exact, ids, mask) is None  # too close to decide in the graph
+    layer, prediction = exact.replay(probs)
+    result = early_exit(runtime, exact, ids, mask)
+    assert (result.exit_layer.item(), result.prediction.item()) == (layer.item(), prediction.item())
+    assert runtime.single_row_exit(strategies.Entropy(threshold=0.5), ids[:, :5], mask[:, :5]) is not None
+    assert runtime.single_row_exit(strategies.Entropy(threshold=0.5), ids.repeat(2, 1), mask.repeat(2, 1)) is None
 
 
 def test_strategy_that_needs_labels_is_refused(exported: Callable[[str], Exported]) -> None:
@@ -371,6 +438,7 @@ import sys, torch
 from layerexit.runtime import onnx_runtime
 from layerexit.runtime.onnx_runtime import OnnxRuntime, share_thread_pool
 from layerexit.runtime.loop import all_exits
+from layerexit.strategies import Entropy
 from tests.conftest import random_batch
 shared = sys.argv[2] == "shared"
 if shared:
@@ -387,7 +455,9 @@ for session in (runtime._embed, *runtime._layers):
     assert session.get_session_options().use_per_session_threads == (not shared)
 assert share_thread_pool(2) == shared  # after the first session: too late to start sharing
 ids, mask = random_batch(batch=6, length=11, seed=3)
-torch.save(all_exits(runtime, ids, mask), sys.argv[3])
+single = runtime.single_row_exit(Entropy(threshold=0.5), ids[:1, : int(mask[0].sum())], mask[:1, : int(mask[0].sum())])
+assert single is not None  # the single-row graph runs on the same pools
+torch.save(torch.cat([all_exits(runtime, ids, mask).flatten(), single[2].flatten()]), sys.argv[3])
 """
 
 

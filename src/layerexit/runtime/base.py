@@ -11,7 +11,10 @@ A runtime (PyTorch, ONNX Runtime fp32 or int8) exposes five operations on batche
 * ``join(parts)``: the rows of several batches at the same depth as one batch, right-padded to the
   longest (a server pools rows of different requests this way);
 * ``full(input_ids, attention_mask, token_type_ids)`` -> probs (B, C): the plain full model, as a user
-  would deploy it without early exit (the latency baseline).
+  would deploy it without early exit (the latency baseline);
+* ``single_row_exit(strategy, input_ids, attention_mask, token_type_ids)`` -> ``(exit layer, prediction,
+  probs (1, C))`` or None: a runtime that can run one row's whole exit in a single call with exactly the
+  loop's decisions does so (ONNX Runtime, :mod:`layerexit.runtime.onnx_fused`); None runs the loop.
 
 :mod:`layerexit.runtime.loop` drives these, so exits, dropped rows and trimmed padding are written once
 for every runtime; a new backend is one module that implements this protocol plus one parity test.
@@ -27,6 +30,7 @@ import numpy as np
 from torch import Tensor
 
 from layerexit.runtime.registry import REGISTRY, runtime_entry
+from layerexit.strategies import Strategy
 
 RUNTIMES: tuple[str, ...] = tuple(REGISTRY)
 """Runtime names, as every command and :meth:`Predictor.from_run` take them (``--runtime``): the
@@ -79,6 +83,10 @@ class Runtime(Protocol):
     def join(self, parts: Sequence[Rows]) -> Rows: ...
 
     def full(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> Tensor: ...
+
+    def single_row_exit(
+        self, strategy: Strategy, input_ids: Any, attention_mask: Any, token_type_ids: Any = None
+    ) -> tuple[int, int, Tensor] | None: ...
 
 
 def used_length(mask: Tensor | np.ndarray) -> int:

@@ -9,6 +9,9 @@ padding is trimmed, so exits and predictions equal the PyTorch path's (tested in
 from __future__ import annotations
 
 import os
+import tempfile
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,10 +33,15 @@ from layerexit.runtime.onnx_format import (
     require_onnx,
     sha256,
 )
+from layerexit.runtime.onnx_fused import MARGIN, fusable, fused_graph
+from layerexit.strategies import Strategy
 
 ArrayLike = Tensor | np.ndarray
 _LAYER_OUTPUTS = ["hidden_out", "probs"]
 
+
+FUSED_SESSIONS = 2
+"""Single-row graphs kept per runtime, one per strategy (each holds a copy of every weight)."""
 
 _SHARED_POOL: dict[str, int] = {}
 """``{"threads": n}`` once :func:`share_thread_pool` has run in this process."""
@@ -116,6 +124,7 @@ class OnnxRuntime:
         layers: list[GraphEntry],
         full: GraphEntry,
         threads: int | None,
+        fuse: bool = True,
     ) -> None:
         _, self._ort = require_onnx()
         self.folder = folder
@@ -131,13 +140,20 @@ class OnnxRuntime:
         self._layers = [self._session(entry) for entry in layers]
         self._reads_second = ["second_text" in entry.inputs for entry in layers]
         self._full: Any = None  # created on first use: it holds a second copy of every weight
+        self.fuse = fuse
+        self._fused: OrderedDict[Strategy, tuple[Any, tuple[str, ...]] | None] = OrderedDict()
+        """Single-row sessions and their input names by strategy, most recently used last."""
+        self._fused_lock = threading.Lock()
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], threads: int | None = None, *, verify: bool = True) -> OnnxRuntime:
+    def load(
+        cls, directory: str | os.PathLike[str], threads: int | None = None, *, verify: bool = True, fuse: bool = True
+    ) -> OnnxRuntime:
         """Open an export folder written by :func:`export_onnx`.
 
         ``threads``: ONNX Runtime intra-op threads per session (``None``: its default, one per physical
-        core). ``verify`` checks every file's sha256 against the manifest before loading.
+        core). ``verify`` checks every file's sha256 against the manifest before loading. ``fuse``: run a
+        single row's whole early exit in one call (:meth:`single_row_exit`).
         """
         folder = Path(directory)
         data = read_manifest(folder)
@@ -174,22 +190,28 @@ class OnnxRuntime:
                 raise LayerExitError(f"{folder}: {entry.file} is missing; export the model again")
             if verify and sha256(path) != entry.sha256:
                 raise LayerExitError(f"{path}: contents do not match the manifest (changed or damaged after export)")
-        return cls(folder, data, config, embed, layers, full, threads)
+        return cls(folder, data, config, embed, layers, full, threads, fuse)
 
     def _session(self, entry: GraphEntry) -> Any:
-        ort = self._ort
         path = self.folder / entry.file
-        try:
-            SESSIONS_MADE.append(True)
-            session = ort.InferenceSession(
-                str(path), sess_options=_session_options(ort, self.threads), providers=["CPUExecutionProvider"]
-            )
-        except Exception as err:  # onnxruntime raises its own exception types for unreadable graphs
-            raise LayerExitError(f"{path}: ONNX Runtime cannot load it ({err})") from None
+        session = self._open(str(path), str(path))
         names = tuple(i.name for i in session.get_inputs())
         if names != entry.inputs:
             raise LayerExitError(f"{path}: graph inputs {list(names)} differ from the manifest's {list(entry.inputs)}")
         return session
+
+    def _open(self, graph: str | bytes, where: str, *, quiet: bool = False, options: Any = None) -> Any:
+        """A session on ``graph``; ``quiet`` silences ONNX Runtime's warnings (about constants its own
+        optimiser folded away in a graph layerexit built)."""
+        ort = self._ort
+        options = options or _session_options(ort, self.threads)
+        if quiet:
+            options.log_severity_level = 3
+        try:
+            SESSIONS_MADE.append(True)
+            return ort.InferenceSession(graph, sess_options=options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own exception types for unreadable graphs
+            raise LayerExitError(f"{where}: ONNX Runtime cannot load it ({err})") from None
 
     @property
     def num_layers(self) -> int:
@@ -262,6 +284,76 @@ class OnnxRuntime:
             return Rows(hidden, mask)
         second = np.concatenate([np.pad(p.second, ((0, 0), (0, length - p.second.shape[1]))) for p in parts])
         return Rows(hidden, mask, second)
+
+    def single_row_exit(
+        self,
+        strategy: Strategy,
+        input_ids: ArrayLike,
+        attention_mask: ArrayLike,
+        token_type_ids: ArrayLike | None = None,
+    ) -> tuple[int, int, Tensor] | None:
+        """A single row's whole early exit in one ONNX Runtime call: ``(exit layer, prediction, probs (1, C))``.
+
+        The graph (:mod:`layerexit.runtime.onnx_fused`) holds the embeddings, every layer and exit, and
+        ``strategy``'s decision after each; it is built from this export's graphs when a strategy is first
+        used and holds a second copy of every weight. None where the per-layer loop must run the row: more
+        than one row, ``fuse`` off, a strategy without a graph form, or a score that came within
+        :data:`~layerexit.runtime.onnx_fused.MARGIN` of its threshold.
+        """
+        if not self.fuse or not fusable(strategy) or len(input_ids) != 1:
+            return None
+        fused = self._fused_session(strategy)
+        if fused is None:
+            return None
+        session, names = fused
+        feed, mask = self._token_feed(self._embed_entry.inputs, input_ids, attention_mask, token_type_ids)
+        feed["attention_mask"] = mask
+        if "second_text" in names:
+            assert self.config.separator_id is not None  # ExitConfig checks it
+            second = second_text(torch.from_numpy(feed["input_ids"]), torch.from_numpy(mask), self.config.separator_id)
+            feed["second_text"] = second.numpy()
+        probs, layer, prediction, margin = session.run(None, {name: feed[name] for name in names})
+        if float(margin[0]) < MARGIN:
+            return None
+        return int(layer), int(prediction[0]), torch.from_numpy(probs)
+
+    def _fused_session(self, strategy: Strategy) -> tuple[Any, tuple[str, ...]] | None:
+        """The single-row session for ``strategy``: the last :data:`FUSED_SESSIONS` are kept."""
+        with self._fused_lock:
+            if strategy in self._fused:
+                self._fused.move_to_end(strategy)
+            else:
+                session = self._build_fused(strategy)
+                self._fused[strategy] = (
+                    None if session is None else (session, tuple(i.name for i in session.get_inputs()))
+                )
+                while len(self._fused) > FUSED_SESSIONS:
+                    self._fused.popitem(last=False)
+            return self._fused[strategy]
+
+    def _build_fused(self, strategy: Strategy) -> Any:
+        onnx, ort = require_onnx()
+        entries = [self._embed_entry, *self._layer_entries]
+        with tempfile.TemporaryDirectory(prefix="layerexit-fuse-") as tmp:
+            # Each graph as ONNX Runtime optimises it on its own (portable rewrites only): inside an ``If``
+            # branch a few rewrites are not made, and the layer would round differently from its own session.
+            graphs = []
+            for entry in entries:
+                options = _session_options(ort, self.threads)
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+                options.optimized_model_filepath = str(Path(tmp) / entry.file)
+                options.log_severity_level = 3
+                self._open(str(self.folder / entry.file), str(self.folder / entry.file), options=options)
+                graphs.append(onnx.load(options.optimized_model_filepath))
+        names = [*self._embed_entry.inputs]
+        names += [
+            n for n in ("attention_mask", "second_text") if n not in names and any(n in e.inputs for e in entries)
+        ]
+        model = fused_graph(graphs[0], graphs[1:], strategy, self.num_labels, names)
+        if model.ByteSize() >= 2**31:  # one protobuf message holds at most 2 GiB: such a model runs layer by layer
+            self.fuse = False
+            return None
+        return self._open(model.SerializeToString(), f"{self.folder}: the single-row graph for {strategy}", quiet=True)
 
     def full(self, input_ids: ArrayLike, attention_mask: ArrayLike, token_type_ids: ArrayLike | None = None) -> Tensor:
         """The last exit's probabilities (B, C) from the single ``full`` graph: the plain full model."""

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from layerexit.model import EarlyExitModel
 from layerexit.runtime.base import Rows, used_length
+from layerexit.strategies import Strategy
 
 
 class TorchRuntime:
@@ -75,6 +76,12 @@ class TorchRuntime:
             return Rows(hidden, mask)
         second = torch.cat([F.pad(p.second, (0, length - p.second.shape[1])) for p in parts])  # (b, t)
         return Rows(hidden, mask, second)
+
+    def single_row_exit(
+        self, strategy: Strategy, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None
+    ) -> None:
+        """Always None: on PyTorch the per-layer loop is the single-row path."""
+        return None
 
     @torch.inference_mode()
     def full(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:

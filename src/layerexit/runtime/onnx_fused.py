@@ -1,0 +1,247 @@
+"""One ONNX graph for a whole single-row early exit: the embeddings, every layer with its exit, and the
+strategy's decision after each layer, nested in ``If`` nodes so that layer l+1 runs only when the row did
+not leave at layer l.
+
+The exit loop (:mod:`layerexit.runtime.loop`) calls a runtime once per layer and decides in Python. On
+ONNX Runtime that costs, per layer, a session call, the copies around it, the strategy's step on a (1, C)
+tensor and, with the default thread pools, waking the layer session's own threads; for a MiniLM that is a
+third of the time of a single row. Built from the export's own graphs (checked against the manifest),
+this graph runs the same layers on the same row in one call.
+
+It decides exactly as :meth:`Strategy.step` does:
+
+* votes, patience counters and argmaxes are integer logic, and voting's summed probabilities are added in
+  float64 in the same order, so they are bit for bit the Python step's;
+* an entropy or a top probability is compared with its threshold in float32, where ONNX Runtime's ``Log``
+  may differ from PyTorch's in the last bits. The graph therefore also returns the smallest distance of
+  any such score from its threshold, and a row whose score came within :data:`MARGIN` of a threshold is
+  run again through the per-layer loop, whose decision is the reference.
+
+Only single rows are fused (rows of a batch leave at different layers). Strategies without a graph form
+here (none in :mod:`layerexit.strategies` today, but a user's own) fall back to the per-layer loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from layerexit import strategies
+from layerexit.strategies import Strategy, voting_denominator
+
+MARGIN = 1e-4
+"""A row whose entropy or top probability came closer than this to a threshold is decided again by the
+per-layer loop. Float32 entropies of the same probabilities differ between runtimes by about 1e-7."""
+
+OUTPUTS = ("probs", "exit_layer", "prediction", "margin")
+"""The fused graph's outputs: the exit's probabilities (1, C), its 1-based layer, the prediction (1,) and
+the smallest distance of a compared score from its threshold (``inf`` when nothing was compared)."""
+
+
+@dataclass
+class _Scope:
+    """The nodes and constants of one graph scope. A layer's weights are initializers of the scope its
+    nodes run in: ONNX Runtime pre-packs a scope's own constant weights for its matrix kernels but not
+    weights read from an outer scope, and the two kernels round differently."""
+
+    constants: list[Any]
+    opset: int
+    nodes: list[Any] = field(default_factory=list)
+    counter: list[int] = field(default_factory=lambda: [0])
+
+    def child(self) -> _Scope:
+        return _Scope([], self.opset, [], self.counter)
+
+    def name(self, hint: str) -> str:
+        self.counter[0] += 1
+        return f"fx{self.counter[0]}_{hint}"
+
+    def const(self, value: Any, dtype: Any, hint: str = "c") -> str:
+        from onnx import numpy_helper
+
+        name = self.name(hint)
+        self.constants.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def op(self, op_type: str, *inputs: str, hint: str = "", **attrs: Any) -> str:
+        from onnx import helper
+
+        out = self.name(hint or op_type.lower())
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
+        return out
+
+
+State = dict[str, str]
+Decision = tuple[str, str, str | None]
+"""``(fire (1,) bool, prediction (1,) int64, score distance from threshold (1,) float32 or None)``."""
+Builder = Callable[[Any, _Scope, int, str, int, State], Decision]
+"""``(strategy, scope, layer, probs, num_labels, state) -> decision``; ``state`` is updated in place."""
+
+
+def _argmax(g: _Scope, x: str) -> str:
+    return g.op("ArgMax", x, axis=-1, keepdims=0, hint="argmax")  # first maximum, as torch.argmax
+
+
+def _max(g: _Scope, x: str, keepdims: int) -> str:
+    """The largest value over the last axis (``ReduceMax`` took its axes as an attribute before opset 18)."""
+    if g.opset >= 18:
+        return g.op("ReduceMax", x, g.const([-1], np.int64), keepdims=keepdims)
+    return g.op("ReduceMax", x, axes=[-1], keepdims=keepdims)
+
+
+def _entropy(g: _Scope, probs: str, normalized: bool, num_labels: int) -> str:
+    """:func:`layerexit.strategies.entropy` (1,) float32."""
+    logs = g.op("Log", g.op("Max", probs, g.const(1e-12, np.float32)))
+    total = g.op("ReduceSum", g.op("Mul", probs, logs), g.const([-1], np.int64), keepdims=0)
+    h = g.op("Neg", total, hint="entropy")
+    return g.op("Div", h, g.const(math.log(num_labels), np.float32)) if normalized else h
+
+
+def _distance(g: _Scope, score: str, threshold: str) -> str:
+    return g.op("Abs", g.op("Sub", score, threshold), hint="distance")
+
+
+def _entropy_rule(s: strategies.Entropy, g: _Scope, layer: int, probs: str, num_labels: int, state: State) -> Decision:
+    h = _entropy(g, probs, s.normalized, num_labels)
+    threshold = g.const([s.threshold], np.float32)
+    return g.op("Less", h, threshold), _argmax(g, probs), _distance(g, h, threshold)
+
+
+def _maxprob_rule(s: strategies.MaxProb, g: _Scope, layer: int, probs: str, num_labels: int, state: State) -> Decision:
+    top = _max(g, probs, keepdims=0)
+    threshold = g.const([s.threshold], np.float32)
+    return g.op("GreaterOrEqual", top, threshold), _argmax(g, probs), _distance(g, top, threshold)
+
+
+def _patience_rule(
+    s: strategies.Patience, g: _Scope, layer: int, probs: str, num_labels: int, state: State
+) -> Decision:
+    pred = _argmax(g, probs)
+    if layer == 1:
+        counter = g.const([0], np.int64)
+    else:
+        same = g.op("Equal", pred, state["previous"])
+        counter = g.op("Where", same, g.op("Add", state["counter"], g.const([1], np.int64)), g.const([0], np.int64))
+    state["previous"], state["counter"] = pred, counter
+    return g.op("Equal", counter, g.const([s.patience], np.int64)), pred, None
+
+
+def _votes(s: strategies.Voting, g: _Scope, layer: int, probs: str, num_labels: int, state: State) -> tuple[str, str]:
+    """Voting's step: ``(fire, prediction)``, with votes and float64 mass carried in ``state``."""
+    choice = g.op("Unsqueeze", _argmax(g, probs), g.const([-1], np.int64))  # (1, 1)
+    ballot = g.op("Cast", g.op("Equal", choice, g.const(np.arange(num_labels), np.int64)), to=7)  # (1, C) int64
+    mass = g.op("Cast", probs, to=11)  # float64
+    if layer > 1:
+        ballot, mass = g.op("Add", state["votes"], ballot), g.op("Add", state["mass"], mass)
+    state["votes"], state["mass"] = ballot, mass
+    top = _max(g, ballot, keepdims=1)  # (1, 1)
+    tied = g.op("Equal", ballot, top)
+    pred = _argmax(g, g.op("Where", tied, mass, g.const(-1.0, np.float64)))
+    score = g.op("Div", g.op("Cast", g.op("Squeeze", top, g.const([-1], np.int64)), to=11),
+                 g.const(voting_denominator(layer, s.k), np.float64))  # fmt: skip
+    return g.op("GreaterOrEqual", score, g.const(s.threshold, np.float64)), pred
+
+
+def _voting_rule(s: strategies.Voting, g: _Scope, layer: int, probs: str, num_labels: int, state: State) -> Decision:
+    fire, pred = _votes(s, g, layer, probs, num_labels, state)
+    return fire, pred, None
+
+
+def _hybrid_rule(s: strategies.Hybrid, g: _Scope, layer: int, probs: str, num_labels: int, state: State) -> Decision:
+    vote_fire, vote_pred = _votes(strategies.Voting(s.k, s.threshold), g, layer, probs, num_labels, state)
+    h = _entropy(g, probs, True, num_labels)
+    threshold = g.const([s.entropy_threshold], np.float32)
+    confident = g.op("Less", h, threshold)
+    pred = g.op("Where", g.op("Or", vote_fire, g.op("Not", confident)), vote_pred, _argmax(g, probs))
+    return g.op("Or", vote_fire, confident), pred, _distance(g, h, threshold)
+
+
+def _static_rule(s: strategies.Static, g: _Scope, layer: int, probs: str, num_labels: int, state: State) -> Decision:
+    return g.const([layer >= s.layer], np.bool_), _argmax(g, probs), None
+
+
+RULES: dict[type[Strategy], Builder] = {
+    strategies.Entropy: _entropy_rule,
+    strategies.MaxProb: _maxprob_rule,
+    strategies.Patience: _patience_rule,
+    strategies.Voting: _voting_rule,
+    strategies.Hybrid: _hybrid_rule,
+    strategies.Static: _static_rule,
+}
+"""The graph form of each strategy's ``step``, by exact class (a subclass may change ``step``)."""
+
+
+def fusable(strategy: Strategy) -> bool:
+    return type(strategy) in RULES
+
+
+def fused_graph(embed: Any, layers: list[Any], strategy: Strategy, num_labels: int, input_names: list[str]) -> Any:
+    """The single-row early-exit graph (an ``onnx.ModelProto``) from an export's loaded graphs.
+
+    ``embed`` and ``layers`` are the export's ``onnx.ModelProto``s; ``input_names`` the fused graph's
+    inputs (the embeddings' inputs, ``attention_mask`` and, where layers pool text pairs,
+    ``second_text``). Raises ``KeyError`` for a strategy without a graph form (:func:`fusable`).
+    """
+    from onnx import TensorProto, compose, helper
+
+    rule = RULES[type(strategy)]
+    inputs = {"input_ids", "attention_mask", "token_type_ids", "second_text"}
+
+    def renamed(model: Any, prefix: str, hidden_in: str | None) -> Any:
+        graph = compose.add_prefix(model, prefix, rename_inputs=False).graph
+        for node in graph.node:
+            for k, name in enumerate(node.input):
+                if name == "hidden" and hidden_in is not None:
+                    node.input[k] = hidden_in
+        return graph
+
+    opsets: dict[str, int] = {}
+    for model in (embed, *layers):
+        for entry in model.opset_import:
+            opsets[entry.domain] = max(opsets.get(entry.domain, 0), entry.version)
+    outer = _Scope(constants=[], opset=opsets.get("", opsets.get("ai.onnx", 0)))
+    embed_graph = renamed(embed, "e_", None)
+    outer.constants.extend(embed_graph.initializer)
+    outer.nodes.extend(embed_graph.node)
+    graph_inputs = {i.name: i for g in (embed.graph, *(m.graph for m in layers)) for i in g.input if i.name in inputs}
+    kinds = (TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT64, TensorProto.FLOAT)
+    outputs = [helper.make_tensor_value_info(name, kind, None) for name, kind in zip(OUTPUTS, kinds, strict=True)]
+
+    def level(g: _Scope, layer: int, hidden: str, state: State, margin: str) -> tuple[str, ...]:
+        """Layer ``layer`` and everything after it in scope ``g``: the names of the four outputs."""
+        layer_graph = renamed(layers[layer - 1], f"l{layer}_", hidden)
+        g.constants.extend(layer_graph.initializer)
+        g.nodes.extend(layer_graph.node)
+        probs, hidden = f"l{layer}_probs", f"l{layer}_hidden_out"
+        fire, pred, distance = rule(strategy, g, layer, probs, num_labels, state)
+        if distance is not None:
+            margin = g.op("Min", margin, distance, hint="margin")
+        here = (probs, g.const(layer, np.int64, "layer"), pred, margin)
+        if layer == len(layers):
+            return here
+        leave, go_on = g.child(), g.child()
+        deeper = level(go_on, layer + 1, hidden, dict(state), margin)
+        branches = [branch(leave, here), branch(go_on, deeper)]
+        results = [g.name(o) for o in OUTPUTS]
+        cond = g.op("Squeeze", fire, hint="cond")
+        g.nodes.append(helper.make_node("If", [cond], results, then_branch=branches[0], else_branch=branches[1]))
+        return tuple(results)
+
+    def branch(g: _Scope, names: tuple[str, ...]) -> Any:
+        """Scope ``g`` as an ``If`` branch whose outputs are copies of ``names`` (which may be outer values)."""
+        outs = [g.op("Identity", name, hint=o) for name, o in zip(names, OUTPUTS, strict=True)]
+        values = [helper.make_tensor_value_info(o, kind, None) for o, kind in zip(outs, kinds, strict=True)]
+        return helper.make_graph(g.nodes, g.name("branch"), [], values, initializer=g.constants)
+
+    names = level(outer, 1, "e_hidden", {}, outer.const([np.inf], np.float32, "margin"))
+    outer.nodes.extend(helper.make_node("Identity", [name], [o]) for name, o in zip(names, OUTPUTS, strict=True))
+    graph = helper.make_graph(
+        outer.nodes, "layerexit_fused", [graph_inputs[n] for n in input_names], outputs, initializer=outer.constants
+    )
+    fused = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()])
+    fused.ir_version = max(m.ir_version for m in (embed, *layers))
+    return fused
