@@ -78,13 +78,16 @@ def share_thread_pool(threads: int | None) -> bool:
     return True
 
 
-def _session_options(ort: Any, threads: int | None) -> Any:
+def _session_options(ort: Any, threads: int | None, *, spin: bool = False) -> Any:
     """Options shared by every session of an export.
 
     By default each session owns an intra-op thread pool, and idle pool threads spin after a run. With
     one session per layer, the pools of the layers just run would keep spinning while the next layer
-    needs the cores, so spinning is off (measured: docs/performance.md, "Runtime settings and why").
-    After :func:`share_thread_pool` every session runs on the one shared pool instead.
+    needs the cores, so a layer's session does not spin. A session that runs a whole input in one call
+    (the full graph, the single-row graph) keeps ONNX Runtime's default, ``spin``: its threads spin
+    between the operators of one run instead of sleeping, which at batch 1 made it about 1.5x faster
+    (measured: docs/performance.md, "Runtime settings and why"). After :func:`share_thread_pool` every
+    session runs on the one shared pool instead.
     """
     options = ort.SessionOptions()
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -94,7 +97,7 @@ def _session_options(ort: Any, threads: int | None) -> Any:
         return options
     options.intra_op_num_threads = 0 if threads is None else threads
     options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return options
 
 
@@ -192,9 +195,9 @@ class OnnxRuntime:
                 raise LayerExitError(f"{path}: contents do not match the manifest (changed or damaged after export)")
         return cls(folder, data, config, embed, layers, full, threads, fuse)
 
-    def _session(self, entry: GraphEntry) -> Any:
+    def _session(self, entry: GraphEntry, *, spin: bool = False) -> Any:
         path = self.folder / entry.file
-        session = self._open(str(path), str(path))
+        session = self._open(str(path), str(path), options=_session_options(self._ort, self.threads, spin=spin))
         names = tuple(i.name for i in session.get_inputs())
         if names != entry.inputs:
             raise LayerExitError(f"{path}: graph inputs {list(names)} differ from the manifest's {list(entry.inputs)}")
@@ -331,7 +334,9 @@ class OnnxRuntime:
                     self._fused.popitem(last=False)
             return self._fused[strategy]
 
-    def _build_fused(self, strategy: Strategy) -> Any:
+    def single_row_graph(self, strategy: Strategy) -> Any:
+        """The graph :meth:`single_row_exit` runs for ``strategy``, an ``onnx.ModelProto`` built from this
+        export's graphs (``KeyError`` for a strategy without a graph form)."""
         onnx, ort = require_onnx()
         entries = [self._embed_entry, *self._layer_entries]
         with tempfile.TemporaryDirectory(prefix="layerexit-fuse-") as tmp:
@@ -349,15 +354,20 @@ class OnnxRuntime:
         names += [
             n for n in ("attention_mask", "second_text") if n not in names and any(n in e.inputs for e in entries)
         ]
-        model = fused_graph(graphs[0], graphs[1:], strategy, self.num_labels, names)
+        return fused_graph(graphs[0], graphs[1:], strategy, self.num_labels, names)
+
+    def _build_fused(self, strategy: Strategy) -> Any:
+        model = self.single_row_graph(strategy)
         if model.ByteSize() >= 2**31:  # one protobuf message holds at most 2 GiB: such a model runs layer by layer
             self.fuse = False
             return None
-        return self._open(model.SerializeToString(), f"{self.folder}: the single-row graph for {strategy}", quiet=True)
+        where = f"{self.folder}: the single-row graph for {strategy}"
+        options = _session_options(self._ort, self.threads, spin=True)
+        return self._open(model.SerializeToString(), where, quiet=True, options=options)
 
     def full(self, input_ids: ArrayLike, attention_mask: ArrayLike, token_type_ids: ArrayLike | None = None) -> Tensor:
         """The last exit's probabilities (B, C) from the single ``full`` graph: the plain full model."""
         if self._full is None:
-            self._full = self._session(self._full_entry)
+            self._full = self._session(self._full_entry, spin=True)
         feed, _ = self._token_feed(self._full_entry.inputs, input_ids, attention_mask, token_type_ids)
         return torch.from_numpy(self._full.run(None, feed)[0])
