@@ -129,6 +129,7 @@ def test_exited_rows_are_dropped_and_padding_trimmed(
         strategy = _varied("entropy", model(ids, mask).probs)
     calls: list[tuple[int, int]] = []
     monkeypatch.setattr(runtime, "_layers", [_CountingSession(s, calls) for s in runtime._layers])
+    monkeypatch.setattr(runtime, "fuse", False)  # the per-layer loop (the one-call graph is checked against it)
     result = early_exit(runtime, strategy, ids, mask)
     assert len(calls) == int(result.exit_layer.max())
     lengths = mask.sum(1)
@@ -138,7 +139,6 @@ def test_exited_rows_are_dropped_and_padding_trimmed(
         assert length == (13 if layer == 1 else int(lengths[running].max()))
 
     calls.clear()
-    monkeypatch.setattr(runtime, "fuse", False)  # a single row otherwise runs in one fused call
     early_exit(runtime, strategies.Static(layer=1), ids[:1], mask[:1])
     assert calls == [(1, 13)]
     calls.clear()
@@ -147,31 +147,41 @@ def test_exited_rows_are_dropped_and_padding_trimmed(
     assert torch.equal(untrimmed.exit_layer, result.exit_layer)
 
 
-def _single_rows(runtime: OnnxRuntime, strategy: strategies.Strategy, ids: torch.Tensor, mask: torch.Tensor) -> None:
-    """Each row through the fused single-row graph equals the per-layer loop bit for bit."""
+def _per_layer(runtime: OnnxRuntime, strategy: strategies.Strategy, ids: torch.Tensor, mask: torch.Tensor) -> Any:
+    runtime.fuse = False
+    try:
+        return early_exit(runtime, strategy, ids, mask)
+    finally:
+        runtime.fuse = True
+
+
+def _in_one_call(runtime: OnnxRuntime, strategy: strategies.Strategy, ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """The batch in one call, and each of its rows alone, equal the per-layer loop bit for bit (exit layers,
+    predictions, probabilities). Returns how many of the calls ran in one call (the others fell back)."""
     fused = 0
+    cases = [(ids, mask)]
     for row in range(ids.shape[0]):
         n = int(mask[row].sum())
-        one_ids, one_mask = ids[row : row + 1, :n], mask[row : row + 1, :n]
-        whole = runtime.single_row_exit(strategy, one_ids, one_mask)
-        runtime.fuse = False
-        try:
-            loop = early_exit(runtime, strategy, one_ids, one_mask)
-        finally:
-            runtime.fuse = True
+        cases.append((ids[row : row + 1, :n], mask[row : row + 1, :n]))
+    for some_ids, some_mask in cases:
+        whole = runtime.whole_exit(strategy, some_ids, some_mask)
+        loop = _per_layer(runtime, strategy, some_ids, some_mask)
         if whole is None:
+            assert some_ids is not ids, f"{strategy}: the batch fell back to the loop"
             continue
         fused += 1
         layer, prediction, probs = whole
-        assert (layer, prediction) == (loop.exit_layer.item(), loop.prediction.item()), (strategy, row)
-        assert torch.equal(probs, loop.probs)
-        assert torch.equal(early_exit(runtime, strategy, one_ids, one_mask).probs, probs)
-    assert fused >= ids.shape[0] - 1, f"{strategy}: only {fused} of {ids.shape[0]} rows ran fused"
+        assert torch.equal(layer, loop.exit_layer) and torch.equal(prediction, loop.prediction), strategy
+        assert torch.equal(probs, loop.probs), strategy
+        result = early_exit(runtime, strategy, some_ids, some_mask)
+        assert torch.equal(result.probs, probs) and result.layers_run == loop.layers_run
+    assert fused >= len(cases) - 1, f"{strategy}: only {fused} of {len(cases)} calls ran in one call"
+    return fused
 
 
 @pytest.mark.parametrize("arch", ["bert", "mpnet"])
 @pytest.mark.parametrize("name", list(CANDIDATES))
-def test_a_single_row_runs_in_one_call_with_the_loops_decisions(
+def test_early_exit_runs_in_one_call_with_the_loops_decisions(
     arch: str, name: str, exported: Callable[[str], Exported], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, runtime, _ = exported(arch)
@@ -181,14 +191,20 @@ def test_a_single_row_runs_in_one_call_with_the_loops_decisions(
     calls: list[tuple[int, int]] = []
     sessions = runtime._layers
     monkeypatch.setattr(runtime, "_layers", [_CountingSession(s, calls) for s in sessions])
-    result = early_exit(runtime, strategy, ids[:1, : int(mask[0].sum())], mask[:1, : int(mask[0].sum())])
-    assert calls == [] and result.layers_run == result.exit_layer.item()
+    result = early_exit(runtime, strategy, ids, mask)
+    single = early_exit(runtime, strategy, ids[:1, : int(mask[0].sum())], mask[:1, : int(mask[0].sum())])
+    assert calls == [] and single.layers_run == single.exit_layer.item()
     monkeypatch.setattr(runtime, "_layers", sessions)
-    _single_rows(runtime, strategy, ids, mask)
+    assert result.layers_run == int(result.exit_layer.max())
+    _in_one_call(runtime, strategy, ids, mask)
+    left_padded = mask.flip(1)  # rows padded on the left: the cut keeps every column a row still uses
+    _in_one_call(runtime, strategy, ids, left_padded)
 
 
 @pytest.mark.parametrize("quantize", [True, "static"])
-def test_single_row_graph_of_int8_and_pair_exports(quantize: bool | str, tmp_path: Path) -> None:
+def test_one_call_graphs_of_int8_and_pair_exports(quantize: bool | str, tmp_path: Path) -> None:
+    """Dynamic int8 computes its scales over the rows of each call: the one-call graph drops the same rows
+    at the same layers as the loop, so even there it agrees bit for bit."""
     model = _peaked(tiny_model("bert", pooling="pair"), scale=2.0)
     calibration = [(*random_batch(batch=8, length=12, seed=s), None) for s in range(2)]
     folder = export_onnx(model, tmp_path, quantize=quantize, calibration=calibration)  # type: ignore[arg-type]
@@ -197,20 +213,25 @@ def test_single_row_graph_of_int8_and_pair_exports(quantize: bool | str, tmp_pat
     ids[:, 4] = SEPARATOR  # a second text in every row
     probs = all_exits(runtime, ids, mask)
     for name in ("entropy", "patience", "voting", "hybrid"):
-        _single_rows(runtime, _varied(name, probs), ids, mask)
+        _in_one_call(runtime, _varied(name, probs), ids, mask)
 
 
 def test_a_score_at_its_threshold_goes_through_the_loop(exported: Callable[[str], Exported]) -> None:
     _, runtime, _ = exported("bert")
-    ids, mask = random_batch(batch=1, length=9, seed=3)
-    probs = all_exits(runtime, ids, mask)  # (L, 1, C)
-    exact = strategies.Entropy(threshold=float(strategies.entropy(probs[0]).item()))  # layer 1's own entropy
-    assert runtime.single_row_exit(exact, ids, mask) is None  # too close to decide in the graph
+    ids, mask = random_batch(batch=3, length=9, seed=3)
+    probs = all_exits(runtime, ids, mask)  # (L, B, C)
+    exact = strategies.Entropy(threshold=float(strategies.entropy(probs[0, 1]).item()))  # row 1's own, at layer 1
+    assert runtime.whole_exit(exact, ids, mask) is None  # too close to decide in the graph
+    assert runtime.whole_exit(exact, ids[1:2], mask[1:2]) is None
     layer, prediction = exact.replay(probs)
     result = early_exit(runtime, exact, ids, mask)
-    assert (result.exit_layer.item(), result.prediction.item()) == (layer.item(), prediction.item())
-    assert runtime.single_row_exit(strategies.Entropy(threshold=0.5), ids[:, :5], mask[:, :5]) is not None
-    assert runtime.single_row_exit(strategies.Entropy(threshold=0.5), ids.repeat(2, 1), mask.repeat(2, 1)) is None
+    assert torch.equal(result.exit_layer, layer) and torch.equal(result.prediction, prediction)
+    assert runtime.whole_exit(strategies.Entropy(threshold=0.5), ids, mask) is not None
+    runtime.fuse = False
+    try:
+        assert runtime.whole_exit(strategies.Entropy(threshold=0.5), ids, mask) is None
+    finally:
+        runtime.fuse = True
 
 
 def test_strategy_that_needs_labels_is_refused(exported: Callable[[str], Exported]) -> None:
@@ -455,9 +476,9 @@ for session in (runtime._embed, *runtime._layers):
     assert session.get_session_options().use_per_session_threads == (not shared)
 assert share_thread_pool(2) == shared  # after the first session: too late to start sharing
 ids, mask = random_batch(batch=6, length=11, seed=3)
-single = runtime.single_row_exit(Entropy(threshold=0.5), ids[:1, : int(mask[0].sum())], mask[:1, : int(mask[0].sum())])
-assert single is not None  # the single-row graph runs on the same pools
-torch.save(torch.cat([all_exits(runtime, ids, mask).flatten(), single[2].flatten()]), sys.argv[3])
+whole = runtime.whole_exit(Entropy(threshold=0.5), ids, mask)
+assert whole is not None  # the one-call graph runs on the same pools
+torch.save(torch.cat([all_exits(runtime, ids, mask).flatten(), whole[2].flatten()]), sys.argv[3])
 """
 
 

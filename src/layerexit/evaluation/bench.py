@@ -3,8 +3,9 @@
 Rows measured for each batch size:
 * ``full``: the plain Hugging Face encoder forward (its own fused path) and the final exit, which is
   what a user would deploy without early exit;
-* ``all_layers``: the same exit loop made to run every layer (``static(layer=L)``): the runtime's own
-  layer-by-layer path, exit heads included, with no layer saved;
+* ``all_layers``: early exit's own path made to run every layer (``static(layer=L)``): exit heads and
+  decisions included, with no layer saved (layer by layer on PyTorch; on ONNX Runtime the one-call graph
+  of :mod:`layerexit.runtime.onnx_fused`);
 * ``early_exit``: the exit loop (:func:`layerexit.runtime.loop.early_exit`) with the chosen strategy;
 * ``onnx_full`` / ``onnx_all_layers`` / ``onnx_early_exit``, ``onnx_int8_...``: the same three on each
   further runtime given (ONNX Runtime fp32, int8), each with its own early-exit-vs-full ratio.
@@ -218,7 +219,7 @@ def format_bench(results: dict[str, Any]) -> str:
         "median/p90: per batch; wall-clock: full model's total time / this row's; layers: L / mean exit layer;"
     )
     lines.append("ratio: wall-clock / layer speed-up (1.00 = the layer saving shows up fully on the clock)")
-    lines.append("all_layers: the exit loop made to run every layer (the runtime's layer-by-layer path, no exit)")
+    lines.append("all_layers: early exit's own path made to run every layer (exit heads and decisions, no exit)")
     return "\n".join(lines)
 
 

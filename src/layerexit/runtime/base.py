@@ -12,9 +12,10 @@ A runtime (PyTorch, ONNX Runtime fp32 or int8) exposes five operations on batche
   longest (a server pools rows of different requests this way);
 * ``full(input_ids, attention_mask, token_type_ids)`` -> probs (B, C): the plain full model, as a user
   would deploy it without early exit (the latency baseline);
-* ``single_row_exit(strategy, input_ids, attention_mask, token_type_ids)`` -> ``(exit layer, prediction,
-  probs (1, C))`` or None: a runtime that can run one row's whole exit in a single call with exactly the
-  loop's decisions does so (ONNX Runtime, :mod:`layerexit.runtime.onnx_fused`); None runs the loop.
+* ``whole_exit(strategy, input_ids, attention_mask, token_type_ids)`` -> ``(exit layer (B,), prediction
+  (B,), probs (B, C))`` or None: a runtime that can run a batch's whole exit in a single call, with exactly
+  the loop's decisions, rows dropped and padding cut, does so (ONNX Runtime,
+  :mod:`layerexit.runtime.onnx_fused`); None runs the loop.
 
 :mod:`layerexit.runtime.loop` drives these, so exits, dropped rows and trimmed padding are written once
 for every runtime; a new backend is one module that implements this protocol plus one parity test.
@@ -84,9 +85,9 @@ class Runtime(Protocol):
 
     def full(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> Tensor: ...
 
-    def single_row_exit(
+    def whole_exit(
         self, strategy: Strategy, input_ids: Any, attention_mask: Any, token_type_ids: Any = None
-    ) -> tuple[int, int, Tensor] | None: ...
+    ) -> tuple[Tensor, Tensor, Tensor] | None: ...
 
 
 def used_length(mask: Tensor | np.ndarray) -> int:

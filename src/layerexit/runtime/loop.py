@@ -71,11 +71,11 @@ def early_exit(
 ) -> ExitResult:
     """Run one batch on ``runtime``, each row stopping at the layer ``strategy`` lets it out."""
     check_online(strategy)
-    if len(input_ids) == 1:  # a runtime may run a single row's whole exit in one call, deciding as below
-        whole = runtime.single_row_exit(strategy, input_ids, attention_mask, token_type_ids)
+    if trim_padding or len(input_ids) == 1:  # a runtime may run the whole exit in one call, deciding as below
+        whole = runtime.whole_exit(strategy, input_ids, attention_mask, token_type_ids)
         if whole is not None:
             depth, answer, answer_probs = whole
-            return ExitResult(torch.tensor([depth]), torch.tensor([answer]), answer_probs, layers_run=depth)
+            return ExitResult(depth, answer, answer_probs, layers_run=int(depth.max()))
     rows = runtime.embed(input_ids, attention_mask, token_type_ids)  # (B, T, H)
     batch = len(rows)
     state = strategy.init(batch, runtime.num_labels, "cpu")

@@ -1,12 +1,13 @@
-"""One ONNX graph for a whole single-row early exit: the embeddings, every layer with its exit, and the
-strategy's decision after each layer, nested in ``If`` nodes so that layer l+1 runs only when the row did
-not leave at layer l.
+"""One ONNX graph for a whole early exit: the embeddings, every layer with its exit, and the strategy's
+decision after each layer, nested in ``If`` nodes so that layer l+1 runs only while some row has not left.
 
 The exit loop (:mod:`layerexit.runtime.loop`) calls a runtime once per layer and decides in Python. On
-ONNX Runtime that costs, per layer, a session call, the copies around it, the strategy's step on a (1, C)
-tensor and, with the default thread pools, waking the layer session's own threads; for a MiniLM that is a
-third of the time of a single row. Built from the export's own graphs (checked against the manifest),
-this graph runs the same layers on the same row in one call.
+ONNX Runtime that costs, per layer, a session call, the copies around it, the strategy's step and, with
+a thread pool per session, waking the layer session's threads; for a MiniLM at batch 1 that is a third
+of the time. Built from the export's own graphs (checked against the manifest), this graph runs the same
+layers on the same rows in one call. The batched form does inside the graph what the loop's ``take``
+does: rows that leave are dropped before the next layer, and when some left, the trailing columns no
+remaining row uses are cut; the single-row form has none of that.
 
 It decides exactly as :meth:`Strategy.step` does:
 
@@ -14,11 +15,11 @@ It decides exactly as :meth:`Strategy.step` does:
   float64 in the same order, so they are bit for bit the Python step's;
 * an entropy or a top probability is compared with its threshold in float32, where ONNX Runtime's ``Log``
   may differ from PyTorch's in the last bits. The graph therefore also returns the smallest distance of
-  any such score from its threshold, and a row whose score came within :data:`MARGIN` of a threshold is
-  run again through the per-layer loop, whose decision is the reference.
+  any such score from its threshold, and a call in which some score came within :data:`MARGIN` of a
+  threshold is run again through the per-layer loop, whose decision is the reference.
 
-Only single rows are fused (rows of a batch leave at different layers). Strategies without a graph form
-here (none in :mod:`layerexit.strategies` today, but a user's own) fall back to the per-layer loop.
+Strategies without a graph form here (none in :mod:`layerexit.strategies` today, but a user's own) run
+through the per-layer loop.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ MARGIN = 1e-4
 """A row whose entropy or top probability came closer than this to a threshold is decided again by the
 per-layer loop. Float32 entropies of the same probabilities differ between runtimes by about 1e-7."""
 
-OUTPUTS = ("probs", "exit_layer", "prediction", "margin")
-"""The fused graph's outputs: the exit's probabilities (1, C), its 1-based layer, the prediction (1,) and
-the smallest distance of a compared score from its threshold (``inf`` when nothing was compared)."""
+OUTPUTS = ("positions", "probs", "exit_layer", "prediction", "margin")
+"""The fused graph's outputs, one row per input row in the order they left: its position in the batch (n,),
+its exit's probabilities (n, C), the 1-based exit layer (n,) and the prediction (n,); then the smallest
+distance of a compared score from its threshold (1,) (``inf`` when nothing was compared)."""
 
 
 @dataclass
@@ -122,7 +124,7 @@ def _patience_rule(
 ) -> Decision:
     pred = _argmax(g, probs)
     if layer == 1:
-        counter = g.const([0], np.int64)
+        counter = g.op("Sub", pred, pred)  # zeros, one per row
     else:
         same = g.op("Equal", pred, state["previous"])
         counter = g.op("Where", same, g.op("Add", state["counter"], g.const([1], np.int64)), g.const([0], np.int64))
@@ -161,7 +163,8 @@ def _hybrid_rule(s: strategies.Hybrid, g: _Scope, layer: int, probs: str, num_la
 
 
 def _static_rule(s: strategies.Static, g: _Scope, layer: int, probs: str, num_labels: int, state: State) -> Decision:
-    return g.const([layer >= s.layer], np.bool_), _argmax(g, probs), None
+    pred = _argmax(g, probs)
+    return g.op("Expand", g.const([layer >= s.layer], np.bool_), g.op("Shape", pred)), pred, None
 
 
 RULES: dict[type[Strategy], Builder] = {
@@ -179,24 +182,38 @@ def fusable(strategy: Strategy) -> bool:
     return type(strategy) in RULES
 
 
-def fused_graph(embed: Any, layers: list[Any], strategy: Strategy, num_labels: int, input_names: list[str]) -> Any:
-    """The single-row early-exit graph (an ``onnx.ModelProto``) from an export's loaded graphs.
+@dataclass(frozen=True)
+class _Rows:
+    """The names of the values of the rows still running, in some scope."""
+
+    hidden: str
+    mask: str
+    second: str | None
+    positions: str
+
+
+def fused_graph(
+    embed: Any, layers: list[Any], strategy: Strategy, num_labels: int, input_names: list[str], *, batched: bool
+) -> Any:
+    """The early-exit graph (an ``onnx.ModelProto``) from an export's loaded graphs.
 
     ``embed`` and ``layers`` are the export's ``onnx.ModelProto``s; ``input_names`` the fused graph's
     inputs (the embeddings' inputs, ``attention_mask`` and, where layers pool text pairs,
-    ``second_text``). Raises ``KeyError`` for a strategy without a graph form (:func:`fusable`).
+    ``second_text``). ``batched``: rows leave one by one, as in the exit loop: a row that exits is
+    dropped before the next layer, and the padding no remaining row uses is cut; else a graph for one row.
+    Raises ``KeyError`` for a strategy without a graph form (:func:`fusable`).
     """
     from onnx import TensorProto, compose, helper
 
     rule = RULES[type(strategy)]
     inputs = {"input_ids", "attention_mask", "token_type_ids", "second_text"}
 
-    def renamed(model: Any, prefix: str, hidden_in: str | None) -> Any:
+    def renamed(model: Any, prefix: str, feeds: dict[str, str]) -> Any:
         graph = compose.add_prefix(model, prefix, rename_inputs=False).graph
         for node in graph.node:
             for k, name in enumerate(node.input):
-                if name == "hidden" and hidden_in is not None:
-                    node.input[k] = hidden_in
+                if name in feeds:
+                    node.input[k] = feeds[name]
         return graph
 
     opsets: dict[str, int] = {}
@@ -204,31 +221,45 @@ def fused_graph(embed: Any, layers: list[Any], strategy: Strategy, num_labels: i
         for entry in model.opset_import:
             opsets[entry.domain] = max(opsets.get(entry.domain, 0), entry.version)
     outer = _Scope(constants=[], opset=opsets.get("", opsets.get("ai.onnx", 0)))
-    embed_graph = renamed(embed, "e_", None)
+    embed_graph = renamed(embed, "e_", {})
     outer.constants.extend(embed_graph.initializer)
     outer.nodes.extend(embed_graph.node)
     graph_inputs = {i.name: i for g in (embed.graph, *(m.graph for m in layers)) for i in g.input if i.name in inputs}
-    kinds = (TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT64, TensorProto.FLOAT)
+    kinds = (TensorProto.INT64, TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT64, TensorProto.FLOAT)
     outputs = [helper.make_tensor_value_info(name, kind, None) for name, kind in zip(OUTPUTS, kinds, strict=True)]
 
-    def level(g: _Scope, layer: int, hidden: str, state: State, margin: str) -> tuple[str, ...]:
-        """Layer ``layer`` and everything after it in scope ``g``: the names of the four outputs."""
-        layer_graph = renamed(layers[layer - 1], f"l{layer}_", hidden)
+    def level(g: _Scope, layer: int, rows: _Rows, state: State, margin: str) -> tuple[str, ...]:
+        """Layer ``layer`` and everything after it in scope ``g``: the names of the five outputs."""
+        feeds = {"hidden": rows.hidden, "attention_mask": rows.mask}
+        if rows.second is not None:
+            feeds["second_text"] = rows.second
+        layer_graph = renamed(layers[layer - 1], f"l{layer}_", feeds)
         g.constants.extend(layer_graph.initializer)
         g.nodes.extend(layer_graph.node)
         probs, hidden = f"l{layer}_probs", f"l{layer}_hidden_out"
         fire, pred, distance = rule(strategy, g, layer, probs, num_labels, state)
         if distance is not None:
-            margin = g.op("Min", margin, distance, hint="margin")
-        here = (probs, g.const(layer, np.int64, "layer"), pred, margin)
+            margin = g.op("Min", margin, g.op("ReduceMin", distance, keepdims=0), hint="margin")
+        depth = g.op("Expand", g.const([layer], np.int64, "layer"), g.op("Shape", rows.positions))
+        here = (rows.positions, probs, depth, pred, margin)
         if layer == len(layers):
             return here
         leave, go_on = g.child(), g.child()
-        deeper = level(go_on, layer + 1, hidden, dict(state), margin)
-        branches = [branch(leave, here), branch(go_on, deeper)]
+        after = _Rows(hidden, rows.mask, rows.second, rows.positions)
+        if not batched:
+            cond = g.op("Squeeze", fire, hint="cond")
+            deeper = level(go_on, layer + 1, after, dict(state), margin)
+        else:
+            cond = g.op(
+                "Equal", g.op("ReduceMin", g.op("Cast", fire, to=TensorProto.INT64), keepdims=0), g.const(1, np.int64)
+            )
+            kept, gone, state = _drop(go_on, after, fire, here[1:4], state)
+            deeper = level(go_on, layer + 1, kept, state, margin)
+            deeper = (*(go_on.op("Concat", a, b, axis=0) for a, b in zip(gone, deeper[:4], strict=True)), deeper[4])
         results = [g.name(o) for o in OUTPUTS]
-        cond = g.op("Squeeze", fire, hint="cond")
-        g.nodes.append(helper.make_node("If", [cond], results, then_branch=branches[0], else_branch=branches[1]))
+        g.nodes.append(
+            helper.make_node("If", [cond], results, then_branch=branch(leave, here), else_branch=branch(go_on, deeper))
+        )
         return tuple(results)
 
     def branch(g: _Scope, names: tuple[str, ...]) -> Any:
@@ -237,7 +268,14 @@ def fused_graph(embed: Any, layers: list[Any], strategy: Strategy, num_labels: i
         values = [helper.make_tensor_value_info(o, kind, None) for o, kind in zip(outs, kinds, strict=True)]
         return helper.make_graph(g.nodes, g.name("branch"), [], values, initializer=g.constants)
 
-    names = level(outer, 1, "e_hidden", {}, outer.const([np.inf], np.float32, "margin"))
+    if batched:
+        count = outer.op("Gather", outer.op("Shape", "attention_mask"), outer.const(0, np.int64), axis=0)
+        positions = outer.op("Range", outer.const(0, np.int64), count, outer.const(1, np.int64), hint="positions")
+    else:
+        positions = outer.const([0], np.int64, "positions")
+    second = "second_text" if "second_text" in input_names else None
+    start = _Rows("e_hidden", "attention_mask", second, positions)
+    names = level(outer, 1, start, {}, outer.const([np.inf], np.float32, "margin"))
     outer.nodes.extend(helper.make_node("Identity", [name], [o]) for name, o in zip(names, OUTPUTS, strict=True))
     graph = helper.make_graph(
         outer.nodes, "layerexit_fused", [graph_inputs[n] for n in input_names], outputs, initializer=outer.constants
@@ -245,3 +283,28 @@ def fused_graph(embed: Any, layers: list[Any], strategy: Strategy, num_labels: i
     fused = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()])
     fused.ir_version = max(m.ir_version for m in (embed, *layers))
     return fused
+
+
+def _drop(
+    g: _Scope, rows: _Rows, fire: str, answers: tuple[str, ...], state: State
+) -> tuple[_Rows, tuple[str, ...], State]:
+    """What the exit loop does when some rows leave and others go on (``take``): the rows that fire give
+    their answers (positions, probs, layer, prediction) and the others, with their state, go on; when any
+    row left, the trailing columns no remaining row uses are cut. ``(rows going on, answers, state)``."""
+    keep = g.op("Not", fire)
+    gone = tuple(g.op("Compress", name, fire, axis=0) for name in (rows.positions, *answers))
+    hidden, mask, positions = (
+        g.op("Compress", name, keep, axis=0) for name in (rows.hidden, rows.mask, rows.positions)
+    )
+    second = None if rows.second is None else g.op("Compress", rows.second, keep, axis=0)
+    state = {key: g.op("Compress", value, keep, axis=0) for key, value in state.items()}
+    width = g.op("Gather", g.op("Shape", mask), g.const(1, np.int64), axis=0)  # scalar
+    columns = g.op("Range", g.const(1, np.int64), g.op("Add", width, g.const(1, np.int64)), g.const(1, np.int64))
+    used = g.op("ReduceMax", g.op("Mul", mask, columns), keepdims=0)  # 1 + the last column any row uses
+    length = g.op("Where", g.op("Equal", used, g.const(0, np.int64)), width, used)  # no token at all: keep all
+    left = g.op("Greater", g.op("ReduceMax", g.op("Cast", fire, to=7), keepdims=0), g.const(0, np.int64))
+    ends = g.op("Reshape", g.op("Where", left, length, width), g.const([1], np.int64))
+    starts, axes = g.const([0], np.int64), g.const([1], np.int64)
+    hidden, mask = g.op("Slice", hidden, starts, ends, axes), g.op("Slice", mask, starts, ends, axes)
+    second = None if second is None else g.op("Slice", second, starts, ends, axes)
+    return _Rows(hidden, mask, second, positions), gone, state

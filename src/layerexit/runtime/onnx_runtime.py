@@ -41,7 +41,7 @@ _LAYER_OUTPUTS = ["hidden_out", "probs"]
 
 
 FUSED_SESSIONS = 2
-"""Single-row graphs kept per runtime, one per strategy (each holds a copy of every weight)."""
+"""One-call graphs kept per runtime, by strategy and batched or not (each holds a copy of every weight)."""
 
 _SHARED_POOL: dict[str, int] = {}
 """``{"threads": n}`` once :func:`share_thread_pool` has run in this process."""
@@ -144,8 +144,8 @@ class OnnxRuntime:
         self._reads_second = ["second_text" in entry.inputs for entry in layers]
         self._full: Any = None  # created on first use: it holds a second copy of every weight
         self.fuse = fuse
-        self._fused: OrderedDict[Strategy, tuple[Any, tuple[str, ...]] | None] = OrderedDict()
-        """Single-row sessions and their input names by strategy, most recently used last."""
+        self._fused: OrderedDict[tuple[Strategy, bool], tuple[Any, tuple[str, ...]] | None] = OrderedDict()
+        """One-call sessions and their input names by (strategy, batched), most recently used last."""
         self._fused_lock = threading.Lock()
 
     @classmethod
@@ -156,7 +156,7 @@ class OnnxRuntime:
 
         ``threads``: ONNX Runtime intra-op threads per session (``None``: its default, one per physical
         core). ``verify`` checks every file's sha256 against the manifest before loading. ``fuse``: run a
-        single row's whole early exit in one call (:meth:`single_row_exit`).
+        batch's whole early exit in one call (:meth:`whole_exit`).
         """
         folder = Path(directory)
         data = read_manifest(folder)
@@ -288,24 +288,26 @@ class OnnxRuntime:
         second = np.concatenate([np.pad(p.second, ((0, 0), (0, length - p.second.shape[1]))) for p in parts])
         return Rows(hidden, mask, second)
 
-    def single_row_exit(
+    def whole_exit(
         self,
         strategy: Strategy,
         input_ids: ArrayLike,
         attention_mask: ArrayLike,
         token_type_ids: ArrayLike | None = None,
-    ) -> tuple[int, int, Tensor] | None:
-        """A single row's whole early exit in one ONNX Runtime call: ``(exit layer, prediction, probs (1, C))``.
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """A batch's whole early exit in one ONNX Runtime call: ``(exit layer (B,), prediction (B,), probs (B, C))``.
 
         The graph (:mod:`layerexit.runtime.onnx_fused`) holds the embeddings, every layer and exit, and
-        ``strategy``'s decision after each; it is built from this export's graphs when a strategy is first
-        used and holds a second copy of every weight. None where the per-layer loop must run the row: more
-        than one row, ``fuse`` off, a strategy without a graph form, or a score that came within
+        ``strategy``'s decision after each, dropping rows that leave and the padding they leave behind as
+        the exit loop does; one graph serves single rows and one batches. Each is built when a strategy is
+        first used and holds a second copy of every weight. None where the per-layer loop must run the
+        batch: ``fuse`` off, a strategy without a graph form, or a score that came within
         :data:`~layerexit.runtime.onnx_fused.MARGIN` of its threshold.
         """
-        if not self.fuse or not fusable(strategy) or len(input_ids) != 1:
+        if not self.fuse or not fusable(strategy):
             return None
-        fused = self._fused_session(strategy)
+        rows = len(input_ids)
+        fused = self._fused_session(strategy, batched=rows > 1)
         if fused is None:
             return None
         session, names = fused
@@ -315,28 +317,32 @@ class OnnxRuntime:
             assert self.config.separator_id is not None  # ExitConfig checks it
             second = second_text(torch.from_numpy(feed["input_ids"]), torch.from_numpy(mask), self.config.separator_id)
             feed["second_text"] = second.numpy()
-        probs, layer, prediction, margin = session.run(None, {name: feed[name] for name in names})
+        positions, probs, layers, prediction, margin = session.run(None, {name: feed[name] for name in names})
         if float(margin[0]) < MARGIN:
             return None
-        return int(layer), int(prediction[0]), torch.from_numpy(probs)
+        if rows == 1:
+            return torch.from_numpy(layers), torch.from_numpy(prediction), torch.from_numpy(probs)
+        exit_layer, answer = np.empty(rows, dtype=np.int64), np.empty(rows, dtype=np.int64)
+        exit_probs = np.empty((rows, probs.shape[1]), dtype=np.float32)
+        exit_layer[positions], answer[positions], exit_probs[positions] = layers, prediction, probs
+        return torch.from_numpy(exit_layer), torch.from_numpy(answer), torch.from_numpy(exit_probs)
 
-    def _fused_session(self, strategy: Strategy) -> tuple[Any, tuple[str, ...]] | None:
-        """The single-row session for ``strategy``: the last :data:`FUSED_SESSIONS` are kept."""
+    def _fused_session(self, strategy: Strategy, *, batched: bool) -> tuple[Any, tuple[str, ...]] | None:
+        """The one-call session for ``strategy``: the last :data:`FUSED_SESSIONS` are kept."""
+        key = (strategy, batched)
         with self._fused_lock:
-            if strategy in self._fused:
-                self._fused.move_to_end(strategy)
+            if key in self._fused:
+                self._fused.move_to_end(key)
             else:
-                session = self._build_fused(strategy)
-                self._fused[strategy] = (
-                    None if session is None else (session, tuple(i.name for i in session.get_inputs()))
-                )
+                session = self._build_fused(strategy, batched)
+                self._fused[key] = None if session is None else (session, tuple(i.name for i in session.get_inputs()))
                 while len(self._fused) > FUSED_SESSIONS:
                     self._fused.popitem(last=False)
-            return self._fused[strategy]
+            return self._fused[key]
 
-    def single_row_graph(self, strategy: Strategy) -> Any:
-        """The graph :meth:`single_row_exit` runs for ``strategy``, an ``onnx.ModelProto`` built from this
-        export's graphs (``KeyError`` for a strategy without a graph form)."""
+    def fused_graph(self, strategy: Strategy, *, batched: bool) -> Any:
+        """The graph :meth:`whole_exit` runs for ``strategy`` (on one row, or ``batched``), an
+        ``onnx.ModelProto`` built from this export's graphs (``KeyError`` for a strategy without a graph form)."""
         onnx, ort = require_onnx()
         entries = [self._embed_entry, *self._layer_entries]
         with tempfile.TemporaryDirectory(prefix="layerexit-fuse-") as tmp:
@@ -354,14 +360,14 @@ class OnnxRuntime:
         names += [
             n for n in ("attention_mask", "second_text") if n not in names and any(n in e.inputs for e in entries)
         ]
-        return fused_graph(graphs[0], graphs[1:], strategy, self.num_labels, names)
+        return fused_graph(graphs[0], graphs[1:], strategy, self.num_labels, names, batched=batched)
 
-    def _build_fused(self, strategy: Strategy) -> Any:
-        model = self.single_row_graph(strategy)
+    def _build_fused(self, strategy: Strategy, batched: bool) -> Any:
+        model = self.fused_graph(strategy, batched=batched)
         if model.ByteSize() >= 2**31:  # one protobuf message holds at most 2 GiB: such a model runs layer by layer
             self.fuse = False
             return None
-        where = f"{self.folder}: the single-row graph for {strategy}"
+        where = f"{self.folder}: the {'batched' if batched else 'single-row'} graph for {strategy}"
         options = _session_options(self._ort, self.threads, spin=True)
         return self._open(model.SerializeToString(), where, quiet=True, options=options)
 

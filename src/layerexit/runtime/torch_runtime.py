@@ -77,10 +77,10 @@ class TorchRuntime:
         second = torch.cat([F.pad(p.second, (0, length - p.second.shape[1])) for p in parts])  # (b, t)
         return Rows(hidden, mask, second)
 
-    def single_row_exit(
+    def whole_exit(
         self, strategy: Strategy, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None
     ) -> None:
-        """Always None: on PyTorch the per-layer loop is the single-row path."""
+        """Always None: on PyTorch the per-layer loop is the one path."""
         return None
 
     @torch.inference_mode()
