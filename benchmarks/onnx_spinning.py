@@ -46,7 +46,7 @@ def main() -> None:
     ort = runtime._ort
     graphs = {
         "full graph": str(runtime.folder / runtime._full_entry.file),
-        "single-row graph": runtime.fused_graph(strategy, batched=False).SerializeToString(),
+        "single-row graph": runtime.one_call_graph(strategy, batched=False).SerializeToString(),
     }
     sessions = {}
     for name, source in graphs.items():

@@ -84,7 +84,7 @@ def _session_options(ort: Any, threads: int | None, *, spin: bool = False) -> An
     By default each session owns an intra-op thread pool, and idle pool threads spin after a run. With
     one session per layer, the pools of the layers just run would keep spinning while the next layer
     needs the cores, so a layer's session does not spin. A session that runs a whole input in one call
-    (the full graph, the single-row graph) keeps ONNX Runtime's default, ``spin``: its threads spin
+    (the full graph, the one-call graph) keeps ONNX Runtime's default, ``spin``: its threads spin
     between the operators of one run instead of sleeping, which at batch 1 made it about 1.5x faster
     (measured: docs/performance.md, "Runtime settings and why"). After :func:`share_thread_pool` every
     session runs on the one shared pool instead.
@@ -250,14 +250,17 @@ class OnnxRuntime:
             feed["token_type_ids"] = types
         return {name: feed[name] for name in names}, mask
 
+    def _second_text(self, feed: dict[str, np.ndarray], mask: np.ndarray) -> np.ndarray | None:
+        """The second text's tokens (B, T) where the exits pool text pairs, else None."""
+        if not self.config.reads_pairs:
+            return None
+        assert self.config.separator_id is not None  # ExitConfig checks it
+        ids = torch.from_numpy(feed["input_ids"])  # int64 already: every embeddings graph reads the ids
+        return second_text(ids, torch.from_numpy(mask), self.config.separator_id).numpy()
+
     def embed(self, input_ids: ArrayLike, attention_mask: ArrayLike, token_type_ids: ArrayLike | None = None) -> Rows:
         feed, mask = self._token_feed(self._embed_entry.inputs, input_ids, attention_mask, token_type_ids)
-        second = None
-        if self.config.reads_pairs:
-            assert self.config.separator_id is not None  # ExitConfig checks it
-            ids = torch.from_numpy(feed["input_ids"])  # int64 already: every embeddings graph reads the ids
-            second = second_text(ids, torch.from_numpy(mask), self.config.separator_id).numpy()  # (B, T)
-        return Rows(self._embed.run(None, feed)[0], mask, second)  # (B, T, H)
+        return Rows(self._embed.run(None, feed)[0], mask, self._second_text(feed, mask))  # (B, T, H)
 
     def layer(self, layer: int, rows: Rows) -> tuple[Rows, Tensor]:
         feed = {"hidden": rows.hidden, "attention_mask": rows.mask}
@@ -313,10 +316,9 @@ class OnnxRuntime:
         session, names = fused
         feed, mask = self._token_feed(self._embed_entry.inputs, input_ids, attention_mask, token_type_ids)
         feed["attention_mask"] = mask
-        if "second_text" in names:
-            assert self.config.separator_id is not None  # ExitConfig checks it
-            second = second_text(torch.from_numpy(feed["input_ids"]), torch.from_numpy(mask), self.config.separator_id)
-            feed["second_text"] = second.numpy()
+        second = self._second_text(feed, mask) if "second_text" in names else None
+        if second is not None:
+            feed["second_text"] = second
         positions, probs, layers, prediction, margin = session.run(None, {name: feed[name] for name in names})
         if float(margin[0]) < MARGIN:
             return None
@@ -340,7 +342,7 @@ class OnnxRuntime:
                     self._fused.popitem(last=False)
             return self._fused[key]
 
-    def fused_graph(self, strategy: Strategy, *, batched: bool) -> Any:
+    def one_call_graph(self, strategy: Strategy, *, batched: bool) -> Any:
         """The graph :meth:`whole_exit` runs for ``strategy`` (on one row, or ``batched``), an
         ``onnx.ModelProto`` built from this export's graphs (``KeyError`` for a strategy without a graph form)."""
         onnx, ort = require_onnx()
@@ -363,7 +365,7 @@ class OnnxRuntime:
         return fused_graph(graphs[0], graphs[1:], strategy, self.num_labels, names, batched=batched)
 
     def _build_fused(self, strategy: Strategy, batched: bool) -> Any:
-        model = self.fused_graph(strategy, batched=batched)
+        model = self.one_call_graph(strategy, batched=batched)
         if model.ByteSize() >= 2**31:  # one protobuf message holds at most 2 GiB: such a model runs layer by layer
             self.fuse = False
             return None
