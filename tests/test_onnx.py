@@ -227,6 +227,8 @@ def test_a_score_at_its_threshold_goes_through_the_loop(exported: Callable[[str]
     result = early_exit(runtime, exact, ids, mask)
     assert torch.equal(result.exit_layer, layer) and torch.equal(result.prediction, prediction)
     assert runtime.whole_exit(strategies.Entropy(threshold=0.5), ids, mask) is not None
+    assert runtime.whole_exit(strategies.Entropy(threshold=0.5), ids[:0], mask[:0]) is None  # no rows: the loop
+    assert early_exit(runtime, strategies.Entropy(threshold=0.5), ids[:0], mask[:0]).exit_layer.shape == (0,)
     runtime.fuse = False
     try:
         assert runtime.whole_exit(strategies.Entropy(threshold=0.5), ids, mask) is None

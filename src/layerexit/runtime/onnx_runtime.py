@@ -304,12 +304,12 @@ class OnnxRuntime:
         ``strategy``'s decision after each, dropping rows that leave and the padding they leave behind as
         the exit loop does; one graph serves single rows and one batches. Each is built when a strategy is
         first used and holds a second copy of every weight. None where the per-layer loop must run the
-        batch: ``fuse`` off, a strategy without a graph form, or a score that came within
+        batch: ``fuse`` off, a strategy without a graph form, no rows, or a score that came within
         :data:`~layerexit.runtime.onnx_fused.MARGIN` of its threshold.
         """
-        if not self.fuse or not fusable(strategy):
-            return None
         rows = len(input_ids)
+        if not self.fuse or not fusable(strategy) or rows == 0:  # an empty batch: the loop returns it as it is
+            return None
         fused = self._fused_session(strategy, batched=rows > 1)
         if fused is None:
             return None
