@@ -65,6 +65,13 @@ step() {
     tb-deebert|tb-fastbert)   # the baselines one per folder, to run side by side, from tb-finetune's run
                  cmp "tweets-binary-minilm-${1#tb-}" --methods "${1#tb-}" --seeds 0 "${TB[@]}" \
                      --finetune-from "$OUT/tweets-binary-minilm-finetune" ;;
+    tb-jointdistill|tb-jointdistill-alt)   # issue 27: joint training from the fine-tuned run, every exit distilled
+                 # towards it (gradient equilibrium; -alt: BERxiT's alternating steps), then certified against it
+                 local alt=(); [ "$1" = tb-jointdistill-alt ] && alt=(--alternate)
+                 cmp "tweets-binary-minilm-${1#tb-}" --methods joint-distill --seeds 0 "${TB[@]}" "${alt[@]}" \
+                     --finetune-from "$OUT/tweets-binary-minilm-finetune"
+                 "$PY" -m layerexit.cli calibrate "$OUT/tweets-binary-minilm-${1#tb-}/joint-distill-seed0" --max-drop 0.01 \
+                     --confidence 0.9 --loss disagreement --reference "$(finetuned tweets-binary-minilm 0)" --quiet ;;
     snli-pabee0) cmp snli-binary-minilm --methods pabee --seeds 0 "${SNLI[@]}" ;;
     snli-pabee12) cmp snli-binary-minilm-seeds12 --methods pabee --seeds 1 2 "${SNLI[@]}" ;;
     snli-pabee1|snli-pabee2)   # one seed per folder: a run that fits in what is left of a session

@@ -76,7 +76,12 @@ def test_comparisons_read_labels_and_strategies_from_the_registry() -> None:
 
     assert {m.name: m.label for m in METHODS.values() if m.label} == compare.LABELS
     assert {m.name: m.native_strategy for m in METHODS.values() if m.native_strategy} == compare.NATIVE
-    assert {n for n, m in METHODS.items() if m.first_stage == "finetune"} == {"deebert", "fastbert", "retrofit"}
+    assert {n for n, m in METHODS.items() if m.first_stage == "finetune"} == {
+        "deebert",
+        "fastbert",
+        "joint-distill",
+        "retrofit",
+    }
     assert methods.parse_method("static:3") == ("static", 3)
     with pytest.raises(LayerExitError, match="only static takes a layer count"):
         methods.parse_method("pabee:3")

@@ -145,3 +145,69 @@ def test_auto_weighting_is_linear_except_for_albert() -> None:
     assert resolve_weighting(EnsembleOptions(), "mpnet") == "linear"
     assert resolve_weighting(EnsembleOptions(), "albert") == "uniform"
     assert resolve_weighting(EnsembleOptions(weighting="uniform"), "bert") == "uniform"
+
+
+def test_joint_distill_distils_every_exit_towards_a_fixed_teacher() -> None:
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, 8, 3, generator=g)
+    teacher = torch.randn(8, 3, generator=g).softmax(-1)
+    finetune, joint = objectives.build("joint-distill", 4)
+    assert (finetune.name, joint.name, joint.targets, joint.equilibrium, joint.alternate) == (
+        "finetune",
+        "distill-every-exit",
+        "teacher",
+        True,
+        None,
+    )
+    kl = [(teacher * (teacher.log() - logits[i].log_softmax(-1))).sum(-1).mean() for i in range(4)]
+    assert joint.loss is not None
+    assert joint.loss(logits, teacher).item() == pytest.approx(float(sum(kl)), rel=1e-6)
+    (_, alternating) = objectives.build("joint-distill", 4, objectives.JointDistillOptions(alternate=True))
+    assert alternating.alternate is not None
+    assert alternating.alternate(logits, teacher).item() == pytest.approx(float(kl[-1]), rel=1e-6)
+    with pytest.raises(ValueError, match="teacher must have shape"):
+        losses.teacher_distillation(logits, teacher[:4])
+
+
+def test_joint_distill_trains_encoder_and_every_exit() -> None:
+    model = tiny_model(head="linear")
+    stage = objectives.build("joint-distill", 4)[1]
+    assert stage.trainable == "all"
+    config = TrainConfig(lr=1e-2, head_lr=1e-2, weight_decay=0.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(_parameter_groups(model, stage, config))
+    ids, mask = random_batch(batch=8)
+    teacher = torch.full((8, 3), 1 / 3)
+    assert stage.loss is not None
+    stage.loss(model(ids, mask, equilibrium=True).logits, teacher).backward()
+    optimizer.step()
+    changed = {n: not torch.equal(before[n], p) for n, p in model.named_parameters()}
+    assert _changed(changed, "backbone.") and all(_changed(changed, f"exits.{i}.") for i in range(4))
+
+
+def test_gradient_equilibrium_gives_each_layer_the_mean_of_its_exits_gradients() -> None:
+    """With r exits from layer i on, layer i's weights get 1/r of the summed loss's gradient (the
+    scales telescope: every exit above contributes 1/r), the embeddings 1/L; exits keep their own
+    gradient; the forward values are the same."""
+    model = tiny_model(head="linear")
+    model.eval()  # no dropout: both passes see the same function
+    ids, mask = random_batch(batch=6)
+    labels = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(3))
+    grads, outputs = [], []
+    for equilibrium in (False, True):
+        model.zero_grad()
+        logits = model(ids, mask, equilibrium=equilibrium).logits
+        losses.relevancy(logits, labels).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        outputs.append(logits.detach())
+    assert torch.equal(outputs[0], outputs[1])
+    summed, mean = grads
+    for name, grad in summed.items():
+        if ".layer." in name:
+            i = int(name.split(".layer.")[1].split(".")[0])
+            scale = 1 / (4 - i)
+        elif "embeddings" in name:
+            scale = 1 / 4
+        else:
+            scale = 1.0  # an exit's own weights, and a pooler no exit uses
+        torch.testing.assert_close(mean[name], grad * scale, rtol=1e-5, atol=1e-7, msg=name)

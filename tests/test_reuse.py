@@ -24,14 +24,16 @@ def finetuned(assets: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactor
     return run
 
 
-@pytest.mark.parametrize("objective", ["deebert", "fastbert", "retrofit"])
+@pytest.mark.parametrize(
+    "objective", [("deebert",), ("fastbert",), ("retrofit",), ("joint-distill",), ("joint-distill", "--alternate")]
+)
 def test_second_stage_from_a_finetune_run_equals_training_both_stages(
-    objective: str, assets: tuple[Path, Path], finetuned: Path, tmp_path: Path
+    objective: tuple[str, ...], assets: tuple[Path, Path], finetuned: Path, tmp_path: Path
 ) -> None:
     scratch, reused = tmp_path / "scratch", tmp_path / "reused"
-    assert main(train_args(assets, scratch, "--objective", objective, *DROPOUT)) == 0
+    assert main(train_args(assets, scratch, "--objective", *objective, *DROPOUT)) == 0
     assert (
-        main(train_args(assets, reused, "--objective", objective, *DROPOUT, "--first-stage-from", str(finetuned))) == 0
+        main(train_args(assets, reused, "--objective", *objective, *DROPOUT, "--first-stage-from", str(finetuned))) == 0
     )
 
     a, b = weights(scratch), weights(reused)

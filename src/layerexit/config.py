@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from layerexit.errors import LayerExitError
-from layerexit.methods import METHODS, EnsembleOptions, MethodOptions, RetrofitOptions, StaticOptions
+from layerexit.methods import (
+    METHODS,
+    EnsembleOptions,
+    JointDistillOptions,
+    MethodOptions,
+    RetrofitOptions,
+    StaticOptions,
+)
 from layerexit.methods import objective_help as objective_help
 from layerexit.options import option, option_of
 
@@ -46,6 +53,8 @@ class TrainConfig:
     detach_teacher: bool = option_of(EnsembleOptions, "detach_teacher")
     min_over: Literal["batch", "sample"] = option_of(EnsembleOptions, "min_over")
     static_layers: int = option_of(StaticOptions, "static_layers")
+    equilibrium: bool = option_of(JointDistillOptions, "equilibrium")
+    alternate: bool = option_of(JointDistillOptions, "alternate")
     exit_epochs: int = option_of(RetrofitOptions, "exit_epochs")
     exit_lr: float = option_of(RetrofitOptions, "exit_lr")
     exit_loss: Literal["distill", "labels", "both"] = option_of(RetrofitOptions, "exit_loss")

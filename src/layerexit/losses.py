@@ -147,3 +147,15 @@ def distillation(logits: Tensor, temperature: float = 1.0) -> Tensor:
     students = (logits[:-1].float() / temperature).log_softmax(-1)  # (L-1, B, C)
     kl = (teacher * (teacher.clamp_min(1e-12).log() - students)).sum(-1)  # (L-1, B)
     return kl.mean(1).sum() * temperature**2
+
+
+def teacher_distillation(logits: Tensor, teacher: Tensor, weights: Tensor | None = None) -> Tensor:
+    """sum_i w_i * mean_b KL(t || x_i): every exit, the last included, towards a fixed teacher's
+    probabilities ``teacher`` (B, C), e.g. the frozen fine-tuned model's (w all ones by default)."""
+    w = _check(logits, weights)  # (L,)
+    if teacher.shape != logits.shape[1:]:
+        raise ValueError(f"teacher must have shape {tuple(logits.shape[1:])}, got {tuple(teacher.shape)}")
+    target = teacher.float()  # (B, C)
+    students = logits.float().log_softmax(-1)  # (L, B, C)
+    kl = (target * (target.clamp_min(1e-12).log() - students)).sum(-1)  # (L, B)
+    return (w * kl.mean(1)).sum()

@@ -44,6 +44,14 @@ class Stage:
     """How many layers the forward pass runs; exits deeper than this get no logits."""
     exits: tuple[int, ...]
     """1-based exits whose dev metric selects the best checkpoint of this stage."""
+    targets: Literal["labels", "teacher"] = "labels"
+    """What the loss gets besides the logits: the labels (B,), or ``teacher``, the probabilities (B, C) that
+    the model gave each training row when the stage began (its final exit, dropout off): the frozen model
+    of the stage before, computed once and kept in the run folder."""
+    equilibrium: bool = False
+    """Gradient equilibrium in the forward pass (:meth:`layerexit.model.EarlyExitModel.forward`)."""
+    alternate: LossFn | None = None
+    """Used instead of ``loss`` on every other optimizer step (BERxiT's alternating steps)."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,21 @@ class StaticOptions(MethodOptions):
     def check(self) -> None:
         if self.static_layers < 1:
             raise LayerExitError("objective 'static' needs --static-layers >= 1")
+
+
+@dataclass(frozen=True)
+class JointDistillOptions(MethodOptions):
+    """The joint-distill method's second stage: the whole model trained again from the fine-tuned one, every
+    exit distilled towards the frozen fine-tuned model's answers on the training texts."""
+
+    equilibrium: bool = option(
+        True,
+        "joint-distill: gradient equilibrium (ElasticBERT): each layer gets the mean of the gradients of the exits "
+        "above it, not their sum",
+    )
+    alternate: bool = option(
+        False, "joint-distill: BERxiT's alternating steps: every other optimizer step trains the last exit alone"
+    )
 
 
 @dataclass(frozen=True)
@@ -289,6 +312,14 @@ def exit_temperatures(logits: Tensor, labels: Tensor) -> list[float]:
 # the stages of each method
 
 
+def teacher_every_exit(logits: Tensor, teacher: Tensor) -> Tensor:
+    return losses.teacher_distillation(logits, teacher)
+
+
+def teacher_last_exit(logits: Tensor, teacher: Tensor) -> Tensor:
+    return losses.teacher_distillation(logits[-1:], teacher)
+
+
 def _every(num_layers: int) -> tuple[int, ...]:
     return tuple(range(1, num_layers + 1))
 
@@ -320,6 +351,20 @@ def _static(num_layers: int, options: StaticOptions, model_type: str) -> list[St
     if not 1 <= layers <= num_layers:
         raise ValueError(f"objective 'static' needs static_layers in [1, {num_layers}], got {layers}")
     return [Stage(f"static-{layers}", losses.final_exit_ce, "all", layers, (layers,))]
+
+
+def _joint_distill(num_layers: int, options: JointDistillOptions, model_type: str) -> list[Stage]:
+    joint = Stage(
+        "distill-every-exit",
+        teacher_every_exit,
+        "all",
+        num_layers,
+        _every(num_layers),
+        targets="teacher",
+        equilibrium=options.equilibrium,
+        alternate=teacher_last_exit if options.alternate else None,
+    )
+    return [_finetune(num_layers), joint]
 
 
 def _retrofit(num_layers: int, options: MethodOptions, model_type: str) -> list[Stage]:
@@ -403,6 +448,19 @@ register_method(
         _static,
         options=StaticOptions,
         takes_layers=True,
+    )
+)
+register_method(
+    Method(
+        "joint-distill",
+        "plain fine-tuning, then the whole model trained again with every exit, the last included, distilled "
+        "towards the frozen fine-tuned model's answers (gradient equilibrium; BERxiT's alternating steps optional)",
+        _joint_distill,
+        options=JointDistillOptions,
+        label="joint, distilled from the fine-tuned model",
+        native_strategy=Entropy.name,
+        first_stage="finetune",
+        settings=lambda o: ("GE" if o.equilibrium else "no GE") + (", alternating" if o.alternate else ""),
     )
 )
 register_method(

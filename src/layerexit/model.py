@@ -157,6 +157,19 @@ class ExitHead(nn.Module):
         return logits if self.temperature == 1.0 else logits / self.temperature
 
 
+class ScaleGradient(torch.autograd.Function):
+    """The identity forward; the gradient times ``scale`` backward (gradient equilibrium)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
+
+
 class EarlyExitModel(nn.Module):
     """An encoder with one exit per layer. ``forward`` runs every layer (training, offline replay);
     :mod:`layerexit.runtime.loop` runs only the layers each sample needs."""
@@ -267,16 +280,29 @@ class EarlyExitModel(nn.Module):
         attention_mask: Tensor,
         token_type_ids: Tensor | None = None,
         depth: int | None = None,
+        equilibrium: bool = False,
     ) -> EarlyExitOutput:
-        """Run the first ``depth`` layers (all by default) and every exit among them."""
+        """Run the first ``depth`` layers (all by default) and every exit among them.
+
+        ``equilibrium`` (training): gradient equilibrium (Li et al., 2019; ElasticBERT). Where layer i's
+        output splits into its exit and the deeper layers, with r exits from i on, the exit's gradient is
+        scaled by 1/r and the deeper path's by (r-1)/r, so each layer receives the mean of the gradients of
+        the exits above it rather than their sum. The forward values are unchanged.
+        """
         backbone = self.backbone
         hidden = backbone.embed(input_ids, attention_mask, token_type_ids)  # (B, T, H)
         kwargs = backbone.layer_kwargs(hidden, attention_mask)
         second = self.second_text(input_ids, attention_mask)
         logits = []
-        for i in range(depth or self.num_layers):
+        n = depth or self.num_layers
+        for i in range(n):
             hidden = backbone.layer(i, hidden, kwargs)  # (B, T, H)
-            logits.append(self.exits[i](hidden, attention_mask, second))  # (B, C)
+            into_exit = hidden
+            if equilibrium and i < n - 1:
+                r = n - i  # exits from this layer on
+                into_exit = ScaleGradient.apply(hidden, 1.0 / r)
+                hidden = ScaleGradient.apply(hidden, (r - 1) / r)
+            logits.append(self.exits[i](into_exit, attention_mask, second))  # (B, C)
         return EarlyExitOutput(logits=torch.stack(logits))  # (depth, B, C)
 
     def save_pretrained(self, directory: str | os.PathLike[str], tokenizer: Any = None) -> None:

@@ -138,6 +138,11 @@ class RunFolder:
         """Counts of the closest earlier exit during a training stage (the paper's Figure 6b)."""
         return self.path / f"closest_exit_{stage}.json"
 
+    def teacher_file(self, stage: str) -> Path:
+        """The training rows' teacher probabilities of a stage that distils from a frozen model
+        (:func:`layerexit.training.recipe.teacher_probs`), kept so that a resumed stage learns the same targets."""
+        return self.path / f"teacher_{stage}.safetensors"
+
     def closest_exit_files(self) -> dict[str, Path]:
         """Every stage's counts, by stage name."""
         return {p.stem.removeprefix("closest_exit_"): p for p in sorted(self.path.glob("closest_exit_*.json"))}

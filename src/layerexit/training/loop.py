@@ -26,7 +26,7 @@ from layerexit.run_folder import RunFolder
 from layerexit.runtime.loop import model_probs
 from layerexit.training import checkpoint, retrofit, reuse
 from layerexit.training.distributed import Processes
-from layerexit.training.recipe import calibrate_temperatures, resolve_pooling, seed_everything
+from layerexit.training.recipe import calibrate_temperatures, resolve_pooling, seed_everything, teacher_probs
 
 
 def train(
@@ -288,6 +288,12 @@ def fit_stage(
     """
     config, runtime = run.config, run.runtime
     model.to(runtime.device)
+    targets = train_data.labels
+    if stage.targets == "teacher":  # the model as the stage before left it, before any step of this one
+        where = RunFolder(run.run_dir).teacher_file(stage.name)
+        targets = teacher_probs(
+            model, train_data, config, run.pad_id, where, write=runtime.is_main, progress=run.progress
+        )
     groups = _parameter_groups(model, stage, config)
     params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups)
@@ -357,11 +363,16 @@ def fit_stage(
                 batch = {k: v.to(runtime.device) for k, v in collate(train_data, local, run.pad_id).items()}
                 with runtime.autocast():
                     local_logits = model(
-                        batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), depth=stage.depth
+                        batch["input_ids"],
+                        batch["attention_mask"],
+                        batch.get("token_type_ids"),
+                        depth=stage.depth,
+                        equilibrium=stage.equilibrium,
                     ).logits  # (depth, b_r, C)
             logits = runtime.gather_rows(local_logits, sizes, (stage.depth, model.num_labels))  # (depth, B, C)
-            assert stage.loss is not None  # a stage without one trains on cached states, not here
-            loss = stage.loss(logits, train_data.labels[rows].to(runtime.device))
+            loss_fn = stage.alternate if stage.alternate is not None and step % 2 == 1 else stage.loss
+            assert loss_fn is not None  # a stage without one trains on cached states, not here
+            loss = loss_fn(logits, targets[rows].to(runtime.device))
             weight = len(rows) / window_rows  # the step's loss is the mean over its rows
             if local:
                 runtime.backward(loss if weight == 1.0 else loss * weight)

@@ -1,5 +1,6 @@
-"""What a training run resolves around the loop: seeds, the ``auto`` pooling of its configuration, and
-the per-exit temperatures a method fits after training (RightTool)."""
+"""What a training run resolves around the loop: seeds, the ``auto`` pooling of its configuration, the
+teacher a distilling stage learns from, and the per-exit temperatures a method fits after training
+(RightTool)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import torch
 
 from layerexit.config import TrainConfig
 from layerexit.data.encoding import Encoded
+from layerexit.errors import LayerExitError
 from layerexit.model import EarlyExitModel
+from layerexit.run_folder import load_probs, save_probs
 from layerexit.runtime.loop import model_probs
 
 
@@ -71,3 +74,30 @@ def calibrate_temperatures(
     model.set_temperatures(temperatures)
     model.save_pretrained(run_dir, tokenizer)
     return [round(t, 4) for t in temperatures]
+
+
+def teacher_probs(
+    model: EarlyExitModel, data: Encoded, config: TrainConfig, pad_id: int, path: Path, *, write: bool, progress: bool
+) -> torch.Tensor:
+    """The probabilities (N, C) that ``model``'s final exit gives each row of ``data``, dropout off: the
+    targets of a stage that distils from the model as the stage before left it (``Stage.targets``).
+
+    Computed once, when the stage begins, and kept at ``path`` (``write``: this process writes it), so that a
+    stage resumed from a later checkpoint learns the same targets rather than its own half-trained answers.
+    """
+    if path.is_file():
+        stored, labels = load_probs(path)
+        if (
+            stored.shape[0] != 1
+            or stored.shape[1:] != (len(data), model.num_labels)
+            or not torch.equal(labels, data.labels)
+        ):
+            raise LayerExitError(
+                f"{path}: teacher probabilities for other training rows ({tuple(stored.shape[1:])}, expected "
+                f"({len(data)}, {model.num_labels})); delete the file to compute them again"
+            )
+        return stored[0]
+    probs = model_probs(model, data, config.eval_batch_size, pad_id, progress=progress)[-1].float()  # (N, C)
+    if write:
+        save_probs(path, probs.unsqueeze(0), data.labels)
+    return probs

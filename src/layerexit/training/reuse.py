@@ -17,11 +17,11 @@ from typing import Any
 from layerexit.atomic import write_text
 from layerexit.config import TrainConfig
 from layerexit.errors import LayerExitError
-from layerexit.methods import EnsembleOptions, Stage, build
+from layerexit.methods import METHODS, Stage, build
 from layerexit.run_folder import RunFolder
 
-# options that only the losses of other objectives read: they cannot change a fine-tuning stage
-_LOSS_ONLY = frozenset({"objective", "output", *EnsembleOptions.__dataclass_fields__})
+# options that only the methods read (their losses and later stages): they cannot change a fine-tuning stage
+_LOSS_ONLY = frozenset({"objective", "output"}.union(*(m.options.__dataclass_fields__ for m in METHODS.values())))
 
 
 def first_stage_result(source: Path, config: TrainConfig, stages: list[Stage]) -> dict[str, Any]:
