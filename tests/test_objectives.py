@@ -10,7 +10,7 @@ from layerexit import methods as objectives
 from layerexit.config import TrainConfig
 from layerexit.methods import EnsembleOptions, StaticOptions
 from layerexit.model import EarlyExitModel
-from layerexit.training.loop import _parameter_groups
+from layerexit.training.recipe import parameter_groups
 
 from .conftest import random_batch, tiny_model
 
@@ -20,7 +20,7 @@ def _one_step(model: EarlyExitModel, stage: objectives.Stage) -> dict[str, bool]
     config = TrainConfig(lr=1e-2, head_lr=1e-2, weight_decay=0.0)
     model.train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW(_parameter_groups(model, stage, config))
+    optimizer = torch.optim.AdamW(parameter_groups(model, stage, config))
     ids, mask = random_batch(batch=8)
     labels = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(0))
     loss = stage.loss(model(ids, mask, depth=stage.depth).logits, labels)
@@ -175,7 +175,7 @@ def test_joint_distill_trains_encoder_and_every_exit() -> None:
     assert stage.trainable == "all"
     config = TrainConfig(lr=1e-2, head_lr=1e-2, weight_decay=0.0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW(_parameter_groups(model, stage, config))
+    optimizer = torch.optim.AdamW(parameter_groups(model, stage, config))
     ids, mask = random_batch(batch=8)
     teacher = torch.full((8, 3), 1 / 3)
     assert stage.loss is not None

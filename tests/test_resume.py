@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from layerexit.cli import main
@@ -122,6 +123,41 @@ def test_a_crash_between_the_two_renames_resumes_from_the_previous_checkpoint(
     # the options may be left out: they come from the run's config.json
     assert main(["train", "--output", str(run), "--resume", "--quiet", "--no-evaluate"]) == 0
     assert_same_run(reference[0], run)
+
+
+def test_a_distilling_stage_resumed_learns_the_targets_it_began_with(
+    tmp_path: Path, assets: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """joint-distill's targets are the fine-tuned model's answers when its second stage began; a resume
+    from within that stage reads them from the run folder (computing them again from the half-trained
+    model would give other targets and another run)."""
+    from safetensors.torch import load_file as load
+
+    args = train_args(assets, tmp_path / "whole", "--objective", "joint-distill", "--checkpoint-every", "2")
+    calls = 0
+    real = os.fsync
+
+    def counting(fd: int) -> None:
+        nonlocal calls
+        calls += 1
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    assert main(args) == 0
+    monkeypatch.undo()
+    whole = tmp_path / "whole"
+    teacher = whole / "teacher_distill-every-exit.safetensors"
+    assert teacher.is_file()
+    crash_at(monkeypatch, int(calls * 0.85))  # within the second stage, after its first checkpoint
+    run = tmp_path / "run"
+    with pytest.raises(Crash):
+        main([*args[: args.index("--output") + 1], str(run), *args[args.index("--output") + 2 :]])
+    monkeypatch.undo()
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert state["position"]["stage"] == 1 and state["position"]["step"] > 0, state["position"]
+    assert main(["train", "--output", str(run), "--resume", "--quiet", "--no-evaluate"]) == 0
+    assert_same_run(whole, run)
+    assert torch.equal(load(str(teacher))["probs"], load(str(run / teacher.name))["probs"])
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,13 @@ from layerexit.run_folder import RunFolder
 from layerexit.runtime.loop import model_probs
 from layerexit.training import checkpoint, retrofit, reuse
 from layerexit.training.distributed import Processes
-from layerexit.training.recipe import calibrate_temperatures, resolve_pooling, seed_everything, teacher_probs
+from layerexit.training.recipe import (
+    calibrate_temperatures,
+    parameter_groups,
+    resolve_pooling,
+    seed_everything,
+    teacher_probs,
+)
 
 
 def train(
@@ -243,34 +249,6 @@ def _open_log(path: Path, offset: int) -> BinaryIO:
     return path.open("ab")
 
 
-def _parameter_groups(model: EarlyExitModel, stage: Stage, config: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups: encoder and exits at their own rates, no decay on biases and norms."""
-    frozen_encoder = stage.trainable == "internal_exits"
-    trainable_exits = range(model.num_layers - 1) if frozen_encoder else range(stage.depth)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    groups: list[dict[str, Any]] = []
-
-    def add(named: list[tuple[str, torch.nn.Parameter]], lr: float) -> None:
-        for p in (p for _, p in named):
-            p.requires_grad_(True)
-        decay = [p for n, p in named if p.dim() > 1]
-        no_decay = [p for n, p in named if p.dim() <= 1]
-        groups.extend(
-            g
-            for g in (
-                {"params": decay, "lr": lr, "weight_decay": config.weight_decay},
-                {"params": no_decay, "lr": lr, "weight_decay": 0.0},
-            )
-            if g["params"]
-        )
-
-    if not frozen_encoder:
-        add(list(model.backbone.named_parameters()), config.lr)
-    add([(n, p) for i in trainable_exits for n, p in model.exits[i].named_parameters()], config.head_lr)
-    return groups
-
-
 def fit_stage(
     model: EarlyExitModel,
     stage: Stage,
@@ -294,7 +272,7 @@ def fit_stage(
         targets = teacher_probs(
             model, train_data, config, run.pad_id, where, write=runtime.is_main, progress=run.progress
         )
-    groups = _parameter_groups(model, stage, config)
+    groups = parameter_groups(model, stage, config)
     params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups)
     n, size = len(train_data), config.batch_size

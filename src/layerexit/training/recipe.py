@@ -1,6 +1,6 @@
-"""What a training run resolves around the loop: seeds, the ``auto`` pooling of its configuration, the
-teacher a distilling stage learns from, and the per-exit temperatures a method fits after training
-(RightTool)."""
+"""What a training run resolves around the loop: seeds, the ``auto`` pooling of its configuration, a
+stage's parameter groups, the teacher a distilling stage learns from, and the per-exit temperatures a
+method fits after training (RightTool)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from layerexit.config import TrainConfig
 from layerexit.data.encoding import Encoded
 from layerexit.errors import LayerExitError
+from layerexit.methods import Stage
 from layerexit.model import EarlyExitModel
 from layerexit.run_folder import load_probs, save_probs
 from layerexit.runtime.loop import model_probs
@@ -54,6 +55,34 @@ def resolve_pooling(config: TrainConfig, encoder_path: str) -> str:
     folder = Path(encoder_path)
     sentence_transformer = (folder / "modules.json").is_file() or (folder / "1_Pooling").is_dir()
     return "mean" if sentence_transformer else "first"
+
+
+def parameter_groups(model: EarlyExitModel, stage: Stage, config: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: encoder and exits at their own rates, no decay on biases and norms."""
+    frozen_encoder = stage.trainable == "internal_exits"
+    trainable_exits = range(model.num_layers - 1) if frozen_encoder else range(stage.depth)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    groups: list[dict[str, Any]] = []
+
+    def add(named: list[tuple[str, torch.nn.Parameter]], lr: float) -> None:
+        for p in (p for _, p in named):
+            p.requires_grad_(True)
+        decay = [p for n, p in named if p.dim() > 1]
+        no_decay = [p for n, p in named if p.dim() <= 1]
+        groups.extend(
+            g
+            for g in (
+                {"params": decay, "lr": lr, "weight_decay": config.weight_decay},
+                {"params": no_decay, "lr": lr, "weight_decay": 0.0},
+            )
+            if g["params"]
+        )
+
+    if not frozen_encoder:
+        add(list(model.backbone.named_parameters()), config.lr)
+    add([(n, p) for i in trainable_exits for n, p in model.exits[i].named_parameters()], config.head_lr)
+    return groups
 
 
 def calibrate_temperatures(
