@@ -39,7 +39,7 @@ from layerexit.evaluation.sweep import FAMILIES, default_grid
 
 MAX_DROP, CONFIDENCE = 0.01, 0.9
 SPEEDUPS = (1.5, 2.0, 2.5, 3.0)
-FOLDER = re.compile(r"(?P<setting>[a-z0-9-]+)-(?P<method>retrofit(?:-alltrain)?|pabee|ensemble)-seed(?P<seed>\d+)$")
+FOLDER = re.compile(r"(?P<setting>[a-z0-9-]+)-(?P<method>retrofit(?:-alltrain)?|pabee|ensemble|joint-distill(?:-alt)?)-seed(?P<seed>\d+)$")
 
 
 @dataclass(frozen=True)
@@ -62,11 +62,21 @@ METHODS = {
     "retrofit-alltrain": "retrofit, exits distilled on all 18,120 training tweets (labels unused)",
     "pabee": "PABEE, joint training (rerun with its answers kept)",
     "ensemble": "the paper's objective, joint training (rerun with its answers kept)",
+    "joint-distill": "joint training from the fine-tuned model, every exit distilled towards it, gradient equilibrium",
+    "joint-distill-alt": "the same with BERxiT's alternating steps (every other step trains the last exit alone)",
 }
 """Methods whose last exit is the fine-tuned model (retrofit) and jointly trained ones, whose last exit is
 not: those are certified against the committed fine-tuned run of the same seed (:func:`reference_answers`)."""
-JOINT = {"pabee": ("patience", "entropy"), "ensemble": ("voting", "entropy")}
+JOINT = {
+    "pabee": ("patience", "entropy"),
+    "ensemble": ("voting", "entropy"),
+    "joint-distill": ("entropy",),
+    "joint-distill-alt": ("entropy",),
+}
 """Jointly trained methods and the strategy families each is certified with, one row per family."""
+FROM_SCRATCH = ("pabee", "ensemble")
+"""Methods trained from the pretrained encoder; the others start from the fine-tuned run, whose training
+time is theirs too."""
 
 
 def finetune_folder(results: Path, prefix: str, seed: int) -> Path:
@@ -313,10 +323,10 @@ def certified_table(
 
 
 def training_seconds(results: Path, prefix: str, method: str, run: RecipeRun) -> float:
-    """Wall-clock of everything the method trains: a retrofit's exits plus the fine-tuning it starts from; a
-    jointly trained run's own training."""
+    """Wall-clock of everything the method trains: its own run, plus the fine-tuning it starts from (a retrofit,
+    joint-distill); a run trained from the pretrained encoder is its own training alone."""
     own = seconds(run.path)
-    return own if method in JOINT else own + seconds(finetune_folder(results, prefix, run.seed))
+    return own if method in FROM_SCRATCH else own + seconds(finetune_folder(results, prefix, run.seed))
 
 
 def speedups_table(found: dict[tuple[str, str], list[RecipeRun]]) -> str:

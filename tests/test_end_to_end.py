@@ -456,6 +456,17 @@ def test_onnx_export_evaluate_predict_and_bench(
     assert entry["onnx_early_exit_vs_onnx_all_layers"] > 0
     assert entry["onnx_early_exit_vs_onnx_full"] > 0
 
+    # a served model has its one-call graphs (single row and batch) before the first request waits for them
+    from layerexit.serving.config import EngineConfig
+    from layerexit.serving.server import engine_for_run
+
+    config = EngineConfig(run=str(trained_run), strategy="entropy(threshold=0.5)", runtime="onnx", scheduler="batch")
+    engine, _ = engine_for_run(config)
+    try:
+        assert sorted(batched for _, batched in engine.runner.runtime._fused) == [False, True]
+    finally:
+        engine.close()
+
 
 def test_predict_and_bench_refuse_an_unfinished_run(
     trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -155,6 +155,15 @@ class Predictor:
             latency_ms=round(ms, 3),
         )
 
+    def warm_up(self) -> None:
+        """One input, then a batch of two, through the exit loop: what a runtime builds on first use (ONNX
+        Runtime's one-call graphs, one for single rows and one for batches) is built before a caller waits
+        for it."""
+        texts = ["warm up", "warming up the runtime"]
+        pairs = ["a second text", "a second text of the pair"] if self.text_pairs else None
+        self.predict(texts[:1], pairs[:1] if pairs else None)
+        self.predict(texts, pairs)
+
     def predict(
         self, texts: Sequence[str], pairs: Sequence[str] | None = None, *, batch_size: int = 32
     ) -> list[Prediction]:

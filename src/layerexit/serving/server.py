@@ -30,6 +30,7 @@ def engine_for_run(config: EngineConfig) -> tuple[Engine, dict[str, Any]]:
 
     threads = config.threads or None
     predictor = Predictor.from_run(config.run, config.strategy, threads=threads, runtime=config.runtime)
+    predictor.warm_up()  # not the first request: it would wait for the one-call graphs to be built
     engine = Engine(
         predictor.runtime,
         predictor.strategy,
