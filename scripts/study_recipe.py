@@ -39,7 +39,9 @@ from layerexit.evaluation.sweep import FAMILIES, default_grid
 
 MAX_DROP, CONFIDENCE = 0.01, 0.9
 SPEEDUPS = (1.5, 2.0, 2.5, 3.0)
-FOLDER = re.compile(r"(?P<setting>[a-z0-9-]+)-(?P<method>retrofit(?:-alltrain)?|pabee|ensemble|joint-distill(?:-alt)?)-seed(?P<seed>\d+)$")
+FOLDER = re.compile(
+    r"(?P<setting>[a-z0-9-]+)-(?P<method>retrofit(?:-alltrain)?|pabee|ensemble|joint-distill(?:-alt)?)-seed(?P<seed>\d+)$"
+)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ through the per-layer loop.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -226,7 +226,13 @@ def fused_graph(
     outer.nodes.extend(embed_graph.node)
     graph_inputs = {i.name: i for g in (embed.graph, *(m.graph for m in layers)) for i in g.input if i.name in inputs}
     kinds = (TensorProto.INT64, TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT64, TensorProto.FLOAT)
-    outputs = [helper.make_tensor_value_info(name, kind, None) for name, kind in zip(OUTPUTS, kinds, strict=True)]
+    # ranks declared (rows unknown): a runtime that plans by rank, such as OpenVINO, can then read the graph
+    shapes: tuple[list[int | None], ...] = ([None], [None, num_labels], [None], [None], [1])
+
+    def values(names: Sequence[str]) -> list[Any]:
+        return [helper.make_tensor_value_info(n, k, s) for n, k, s in zip(names, kinds, shapes, strict=True)]
+
+    outputs = values(OUTPUTS)
 
     def level(g: _Scope, layer: int, rows: _Rows, state: State, margin: str) -> tuple[str, ...]:
         """Layer ``layer`` and everything after it in scope ``g``: the names of the five outputs."""
@@ -247,7 +253,7 @@ def fused_graph(
         leave, go_on = g.child(), g.child()
         after = _Rows(hidden, rows.mask, rows.second, rows.positions)
         if not batched:
-            cond = g.op("Squeeze", fire, hint="cond")
+            cond = g.op("Squeeze", fire, g.const([0], np.int64), hint="cond")  # (1,) -> a scalar
             deeper = level(go_on, layer + 1, after, dict(state), margin)
         else:
             cond = g.op(
@@ -265,8 +271,7 @@ def fused_graph(
     def branch(g: _Scope, names: tuple[str, ...]) -> Any:
         """Scope ``g`` as an ``If`` branch whose outputs are copies of ``names`` (which may be outer values)."""
         outs = [g.op("Identity", name, hint=o) for name, o in zip(names, OUTPUTS, strict=True)]
-        values = [helper.make_tensor_value_info(o, kind, None) for o, kind in zip(outs, kinds, strict=True)]
-        return helper.make_graph(g.nodes, g.name("branch"), [], values, initializer=g.constants)
+        return helper.make_graph(g.nodes, g.name("branch"), [], values(outs), initializer=g.constants)
 
     if batched:
         count = outer.op("Gather", outer.op("Shape", "attention_mask"), outer.const(0, np.int64), axis=0)

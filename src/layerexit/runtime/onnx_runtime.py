@@ -342,11 +342,17 @@ class OnnxRuntime:
                     self._fused.popitem(last=False)
             return self._fused[key]
 
-    def one_call_graph(self, strategy: Strategy, *, batched: bool) -> Any:
+    def one_call_graph(self, strategy: Strategy, *, batched: bool, optimised: bool = True) -> Any:
         """The graph :meth:`whole_exit` runs for ``strategy`` (on one row, or ``batched``), an
-        ``onnx.ModelProto`` built from this export's graphs (``KeyError`` for a strategy without a graph form)."""
+        ``onnx.ModelProto`` built from this export's graphs (``KeyError`` for a strategy without a graph form).
+
+        ``optimised=False``: from the export's graphs as they are, standard ONNX operators only, for another
+        runtime to read (ONNX Runtime's own rewrites use its contrib operators)."""
         onnx, ort = require_onnx()
         entries = [self._embed_entry, *self._layer_entries]
+        if not optimised:
+            graphs = [onnx.load(str(self.folder / entry.file)) for entry in entries]
+            return fused_graph(graphs[0], graphs[1:], strategy, self.num_labels, self._fused_inputs(), batched=batched)
         with tempfile.TemporaryDirectory(prefix="layerexit-fuse-") as tmp:
             # Each graph as ONNX Runtime optimises it on its own (portable rewrites only): inside an ``If``
             # branch a few rewrites are not made, and the layer would round differently from its own session.
@@ -358,11 +364,15 @@ class OnnxRuntime:
                 options.log_severity_level = 3
                 self._open(str(self.folder / entry.file), str(self.folder / entry.file), options=options)
                 graphs.append(onnx.load(options.optimized_model_filepath))
+        return fused_graph(graphs[0], graphs[1:], strategy, self.num_labels, self._fused_inputs(), batched=batched)
+
+    def _fused_inputs(self) -> list[str]:
+        """The one-call graph's inputs: the embeddings', then the mask and second text where a layer reads them."""
+        entries = [self._embed_entry, *self._layer_entries]
         names = [*self._embed_entry.inputs]
-        names += [
+        return names + [
             n for n in ("attention_mask", "second_text") if n not in names and any(n in e.inputs for e in entries)
         ]
-        return fused_graph(graphs[0], graphs[1:], strategy, self.num_labels, names, batched=batched)
 
     def _build_fused(self, strategy: Strategy, batched: bool) -> Any:
         model = self.one_call_graph(strategy, batched=batched)
