@@ -122,7 +122,8 @@ step() {
     recipe)      # the folders studies/results/recipe/ were collected from (the joint runs, PABEE and the paper's
                  # objective, are the full-scale study's steps run again to keep their answers)
          for s in tb-retrofit0 tb-retrofit1 tb-retrofit2 snli-retrofit0 snli-retrofit1 snli-retrofit2 \
-                  mpnet-retrofit0 mpnet-retrofit1 mpnet-retrofit-all0 mpnet-retrofit-all1 tb-pabee0 tb-lam0.1; do step "$s"; done ;;
+                  mpnet-retrofit0 mpnet-retrofit1 mpnet-retrofit-all0 mpnet-retrofit-all1 tb-pabee0 tb-lam0.1 tb-jointdistill \
+                  tb-jointdistill-alt; do step "$s"; done ;;
     all) # the folders studies/results/full-* were collected from
          for s in tb-pabee0 tb-lam0.1 tb-lam0.2 tb-lam0.5 tb-finetune tb-pabee12 tb-ours12 tb-uniform snli-pabee0 \
                   snli-pabee1 snli-pabee2 snli-lam snli-finetune snli-ours1 snli-ours2 mpnet tb-deebert tb-fastbert \
