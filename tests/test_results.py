@@ -192,6 +192,7 @@ def test_full_study_script_recipe_makes_the_committed_recipe_folders(tmp_path: P
             words = line.split()
             value = {flag: words[words.index(flag) + 1] for flag in ("--task", "--model", "--methods", "--seeds")}
             encoder = value["--model"].split("-")[0]
-            made.append(f"{value['--task']}-{encoder}-{value['--methods']}-seed{value['--seeds']}")
+            variant = "-alt" if "--alternate" in words else ""  # BERxiT's alternating steps
+            made.append(f"{value['--task']}-{encoder}-{value['--methods']}{variant}-seed{value['--seeds']}")
     committed = sorted(p.name for p in (ROOT / "studies" / "results" / "recipe").iterdir() if p.is_dir())
     assert sorted(made) == committed and len(made) == len(set(made))
