@@ -91,6 +91,11 @@ def portable_sources(path: Path) -> None:
     path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 
+SAME_TRAINING = ("config.json", "train_summary.json")
+"""What a refresh must find unchanged: it copies the reports of runs evaluated again, never of runs trained
+again (a rerun of the same step may write other weights into the same folder)."""
+
+
 def refresh(source: Path, dest: Path) -> None:
     summary = json.loads((dest / "compare.json").read_text(encoding="utf-8"))
     for key, run in summary["runs"].items():
@@ -98,6 +103,13 @@ def refresh(source: Path, dest: Path) -> None:
         for file in RUN_FILES:
             if not (source / name / file).is_file():
                 raise SystemExit(f"error: {source / name / file} is missing ({key} of {dest}/compare.json)")
+        for file in SAME_TRAINING:
+            if (dest / name / file).read_bytes() != (source / name / file).read_bytes():
+                raise SystemExit(
+                    f"error: {source / name / file} differs from the committed {dest / name / file}: that run was "
+                    "trained again, and refresh only copies the reports of runs evaluated again (collect it into a "
+                    "folder of its own instead)"
+                )
         for file in RUN_FILES:
             (dest / name / file).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source / name / file, dest / name / file)
