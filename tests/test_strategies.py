@@ -292,6 +292,7 @@ def test_family_declarations_give_the_tables_they_replaced() -> None:
     assert compare.NATIVE == {
         "deebert": "entropy",
         "fastbert": "entropy",
+        "joint-distill": "entropy",
         "retrofit": "entropy",
         "righttool": "maxprob",
         "pabee": "patience",
