@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from layerexit import losses
 from layerexit import methods as objectives
 from layerexit.config import TrainConfig
+from layerexit.data.encoding import Encoded
+from layerexit.errors import LayerExitError
 from layerexit.methods import EnsembleOptions, StaticOptions
 from layerexit.model import EarlyExitModel
-from layerexit.training.recipe import parameter_groups
+from layerexit.training.recipe import parameter_groups, teacher_probs
 
 from .conftest import random_batch, tiny_model
 
@@ -211,3 +215,26 @@ def test_gradient_equilibrium_gives_each_layer_the_mean_of_its_exits_gradients()
         else:
             scale = 1.0  # an exit's own weights, and a pooler no exit uses
         torch.testing.assert_close(mean[name], grad * scale, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_teacher_probabilities_are_computed_once_and_checked_when_read(tmp_path: Path) -> None:
+    """What a distilling stage's targets are: the final exit's probabilities, dropout off; kept in the run
+    folder; a file for other rows is refused with its name rather than trained on."""
+    model = tiny_model(head="linear")
+    model.train()  # the teacher is computed with dropout off whatever the mode
+    ids = [[1, 5, 6, 7, 2], [1, 8, 2], [1, 9, 10, 2]]
+    data = Encoded(input_ids=ids, token_type_ids=None, labels=torch.tensor([0, 1, 2]))
+    path = tmp_path / "teacher_distill-every-exit.safetensors"
+    first = teacher_probs(model, data, TrainConfig(eval_batch_size=2), 0, path, write=True, progress=False)
+    model.eval()
+    with torch.no_grad():
+        for row, tokens in enumerate(ids):
+            alone = model(torch.tensor([tokens]), torch.ones(1, len(tokens), dtype=torch.long)).logits[-1, 0]
+            torch.testing.assert_close(first[row], alone.softmax(-1), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # a changed model does not change targets already kept
+        next(model.parameters()).add_(1.0)
+    again = teacher_probs(model, data, TrainConfig(), 0, path, write=True, progress=False)
+    assert torch.equal(again, first)
+    fewer = Encoded(input_ids=ids[:2], token_type_ids=None, labels=torch.tensor([0, 1]))
+    with pytest.raises(LayerExitError, match=f"{path}: teacher probabilities for other training rows"):
+        teacher_probs(model, fewer, TrainConfig(), 0, path, write=False, progress=False)
