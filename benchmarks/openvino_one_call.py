@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from typing import Any
 import numpy as np
 import openvino as ov
 import torch
+from openvino_compare import openvino_graph, timed  # this folder's: run as a script
 
 from layerexit.data.encoding import collate
 from layerexit.evaluation.evaluate import load_run_split
@@ -36,31 +35,6 @@ from layerexit.runtime.onnx_runtime import OnnxRuntime
 from layerexit.strategies import parse as parse_strategy
 
 Feed = dict[str, np.ndarray]
-
-
-def compiled(core: Any, path: Path, threads: int, precision: str | None) -> Callable[[Feed], list[np.ndarray]]:
-    config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-    if precision:
-        config["INFERENCE_PRECISION_HINT"] = precision
-    model = core.compile_model(core.read_model(str(path)), "CPU", config)
-    request = model.create_infer_request()
-    names = {n for port in model.inputs for n in port.get_names()}
-
-    def call(feed: Feed) -> list[np.ndarray]:
-        request.infer({k: v for k, v in feed.items() if k in names}, share_inputs=True)
-        return [request.get_output_tensor(i).data.copy() for i in range(len(model.outputs))]
-
-    return call
-
-
-def timed(fn: Callable[[], None], per: int) -> float:
-    fn()  # warm up (and compile for new shapes)
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return round(statistics.median(times) / per * 1000, 3)
 
 
 def decisions(call: Callable[[Feed], list[np.ndarray]], feed: Feed, rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -122,8 +96,8 @@ def main() -> int:
                 timings[f"{label}, early exit in one call"] = ort_exit
             for precision in (None, "f32"):
                 name = f"openvino {precision or 'default (bf16 here)'}"
-                full = compiled(core, folder / "full.onnx", args.threads, precision)
-                whole = compiled(core, graphs[size > 1], args.threads, precision)
+                full = openvino_graph(core, folder / "full.onnx", args.threads, precision)
+                whole = openvino_graph(core, graphs[size > 1], args.threads, precision)
                 moved = sum(
                     int((decisions(whole, f, len(r.exit_layer))[0] != r.exit_layer.numpy()).sum())
                     for f, r in zip(feeds, reference, strict=True)

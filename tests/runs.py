@@ -37,6 +37,11 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def reference(assets: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     """An uninterrupted run, and how many times it flushed a file to disk (the crash points below)."""
     run = tmp_path_factory.mktemp("reference") / "run"  # checkpoints every 2 steps
+    return run, trained_counting_fsyncs(train_args(assets, run, "--checkpoint-every", "2"))
+
+
+def trained_counting_fsyncs(args: list[str]) -> int:
+    """Train with ``args`` (it must succeed); how many times the run flushed a file to disk."""
     calls = 0
     real = os.fsync
 
@@ -47,10 +52,10 @@ def reference(assets: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactor
 
     os.fsync = counting
     try:
-        assert main(train_args(assets, run, "--checkpoint-every", "2")) == 0
+        assert main(args) == 0
     finally:
         os.fsync = real
-    return run, calls
+    return calls
 
 
 def train_args(assets: tuple[Path, Path], output: Path, *extra: str) -> list[str]:

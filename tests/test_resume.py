@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from layerexit.cli import main
 
-from .runs import assert_same_run, assets, on_cpu, reference, summary, train_args
+from .runs import assert_same_run, assets, on_cpu, reference, summary, train_args, trained_counting_fsyncs
 
 __all__ = ["assets", "on_cpu", "reference"]
 
@@ -134,17 +134,7 @@ def test_a_distilling_stage_resumed_learns_the_targets_it_began_with(
     from safetensors.torch import load_file as load
 
     args = train_args(assets, tmp_path / "whole", "--objective", "joint-distill", "--checkpoint-every", "2")
-    calls = 0
-    real = os.fsync
-
-    def counting(fd: int) -> None:
-        nonlocal calls
-        calls += 1
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", counting)
-    assert main(args) == 0
-    monkeypatch.undo()
+    calls = trained_counting_fsyncs(args)
     whole = tmp_path / "whole"
     teacher = whole / "teacher_distill-every-exit.safetensors"
     assert teacher.is_file()
