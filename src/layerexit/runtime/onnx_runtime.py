@@ -348,11 +348,17 @@ class OnnxRuntime:
 
         ``optimised=False``: from the export's graphs as they are, standard ONNX operators only, for another
         runtime to read (ONNX Runtime's own rewrites use its contrib operators)."""
-        onnx, ort = require_onnx()
+        onnx, _ = require_onnx()
         entries = [self._embed_entry, *self._layer_entries]
-        if not optimised:
+        if optimised:
+            graphs = self._optimised_graphs(entries)
+        else:
             graphs = [onnx.load(str(self.folder / entry.file)) for entry in entries]
-            return fused_graph(graphs[0], graphs[1:], strategy, self.num_labels, self._fused_inputs(), batched=batched)
+        return fused_graph(graphs[0], graphs[1:], strategy, self.num_labels, self._fused_inputs(), batched=batched)
+
+    def _optimised_graphs(self, entries: list[Any]) -> list[Any]:
+        """Each graph of ``entries`` as ONNX Runtime's session optimises it on its own."""
+        onnx, ort = require_onnx()
         with tempfile.TemporaryDirectory(prefix="layerexit-fuse-") as tmp:
             # Each graph as ONNX Runtime optimises it on its own (portable rewrites only): inside an ``If``
             # branch a few rewrites are not made, and the layer would round differently from its own session.
@@ -364,7 +370,7 @@ class OnnxRuntime:
                 options.log_severity_level = 3
                 self._open(str(self.folder / entry.file), str(self.folder / entry.file), options=options)
                 graphs.append(onnx.load(options.optimized_model_filepath))
-        return fused_graph(graphs[0], graphs[1:], strategy, self.num_labels, self._fused_inputs(), batched=batched)
+        return graphs
 
     def _fused_inputs(self) -> list[str]:
         """The one-call graph's inputs: the embeddings', then the mask and second text where a layer reads them."""
