@@ -3,7 +3,7 @@
 `benchmarks/openvino_compare.py` found OpenVINO's full model faster than ONNX Runtime's here but its early
 exit slower, because it went layer by layer and each OpenVINO call costs more fixed time. This one gives
 OpenVINO the same one-call graph ONNX Runtime runs (`OnnxRuntime.one_call_graph(..., optimised=False)`:
-the export's graphs as they are, standard operators only, every layer in an `If` branch), at batch 1 and
+the export's graphs as they are, without ONNX Runtime's session rewrites, every layer in an `If` branch), at batch 1 and
 32, 2 threads, the median of 3 passes over the same test inputs, in ms per input. It prints how often
 OpenVINO's exit layer and answer differ from ONNX Runtime's (which equal the per-layer loop's bit for bit).
 

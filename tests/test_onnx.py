@@ -502,3 +502,38 @@ def test_one_shared_thread_pool_gives_the_same_answers(tmp_path: Path, exported:
         )
     shared, own = torch.load(out["shared"]), torch.load(out["own"])
     torch.testing.assert_close(shared, own, atol=1e-6, rtol=0)
+
+
+def test_the_unoptimised_one_call_graph_holds_the_exports_operators_and_decides_as_the_loop(
+    exported: Callable[[str], Exported],
+) -> None:
+    """``optimised=False`` (for another runtime to read): no operator outside the standard domain that the
+    export's own graphs do not hold, ranks declared on its outputs, and run by ONNX Runtime it gives the
+    per-layer loop's exit layers and answers."""
+    import onnx
+    import onnxruntime as ort
+
+    model, runtime, folder = exported("bert")
+    ids, mask = random_batch(batch=6, length=9, seed=5)
+    with torch.no_grad():
+        strategy = _varied("entropy", model(ids, mask).probs)
+    graph = runtime.one_call_graph(strategy, batched=True, optimised=False)
+
+    def operators(g: Any) -> set[tuple[str, str]]:
+        found = {(n.domain, n.op_type) for n in g.node if n.domain not in ("", "ai.onnx")}
+        for n in g.node:
+            for attribute in n.attribute:
+                if attribute.g.node:
+                    found |= operators(attribute.g)
+        return found
+
+    exports = set().union(*(operators(onnx.load(str(f)).graph) for f in folder.glob("*.onnx")))
+    assert operators(graph.graph) <= exports
+    assert [len(o.type.tensor_type.shape.dim) for o in graph.graph.output] == [1, 2, 1, 1, 1]
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "token_type_ids": torch.zeros_like(ids).numpy()}
+    positions, _, layers, prediction, _ = session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})
+    loop = _per_layer(runtime, strategy, ids, mask)
+    order = torch.from_numpy(positions)
+    assert torch.equal(torch.from_numpy(layers), loop.exit_layer[order])
+    assert torch.equal(torch.from_numpy(prediction), loop.prediction[order])

@@ -196,3 +196,28 @@ def test_full_study_script_recipe_makes_the_committed_recipe_folders(tmp_path: P
             made.append(f"{value['--task']}-{encoder}-{value['--methods']}{variant}-seed{value['--seeds']}")
     committed = sorted(p.name for p in (ROOT / "studies" / "results" / "recipe").iterdir() if p.is_dir())
     assert sorted(made) == committed and len(made) == len(set(made))
+
+
+def test_refresh_copies_reports_of_runs_evaluated_again_but_not_of_runs_trained_again(tmp_path: Path) -> None:
+    source, dest = tmp_path / "source", tmp_path / "dest"
+    for folder in (source, dest):
+        (folder / "run" / "eval").mkdir(parents=True)
+        for name in ("config.json", "data.json", "train_summary.json"):
+            (folder / "run" / name).write_text('{"seconds": 1}\n')
+    (dest / "compare.json").write_text(json.dumps({"runs": {"pabee/seed0": "somewhere/run"}}))
+    for name in ("report.json", "points.csv", "exit_layers.csv"):
+        (source / "run" / "eval" / name).write_text("evaluated again\n")
+
+    def refresh() -> subprocess.CompletedProcess[str]:
+        script = ROOT / "scripts" / "results.py"
+        return subprocess.run(
+            [sys.executable, str(script), "refresh", str(source), str(dest)], capture_output=True, text=True
+        )
+
+    assert refresh().returncode == 0
+    assert (dest / "run" / "eval" / "report.json").read_text() == "evaluated again\n"
+    (source / "run" / "train_summary.json").write_text('{"seconds": 2}\n')  # the same step trained again
+    (source / "run" / "eval" / "report.json").write_text("trained again\n")
+    failed = refresh()
+    assert failed.returncode == 1 and "train_summary.json differs from the committed" in failed.stderr
+    assert (dest / "run" / "eval" / "report.json").read_text() == "evaluated again\n"

@@ -346,8 +346,8 @@ class OnnxRuntime:
         """The graph :meth:`whole_exit` runs for ``strategy`` (on one row, or ``batched``), an
         ``onnx.ModelProto`` built from this export's graphs (``KeyError`` for a strategy without a graph form).
 
-        ``optimised=False``: from the export's graphs as they are, standard ONNX operators only, for another
-        runtime to read (ONNX Runtime's own rewrites use its contrib operators)."""
+        ``optimised=False``: from the export's graphs as they are, without ONNX Runtime's session rewrites,
+        for another runtime to read (OpenVINO reads these: ``benchmarks/openvino_one_call.py``)."""
         onnx, _ = require_onnx()
         entries = [self._embed_entry, *self._layer_entries]
         if optimised:
