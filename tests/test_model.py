@@ -107,6 +107,7 @@ CANDIDATES: dict[str, list[strategies.Strategy]] = {
     "voting": [strategies.Voting(k=k, threshold=t) for k in (0.5, 0.0) for t in (1.2, 1.5, 2.0)],
     "hybrid": [strategies.Hybrid(k=0.0, threshold=3, entropy_threshold=t) for t in (0.4, 0.6, 0.8, 0.9, 0.95)],
     "static": [strategies.Static(layer=2)],
+    "pcee": [strategies.Pcee(threshold=t, patience=2) for t in (0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.99)],
 }
 
 

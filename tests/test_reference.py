@@ -136,3 +136,8 @@ def test_calibrate_tests_the_runs_own_family_by_default(runs: tuple[Path, Path])
     assert families(finetuned, "--max-drop", "0.2") == list(FAMILIES)
     assert set(families(pabee, "--target-speedup", "1.2")) > {"patience"}
     assert families(pabee, "--max-drop", "0.2", "--strategies", "entropy,maxprob") == ["entropy", "maxprob"]
+    # an opt-in family is tested when named, and never by default
+    assert "pcee" not in FAMILIES and "pcee" not in families(pabee, "--target-speedup", "1.2")
+    assert families(pabee, "--max-drop", "0.2", "--strategies", "pcee") == ["pcee"]
+    chosen = json.loads(RunFolder(pabee).calibration_file.read_text())["choices"][0]["strategy"]
+    assert chosen.startswith("pcee("), chosen

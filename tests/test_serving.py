@@ -82,7 +82,7 @@ def _offline(runtime: TorchRuntime, strategy: strategies.Strategy, ids: torch.Te
 
 
 @pytest.mark.parametrize("scheduler", [*SCHEDULERS, "pooled-oldest"])
-@pytest.mark.parametrize("family", ["entropy", "patience", "voting"])
+@pytest.mark.parametrize("family", ["entropy", "patience", "voting", "pcee"])
 def test_every_row_equals_offline_replay_under_random_concurrent_arrivals(scheduler: str, family: str) -> None:
     scheduler, _, policy = scheduler.partition("-")
     model = _peaked(tiny_model("bert", num_labels=3))

@@ -62,6 +62,20 @@ def test_patience_counts_unchanged_predictions() -> None:
     assert (layer.item(), pred.item()) == (6, 0)  # never fires: last layer's argmax
 
 
+def test_pcee_waits_for_confident_exits_in_a_row() -> None:
+    # normalized entropy per layer: H(0.95) = 0.29, H(0.6) = 0.97, H(0.99) = 0.08, H(0.97) = 0.19
+    probs = _probs([[0.95, 0.05], [0.6, 0.4], [0.01, 0.99], [0.03, 0.97], [0.9, 0.1]])
+    assert strategies.Pcee(threshold=0.3, patience=1).replay(probs) == strategies.Entropy(threshold=0.3).replay(probs)
+    layer, pred = strategies.Pcee(threshold=0.3).replay(probs)  # layer 2 breaks the first run; 3 and 4 make one
+    assert (layer.item(), pred.item()) == (4, 1)
+    layer, pred = strategies.Pcee(threshold=0.3, patience=3).replay(probs)  # never three in a row: the last layer
+    assert (layer.item(), pred.item()) == (5, 0)
+    layer, _ = strategies.Pcee(threshold=0.1).replay(probs)  # only layer 3 is confident
+    assert layer.item() == 5
+    assert str(strategies.Pcee(threshold=0.3)) == "pcee(threshold=0.3)"
+    assert strategies.parse("pcee(threshold=0.3, patience=3)") == strategies.Pcee(threshold=0.3, patience=3)
+
+
 def test_voting_appendix_a1_example() -> None:
     """Paper, Appendix A.1: with k=0.75 and delta=1.5, 6 votes out of 6 exit at layer 6, and at
     layer 9 a sample exits with 8 or 9 votes."""
@@ -126,7 +140,7 @@ def _reference(strategy: strategies.Strategy, probs: torch.Tensor, labels: torch
         winner = max((c for c in range(num_classes) if votes[c] == top), key=lambda c: mass[c])
         return top, winner
 
-    counter = 0
+    counter = confident_run = 0
     for layer in range(1, num_layers + 1):
         r, a = rows[layer - 1], argmaxes[layer - 1]
         if isinstance(strategy, strategies.Entropy) and h(r) < strategy.threshold:
@@ -136,6 +150,10 @@ def _reference(strategy: strategies.Strategy, probs: torch.Tensor, labels: torch
         if isinstance(strategy, strategies.Patience):
             counter = counter + 1 if layer > 1 and a == argmaxes[layer - 2] else 0
             if counter == strategy.patience:
+                return layer, a
+        if isinstance(strategy, strategies.Pcee):
+            confident_run = confident_run + 1 if h(r) < strategy.threshold else 0
+            if confident_run == strategy.patience:
                 return layer, a
         if isinstance(strategy, strategies.Voting | strategies.Hybrid):
             top, winner = vote(layer)
@@ -162,6 +180,8 @@ def _reference(strategy: strategies.Strategy, probs: torch.Tensor, labels: torch
         strategies.Voting(k=0.5, threshold=1.6),
         strategies.Hybrid(k=0.25, threshold=2.5, entropy_threshold=0.2),
         strategies.Static(layer=4),
+        strategies.Pcee(threshold=0.5),
+        strategies.Pcee(threshold=0.7, patience=3),
         strategies.Oracle(),
     ],
     ids=str,
@@ -186,6 +206,8 @@ def test_parse_and_validation() -> None:
         ("entropy(threshold=-0.1)", "non-negative"),
         ("patience(patience=0)", "positive integer"),
         ("patience(patience=1.5)", "integer"),
+        ("pcee(threshold=0.2, patience=0)", "positive integer"),
+        ("pcee(patience=2)", "threshold"),
         ("entropy(thresh=0.1)", "no parameter"),
         ("maxprob(threshold=abc)", "not a number"),
     ]:
@@ -251,7 +273,14 @@ def test_default_grid_is_pinned(num_layers: int, num_classes: int) -> None:
     grid = sweep.default_grid(num_layers, num_classes, sweep.FAMILIES)
     assert [repr(s) for s in grid] == [repr(s) for s in expected]  # same classes, same exact floats
     assert grid == expected
-    assert sweep.default_grid(num_layers, num_classes) == expected  # the default families are all of them
+    assert sweep.default_grid(num_layers, num_classes) == expected  # the default families, opt-in ones left out
+    pcee = sweep.default_grid(num_layers, num_classes, ["pcee"])  # an opt-in family, when named
+    assert pcee == [
+        strategies.Pcee(threshold=e.threshold, patience=p)
+        for p in (2, 3)
+        for e in expected
+        if isinstance(e, strategies.Entropy)
+    ]
     for family in sweep.FAMILIES:  # each family alone is its slice of the whole
         assert sweep.default_grid(num_layers, num_classes, [family]) == [s for s in expected if s.name == family]
     assert sweep.default_grid(num_layers, num_classes, ["static", "entropy"]) == [
@@ -267,9 +296,13 @@ def test_family_declarations_give_the_tables_they_replaced() -> None:
     from layerexit import compare
     from layerexit.evaluation import calibrate
 
-    assert tuple(n for n in strategies.STRATEGIES if n != "oracle") == strategies.FAMILIES
+    assert tuple(n for n in strategies.STRATEGIES if n != "oracle") == strategies.KNOWN_FAMILIES
+    assert (*strategies.FAMILIES, "pcee") == strategies.KNOWN_FAMILIES  # pcee: opt-in, named only
+    assert not strategies.family_of("pcee").default
     assert strategies.Oracle.family is None
-    knobs = {f: (strategies.family_of(f).knob, strategies.family_of(f).slowest_first) for f in strategies.FAMILIES}
+    knobs = {
+        f: (strategies.family_of(f).knob, strategies.family_of(f).slowest_first) for f in strategies.KNOWN_FAMILIES
+    }
     assert knobs == {  # calibration's chains: the knob and the sort that puts the slowest setting first
         "entropy": ("threshold", +1),
         "maxprob": ("threshold", -1),
@@ -277,8 +310,9 @@ def test_family_declarations_give_the_tables_they_replaced() -> None:
         "voting": ("threshold", -1),
         "hybrid": ("threshold", -1),
         "static": ("layer", -1),
+        "pcee": ("threshold", +1),
     }
-    assert calibrate.CALIBRATABLE == strategies.FAMILIES
+    assert calibrate.CALIBRATABLE == strategies.KNOWN_FAMILIES
     assert strategies.preferred_families() == ["voting", "hybrid", "patience", "entropy"]
     styles = {f: strategies.family_of(f).style for f in strategies.FAMILIES}
     assert {f: s.color for f, s in styles.items() if s.front} == {
@@ -311,7 +345,7 @@ def test_a_larger_knob_moves_every_exit_the_declared_way() -> None:
     from itertools import pairwise
 
     probs = torch.softmax(3 * torch.randn(4, 100, 3, generator=torch.Generator().manual_seed(0)), -1)
-    for name in strategies.FAMILIES:
+    for name in strategies.KNOWN_FAMILIES:
         declared = strategies.family_of(name)
         chains: dict[tuple, list[strategies.Strategy]] = {}
         for s in strategies.STRATEGIES[name].default_grid(4, 3):

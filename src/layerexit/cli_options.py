@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from layerexit.errors import LayerExitError
-from layerexit.evaluation.sweep import FAMILIES
+from layerexit.evaluation.sweep import FAMILIES, KNOWN_FAMILIES
 from layerexit.options import option
 from layerexit.runtime.base import RUNTIMES
 from layerexit.runtime.registry import exportable
@@ -23,10 +23,10 @@ from layerexit.runtime.registry import exportable
 def families(text: str) -> list[str]:
     """``--strategies``: comma-separated strategy families, each checked."""
     names = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [n for n in names if n not in FAMILIES]
+    unknown = [n for n in names if n not in KNOWN_FAMILIES]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown strategy {unknown[0] if unknown else text!r}; known: {', '.join(FAMILIES)}"
+            f"unknown strategy {unknown[0] if unknown else text!r}; known: {', '.join(KNOWN_FAMILIES)}"
         )
     return names
 
@@ -58,8 +58,15 @@ def shared_pool() -> Any:
     )
 
 
+FAMILIES_HELP = (
+    "comma-separated strategy families: "
+    + ",".join(FAMILIES)
+    + "".join(f", and {name} when named" for name in KNOWN_FAMILIES if name not in FAMILIES)
+)
+
+
 def strategies() -> Any:
-    return option(list(FAMILIES), "comma-separated strategy families: " + ",".join(FAMILIES), parse=families)
+    return option(list(FAMILIES), FAMILIES_HELP + " (default: all but those named only)", parse=families)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -161,7 +168,7 @@ class CalibrateOptions:
     )
     strategies: list[str] = option(
         [],
-        "comma-separated strategy families: " + ",".join(FAMILIES) + ". Default with --max-drop: the run's own "
+        FAMILIES_HELP + ". Default with --max-drop: the run's own "
         "family (its method's: entropy for retrofit, DeeBERT and FastBERT, voting for ensemble, patience for PABEE, "
         "maxprob for RightTool), since the confidence is split over the families tested; with --target-speedup, "
         "all of them",

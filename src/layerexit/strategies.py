@@ -73,6 +73,10 @@ class Family:
     preference: int | None = None
     """Rank (1 first) among the families whose dev-selected setting a run uses when no strategy is
     given and none is calibrated; None: never chosen that way."""
+    default: bool = True
+    """Whether sweeps, calibration and reports take the family when no families are named. False: an
+    opt-in family, run only when named (``--strategies pcee``, ``--strategy "pcee(...)"``), so that adding it
+    changes no existing report, and no calibration that splits its confidence over the families it tests."""
 
     @property
     def slowest_first(self) -> int:
@@ -225,6 +229,40 @@ class Patience(Strategy):
 
 
 @dataclass(frozen=True)
+class Pcee(Strategy):
+    """PCEE-BERT: exit once the last ``patience`` exits in a row were each confident, their normalized
+    entropy below ``threshold``; the prediction is the current exit's. With ``patience=1`` it is entropy's rule.
+
+    Opt-in (:attr:`Family.default` False): on the study's runs it is slower than entropy at every level of
+    disagreement with the full model (``docs/results.md``), so default sweeps leave it out.
+    """
+
+    threshold: float
+    patience: int = 2
+    name: ClassVar[str] = "pcee"
+    family: ClassVar[Family] = Family(knob="threshold", larger_exits_earlier=True, style=PlotStyle("C5"), default=False)
+
+    def __post_init__(self) -> None:
+        _non_negative("threshold", self.threshold)
+        if not isinstance(self.patience, int) or self.patience < 1:
+            raise LayerExitError(f"pcee patience must be a positive integer, got {self.patience!r}")
+
+    @classmethod
+    def default_grid(cls, num_layers: int, num_classes: int) -> list[Strategy]:
+        """Patience 2 and 3 (where the model has more layers than that), each with entropy's 51 thresholds."""
+        thresholds = [round(t, 4) for t in torch.linspace(0.0, 1.0, 51).tolist()]
+        return [cls(threshold=t, patience=p) for p in (2, 3) if p < num_layers for t in thresholds]
+
+    def init(self, num_samples: int, num_classes: int, device: torch.device | str = "cpu") -> State:
+        return {"counter": torch.zeros(num_samples, dtype=torch.long, device=device)}
+
+    def step(self, state: State, layer: int, probs: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        confident = entropy(probs) < self.threshold
+        state["counter"] = torch.where(confident, state["counter"] + 1, torch.zeros_like(state["counter"]))
+        return state["counter"] >= self.patience, probs.argmax(-1)
+
+
+@dataclass(frozen=True)
 class Voting(Strategy):
     """The paper's rule (Eq. 23): exit once V_l = max_c votes_c(l) / l**k reaches ``threshold``.
 
@@ -361,19 +399,25 @@ class Oracle(Strategy):
 
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Entropy, MaxProb, Patience, Voting, Hybrid, Static, Oracle)
+    cls.name: cls for cls in (Entropy, MaxProb, Patience, Voting, Hybrid, Static, Pcee, Oracle)
 }
 
-FAMILIES: tuple[str, ...] = tuple(name for name, cls in STRATEGIES.items() if cls.family is not None)
-"""The families one sweeps and calibrates, in the order reports list them: every registered strategy
-that declares a :class:`Family` (all but the oracle)."""
+KNOWN_FAMILIES: tuple[str, ...] = tuple(name for name, cls in STRATEGIES.items() if cls.family is not None)
+"""Every family one can sweep and calibrate by name: every registered strategy that declares a
+:class:`Family` (all but the oracle)."""
+
+FAMILIES: tuple[str, ...] = tuple(
+    name for name in KNOWN_FAMILIES if (family := STRATEGIES[name].family) is not None and family.default
+)
+"""The families one sweeps and calibrates when none are named, in the order reports list them: the known
+families less the opt-in ones (:attr:`Family.default`)."""
 
 
 def family_of(name: str) -> Family:
-    """The declaration of family ``name``; LayerExitError when ``name`` is not one of :data:`FAMILIES`."""
+    """The declaration of family ``name``; LayerExitError when ``name`` is not one of :data:`KNOWN_FAMILIES`."""
     cls = STRATEGIES.get(name)
     if cls is None or cls.family is None:
-        raise LayerExitError(f"unknown strategy family {name!r}; known: {', '.join(FAMILIES)}")
+        raise LayerExitError(f"unknown strategy family {name!r}; known: {', '.join(KNOWN_FAMILIES)}")
     return cls.family
 
 

@@ -22,7 +22,16 @@ from layerexit import metrics
 from layerexit.atomic import write_csv
 from layerexit.data.encoding import Encoded, encode_split
 from layerexit.errors import LayerExitError
-from layerexit.evaluation.sweep import FAMILIES, Point, default_grid, evaluate_point, paper_band, select_in_band, sweep
+from layerexit.evaluation.sweep import (
+    FAMILIES,
+    KNOWN_FAMILIES,
+    Point,
+    default_grid,
+    evaluate_point,
+    paper_band,
+    select_in_band,
+    sweep,
+)
 from layerexit.methods import METHODS
 from layerexit.model import EarlyExitModel
 from layerexit.run_folder import RunFolder
@@ -140,7 +149,7 @@ def plot_tradeoff(points: list[Point], report: dict[str, Any], split: str, path:
 
     metric = report["metric"]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    fronts = [f for f in FAMILIES if family_of(f).style.front]
+    fronts = [f for f in KNOWN_FAMILIES if family_of(f).style.front]
     for family in fronts:
         style = family_of(family).style
         pts = [p for p in points if p.strategy.name == family]
@@ -149,7 +158,7 @@ def plot_tradeoff(points: list[Point], report: dict[str, Any], split: str, path:
         front = pareto_front([(p.speedup, p.scores[metric]) for p in pts])
         label = style.label or family
         ax.plot(*zip(*front, strict=True), "-", color=style.color, label=label, lw=1.6, marker=style.marker, ms=3)
-    for family in (f for f in FAMILIES if f not in fronts):
+    for family in (f for f in KNOWN_FAMILIES if f not in fronts):
         style = family_of(family).style
         each = sorted((p.speedup, p.scores[metric]) for p in points if p.strategy.name == family)
         if each:

@@ -11,12 +11,12 @@ import torch
 from torch import Tensor
 
 from layerexit.errors import LayerExitError
-from layerexit.evaluation.sweep import FAMILIES, default_grid
+from layerexit.evaluation.sweep import KNOWN_FAMILIES, default_grid
 from layerexit.strategies import Strategy, family_of
 
 Loss = Literal["disagreement", "accuracy_drop"]
 LOSSES: tuple[str, ...] = ("disagreement", "accuracy_drop")
-CALIBRATABLE: tuple[str, ...] = tuple(f for f in FAMILIES if family_of(f).calibratable)
+CALIBRATABLE: tuple[str, ...] = tuple(f for f in KNOWN_FAMILIES if family_of(f).calibratable)
 """The families whose settings calibration can order by the grid alone (:attr:`Family.calibratable`):
 settings that share every parameter but the family's knob form one chain, sorted along the knob
 (:attr:`Family.knob`, :attr:`Family.slowest_first`) so that every sample's exit layer can only move

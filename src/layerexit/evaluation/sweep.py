@@ -9,10 +9,11 @@ from typing import TypeVar
 from torch import Tensor
 
 from layerexit import metrics
-from layerexit.strategies import FAMILIES, STRATEGIES, VOTING_KS, Oracle, Strategy, voting_thresholds
+from layerexit.strategies import FAMILIES, KNOWN_FAMILIES, STRATEGIES, VOTING_KS, Oracle, Strategy, voting_thresholds
 
 __all__ = [
     "FAMILIES",
+    "KNOWN_FAMILIES",
     "VOTING_KS",
     "Point",
     "best_in_band",
@@ -34,7 +35,7 @@ def default_grid(num_layers: int, num_classes: int, families: Iterable[str] = FA
     for family in families:
         cls = STRATEGIES.get(family)
         if cls is None or cls.family is None:
-            raise ValueError(f"unknown strategy family {family!r}; known: {', '.join(FAMILIES)}")
+            raise ValueError(f"unknown strategy family {family!r}; known: {', '.join(KNOWN_FAMILIES)}")
         grid += cls.default_grid(num_layers, num_classes)
     return grid
 

@@ -132,6 +132,16 @@ def _patience_rule(
     return g.op("Equal", counter, g.const([s.patience], np.int64)), pred, None
 
 
+def _pcee_rule(s: strategies.Pcee, g: _Scope, layer: int, probs: str, num_labels: int, state: State) -> Decision:
+    h = _entropy(g, probs, True, num_labels)
+    threshold = g.const([s.threshold], np.float32)
+    confident = g.op("Cast", g.op("Less", h, threshold), to=7)  # int64: 1 where confident
+    counter = confident if layer == 1 else g.op("Mul", g.op("Add", state["counter"], g.const([1], np.int64)), confident)
+    state["counter"] = counter
+    fire = g.op("GreaterOrEqual", counter, g.const([s.patience], np.int64))
+    return fire, _argmax(g, probs), _distance(g, h, threshold)
+
+
 def _votes(s: strategies.Voting, g: _Scope, layer: int, probs: str, num_labels: int, state: State) -> tuple[str, str]:
     """Voting's step: ``(fire, prediction)``, with votes and float64 mass carried in ``state``."""
     choice = g.op("Unsqueeze", _argmax(g, probs), g.const([-1], np.int64))  # (1, 1)
@@ -174,6 +184,7 @@ RULES: dict[type[Strategy], Builder] = {
     strategies.Voting: _voting_rule,
     strategies.Hybrid: _hybrid_rule,
     strategies.Static: _static_rule,
+    strategies.Pcee: _pcee_rule,
 }
 """The graph form of each strategy's ``step``, by exact class (a subclass may change ``step``)."""
 
