@@ -108,6 +108,31 @@ def test_early_exit_equals_pytorch_batched_and_one_by_one(
         assert single.prediction.item() == reference.prediction[row].item()
 
 
+def test_a_rule_without_a_graph_form_runs_layer_by_layer(exported: Callable[[str], Exported]) -> None:
+    """The learned agreement rule has no form in the one-call graph: ONNX Runtime runs it through the per-layer
+    loop, with PyTorch's decisions."""
+    from layerexit.runtime.onnx_fused import fusable
+    from layerexit.strategies.learned import Agreement, fit
+
+    model, runtime, _ = exported("bert")
+    ids, mask = random_batch(batch=12, length=13, seed=4)
+    with torch.no_grad():
+        probs = model(ids, mask).probs
+    rule = fit(probs, probs[-1].argmax(-1), torch.arange(12), "dev")
+    scores = sorted({round(t, 2) for t in torch.linspace(0.3, 0.95, 14).tolist()})
+    for threshold in scores:
+        strategy = Agreement(threshold=threshold, rule=rule.fingerprint).bound(rule)
+        reference = early_exit_forward(model, strategy, ids, mask)
+        if reference.exit_layer.unique().numel() >= 2:
+            break
+    else:
+        raise AssertionError("no threshold gives varied exits; the test model is too uniform")
+    assert not fusable(strategy)
+    batched = early_exit(runtime, strategy, ids, mask)
+    assert torch.equal(batched.exit_layer, reference.exit_layer)
+    assert torch.equal(batched.prediction, reference.prediction)
+
+
 class _CountingSession:
     """Wraps an ORT session and records the (rows, length) of every hidden state it is given."""
 

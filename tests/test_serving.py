@@ -81,8 +81,20 @@ def _offline(runtime: TorchRuntime, strategy: strategies.Strategy, ids: torch.Te
     return int(layer[0]), int(prediction[0])
 
 
+def _fitted_agreement(probs: torch.Tensor) -> strategies.Strategy:
+    """The learned rule fitted on these exits, at the first threshold under which rows leave at different layers."""
+    from layerexit.strategies.learned import Agreement, fit
+
+    rule = fit(probs, probs[-1].argmax(-1), torch.arange(probs.shape[1]), "dev")
+    for threshold in torch.linspace(0.05, 0.95, 19).tolist():
+        strategy = Agreement(threshold=threshold, rule=rule.fingerprint).bound(rule)
+        if strategy.replay(probs)[0].unique().numel() >= 2:
+            return strategy
+    raise AssertionError("no threshold gives varied exits; the test model is too uniform")
+
+
 @pytest.mark.parametrize("scheduler", [*SCHEDULERS, "pooled-oldest"])
-@pytest.mark.parametrize("family", ["entropy", "patience", "voting", "pcee"])
+@pytest.mark.parametrize("family", ["entropy", "patience", "voting", "pcee", "agreement"])
 def test_every_row_equals_offline_replay_under_random_concurrent_arrivals(scheduler: str, family: str) -> None:
     scheduler, _, policy = scheduler.partition("-")
     model = _peaked(tiny_model("bert", num_labels=3))
@@ -92,7 +104,7 @@ def test_every_row_equals_offline_replay_under_random_concurrent_arrivals(schedu
         probs = torch.cat(
             [all_exits(runtime, ids[None], torch.ones(1, ids.numel(), dtype=torch.long)) for ids, _ in inputs], 1
         )
-    strategy = _varied(family, probs)
+    strategy = _varied(family, probs) if family != "agreement" else _fitted_agreement(probs)
     engine = Engine(
         runtime,
         strategy,

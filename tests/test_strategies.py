@@ -297,8 +297,8 @@ def test_family_declarations_give_the_tables_they_replaced() -> None:
     from layerexit.evaluation import calibrate
 
     assert tuple(n for n in strategies.STRATEGIES if n != "oracle") == strategies.KNOWN_FAMILIES
-    assert (*strategies.FAMILIES, "pcee") == strategies.KNOWN_FAMILIES  # pcee: opt-in, named only
-    assert not strategies.family_of("pcee").default
+    assert (*strategies.FAMILIES, "pcee", "agreement") == strategies.KNOWN_FAMILIES  # opt-in: named only
+    assert not strategies.family_of("pcee").default and not strategies.family_of("agreement").default
     assert strategies.Oracle.family is None
     knobs = {
         f: (strategies.family_of(f).knob, strategies.family_of(f).slowest_first) for f in strategies.KNOWN_FAMILIES
@@ -311,6 +311,7 @@ def test_family_declarations_give_the_tables_they_replaced() -> None:
         "hybrid": ("threshold", -1),
         "static": ("layer", -1),
         "pcee": ("threshold", +1),
+        "agreement": ("threshold", -1),
     }
     assert calibrate.CALIBRATABLE == strategies.KNOWN_FAMILIES
     assert strategies.preferred_families() == ["voting", "hybrid", "patience", "entropy"]
@@ -345,10 +346,14 @@ def test_a_larger_knob_moves_every_exit_the_declared_way() -> None:
     from itertools import pairwise
 
     probs = torch.softmax(3 * torch.randn(4, 100, 3, generator=torch.Generator().manual_seed(0)), -1)
+    from layerexit.strategies.learned import fit
+
+    rule = fit(probs, probs[-1].argmax(-1), torch.arange(50), "dev")
     for name in strategies.KNOWN_FAMILIES:
         declared = strategies.family_of(name)
         chains: dict[tuple, list[strategies.Strategy]] = {}
-        for s in strategies.STRATEGIES[name].default_grid(4, 3):
+        grid = rule.grid() if name == "agreement" else strategies.STRATEGIES[name].default_grid(4, 3)
+        for s in grid:
             rest = tuple((f.name, getattr(s, f.name)) for f in fields(s) if f.name != declared.knob)
             chains.setdefault(rest, []).append(s)
         for chain in chains.values():

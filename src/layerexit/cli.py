@@ -188,7 +188,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         prepare_process(o.runtime, threads)
     run = RunFolder(o.run).require(config=True).require_finished()
     model = EarlyExitModel.from_pretrained(run.path)
-    strategy = parse(o.strategy) if o.strategy else default_strategy(run)[0]
+    strategy = run.bind(parse(o.strategy)) if o.strategy else default_strategy(run)[0]
     loaded = load_run_split(run, o.split, model, limit=0 if o.tokens else o.samples)
     assert loaded is not None
     encoded, pad_id = loaded
@@ -259,7 +259,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from layerexit.evaluation import calibrate
+    from layerexit.evaluation.agreement import calibration_grid
     from layerexit.evaluation.evaluate import SplitSource, reference_answers
+    from layerexit.evaluation.replay import GridReplay
     from layerexit.run_folder import RunFolder
 
     o = from_namespace(CalibrateOptions, args)
@@ -274,7 +276,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return reference_answers(run, o.reference, split, split_labels) if o.reference else None
 
     families = o.strategies or calibrate.default_families(run.config().objective, risk=o.max_drop is not None)
-    replay = calibrate.replay_of(probs, families, answers(o.calibration_split, labels))
+    reference = answers(o.calibration_split, labels)
+    grid, rows, left_out = calibration_grid(
+        run, families, o.calibration_split, probs.shape[0], probs.shape[2], len(labels)
+    )
+    if rows is not None:  # rows that fitted a learned rule: calibrating on them would void the bound
+        probs, labels = probs[:, rows], labels[rows]
+        reference = None if reference is None else reference[rows]
+    replay = GridReplay.of(probs, grid, reference)
     if o.target_speedup is not None:
         choices = calibrate.for_speedup(replay, labels, o.target_speedup, families=families)
     else:
@@ -289,7 +298,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         choices,
         default=default,
         checks=checks,
-        split={"calibration": o.calibration_split, "test": o.test_split if test else None},
+        split={"calibration": o.calibration_split, "test": o.test_split if test else None}
+        | ({"left_out": left_out} if left_out else {}),
         reference=o.reference or None,
     )
     print(calibrate_table(choices, checks, o.calibration_split, o.test_split))
@@ -446,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     from layerexit.serving.server import add_parsers as add_serving
 
     add_serving(command)
+    from layerexit.evaluation.agreement import add_command as add_agreement_command
+
+    add_agreement_command(command)
     command("tasks", cmd_tasks, "List the built-in tasks")
 
     from layerexit.report import add_command as add_report_command

@@ -111,11 +111,11 @@ class Predictor:
         if threads:
             torch.set_num_threads(threads)
         if isinstance(strategy, str):
-            strategy, source = strategies.parse(strategy), "given"
+            strategy, source = run.bind(strategies.parse(strategy)), "given"
         elif strategy is None:
             strategy, source = default_strategy(run)
         else:
-            source = "given"
+            strategy, source = run.bind(strategy), "given"
         model = EarlyExitModel.from_pretrained(run.path)
         backend = load_runtime(run, runtime, model=model, threads=threads)
         return cls(

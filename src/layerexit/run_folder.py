@@ -11,6 +11,7 @@ A run folder (``layerexit train --output RUN``) holds::
     eval/                  report.json, points.csv, exit_layers.csv, tradeoff.png, probs_<split>.safetensors
     eval-onnx/, eval-onnx-int8/   the same, from the exported graphs
     calibration.json       `layerexit calibrate`               bench.json         `layerexit bench`
+    agreement.safetensors  `layerexit fit-agreement`: the learned exit rule (layerexit.strategies.learned)
     onnx/, onnx-int8/      `layerexit export` (see layerexit.runtime.onnx_format)
     exit_distribution.png, ...   `layerexit analyze`
 
@@ -34,6 +35,7 @@ from layerexit.atomic import read_json_object, replacing, save_safetensors, writ
 from layerexit.errors import LayerExitError
 from layerexit.model import BACKBONE_DIR, CONFIG_NAME, WEIGHTS_NAME
 from layerexit.runtime.registry import runtime_entry
+from layerexit.strategies import Agreement, AgreementRule, Strategy
 
 if TYPE_CHECKING:
     from layerexit.config import TrainConfig
@@ -47,6 +49,7 @@ RETROFIT = "retrofit.json"
 CHECKPOINT = "checkpoint"
 CALIBRATION = "calibration.json"
 BENCH = "bench.json"
+AGREEMENT = "agreement.safetensors"
 
 
 class RunFolder:
@@ -122,6 +125,10 @@ class RunFolder:
     @property
     def calibration_file(self) -> Path:
         return self.path / CALIBRATION
+
+    @property
+    def agreement_file(self) -> Path:
+        return self.path / AGREEMENT
 
     @property
     def bench_file(self) -> Path:
@@ -235,12 +242,29 @@ class RunFolder:
         """Stored per-layer probabilities (L, N, C) and labels (N,) of a split, shapes checked."""
         return load_probs(self.probs_file(split, runtime))
 
+    def agreement_rule(self) -> AgreementRule:
+        """The learned exit rule ``layerexit fit-agreement`` fitted for this run."""
+        return AgreementRule.load(self.agreement_file)
+
+    def bind(self, strategy: Strategy) -> Strategy:
+        """``strategy`` ready to run on this run's model: a learned rule's setting gets the fitted weights it
+        names (refused if this run holds another rule); any other strategy is returned as it is."""
+        if isinstance(strategy, Agreement):
+            return strategy.bound(self.agreement_rule())
+        return strategy
+
     # ------------------------------------------------------------------ writers (all atomic)
     def write_probs(self, split: str, probs: Tensor, labels: Tensor, runtime: str = "torch") -> Path:
         path = self.probs_file(split, runtime)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_probs(path, probs, labels)
         return path
+
+    def write_agreement_rule(self, rule: AgreementRule) -> Path:
+        tensors, metadata = rule.to_file()
+        with replacing(self.agreement_file) as tmp:
+            save_safetensors(tensors, tmp, metadata=metadata)
+        return self.agreement_file
 
     def write_json(self, path: Path, data: Any) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)

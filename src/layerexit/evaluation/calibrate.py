@@ -406,7 +406,8 @@ def save_choice(
 
 
 def load_choice(run_dir: str | Path, num_layers: int | None = None) -> Strategy | None:
-    """The default strategy saved in ``run_dir``'s ``calibration.json``; None when there is none.
+    """The default strategy saved in ``run_dir``'s ``calibration.json``, bound to the run (``RunFolder.bind``); None
+    when there is none.
 
     With ``num_layers``, also checks the strategy fits a model of that depth. LayerExitError when
     the file is damaged.
@@ -414,7 +415,7 @@ def load_choice(run_dir: str | Path, num_layers: int | None = None) -> Strategy 
     record = _read(run_dir)
     if record is None:
         return None
-    strategy = strategies.parse(record["default"])
+    strategy = RunFolder(run_dir).bind(strategies.parse(record["default"]))
     if num_layers is not None and isinstance(strategy, Static) and strategy.layer > num_layers:
         raise LayerExitError(
             f"{RunFolder(run_dir).calibration_file}: the saved strategy {strategy} needs {strategy.layer} layers, "

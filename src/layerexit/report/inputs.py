@@ -10,6 +10,7 @@ own ``replay``; the page never re-implements a rule.
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,8 +53,13 @@ def unpack(packed: dict[str, Any]) -> np.ndarray:
     return np.frombuffer(raw, dtype="<u2" if packed["dtype"] == "u2" else np.uint8).astype(np.int64)
 
 
-def shown_strategies(report: dict[str, Any], calibration: dict[str, Any] | None) -> list[Shown]:
-    """The selected setting of every family (report.json "selected"), the calibrated default, the oracle."""
+def shown_strategies(
+    report: dict[str, Any],
+    calibration: dict[str, Any] | None,
+    bind: Callable[[strategies.Strategy], strategies.Strategy] = lambda s: s,
+) -> list[Shown]:
+    """The selected setting of every family (report.json "selected"), the calibrated default, the oracle.
+    ``bind``: what makes a setting runnable on the run (``RunFolder.bind``: a learned rule's weights)."""
     lo, hi = report.get("band", [None, None])
     band = f" in {lo:g}x-{hi:g}x" if lo is not None else ""
     shown = []
@@ -64,7 +70,7 @@ def shown_strategies(report: dict[str, Any], calibration: dict[str, Any] | None)
             )
     if calibration is not None and isinstance(calibration.get("default"), str):
         request = ", ".join(f"{k}={v}" for k, v in calibration.get("request", {}).items() if v is not None)
-        shown.append(Shown("calibrated", strategies.parse(calibration["default"]), f"calibrated ({request})"))
+        shown.append(Shown("calibrated", bind(strategies.parse(calibration["default"])), f"calibrated ({request})"))
     shown.append(Shown("oracle", strategies.Oracle(), "upper bound: the first layer that is right"))
     return shown
 

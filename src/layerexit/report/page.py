@@ -13,6 +13,7 @@ from layerexit.report import figures, tables
 from layerexit.report.inputs import payload, shown_strategies
 from layerexit.report.script import CSS, EXPLORER_JS
 from layerexit.report.sources import CompareSources, RunSources
+from layerexit.run_folder import RunFolder
 
 PLOT_CONFIG = {"displaylogo": False, "responsive": True, "toImageButtonOptions": {"format": "png", "scale": 2}}
 
@@ -60,7 +61,7 @@ def run_page(src: RunSources) -> str:
     sel, rep = report["select_split"], report["report_split"]
     splits = [s for s in (sel, rep) if s in report["splits"]]
     splits = list(dict.fromkeys(splits + [s for s in report["splits"] if s not in splits]))
-    shown = shown_strategies(report, src.calibration)
+    shown = shown_strategies(report, src.calibration, RunFolder(src.path).bind)
     replays = [s.strategy.replay(src.probs, src.labels if s.strategy.needs_labels else None) for s in shown]
     data = payload(
         src.probs, src.labels, src.label_names, shown, replays, texts=src.texts, pairs=src.pairs, split=src.split

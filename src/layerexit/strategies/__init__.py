@@ -23,6 +23,7 @@ import typing
 
 from layerexit.errors import LayerExitError
 from layerexit.strategies.base import Family, PlotStyle, State, Strategy, entropy, exact, select_state
+from layerexit.strategies.learned import Agreement, AgreementRule
 from layerexit.strategies.rules import (
     VOTING_KS,
     Entropy,
@@ -42,6 +43,8 @@ __all__ = [
     "KNOWN_FAMILIES",
     "STRATEGIES",
     "VOTING_KS",
+    "Agreement",
+    "AgreementRule",
     "Entropy",
     "Family",
     "Hybrid",
@@ -65,7 +68,7 @@ __all__ = [
 ]
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Entropy, MaxProb, Patience, Voting, Hybrid, Static, Pcee, Oracle)
+    cls.name: cls for cls in (Entropy, MaxProb, Patience, Voting, Hybrid, Static, Pcee, Agreement, Oracle)
 }
 
 KNOWN_FAMILIES: tuple[str, ...] = tuple(name for name, cls in STRATEGIES.items() if cls.family is not None)
@@ -108,7 +111,7 @@ def parse(spec: str) -> Strategy:
     cls = STRATEGIES[name]
     hints = typing.get_type_hints(cls)
     parameters = [f.name for f in dataclasses.fields(cls)]
-    kwargs: dict[str, float | int | bool] = {}
+    kwargs: dict[str, float | int | bool | str] = {}
     for part in filter(None, (p.strip() for p in args.split(","))):
         key, sep, raw = part.partition("=")
         key = key.strip()
@@ -125,8 +128,10 @@ def parse(spec: str) -> Strategy:
         raise LayerExitError(f"strategy {spec!r}: {err}") from None
 
 
-def _value(raw: str, kind: type, key: str, spec: str) -> float | int | bool:
-    """A parameter's value, of the parameter's type: true/false, an integer, or a number."""
+def _value(raw: str, kind: type, key: str, spec: str) -> float | int | bool | str:
+    """A parameter's value, of the parameter's type: true/false, an integer, a number, or a word."""
+    if kind is str:
+        return raw
     if kind is bool:
         if raw.lower() not in ("true", "false"):
             raise LayerExitError(f"strategy {spec!r}: {key} must be true or false, got {raw!r}")

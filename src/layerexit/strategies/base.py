@@ -121,7 +121,7 @@ class Strategy(ABC):
                 break
         return exit_layer, prediction
 
-    def params(self) -> dict[str, float | int | bool]:
+    def params(self) -> dict[str, float | int | bool | str]:
         return asdict(self)
 
     def __str__(self) -> str:
