@@ -32,8 +32,8 @@ from safetensors.torch import load_file
 from studylib import StudyError, bootstrap, table
 
 from layerexit.errors import LayerExitError
-from layerexit.evaluation.calibrate import check_on_test, default_families, for_risk, for_speedup, pick_default
 from layerexit.evaluation.agreement import fit_rows
+from layerexit.evaluation.calibrate import check_on_test, default_families, for_risk, for_speedup, pick_default
 from layerexit.evaluation.replay import GridReplay, replay_of
 from layerexit.evaluation.risk import fixed_sequence
 from layerexit.evaluation.sweep import FAMILIES, default_grid
