@@ -21,15 +21,18 @@ TOLERANCE = 1e-6
 
 Attention key biases are the exception: their true gradient is exactly zero (a shift of every key
 score by the same amount leaves the softmax unchanged), so what they get is rounding noise, which Adam
-scales up to steps of the learning rate's size. They move by ~1e-5 either way and change no output.
+scales up to steps of the learning rate's size. They moved by ~1e-5 either way on one machine and by 1.1e-4
+on another (the retrofit test, 2026-12-06), and change no output; so their bound is one step of the tests'
+learning rate (3e-3). Every other weight, held to 1e-6, is what catches a real difference in the gradients.
 """
 NOISE_ONLY = "attention.self.key.bias"
+NOISE_LIMIT = 3e-3
 
 
 def assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for key in a:
-        limit = 1e-4 if key.endswith(NOISE_ONLY) else TOLERANCE
+        limit = NOISE_LIMIT if key.endswith(NOISE_ONLY) else TOLERANCE
         assert float((a[key] - b[key]).abs().max()) < limit, key
 
 
