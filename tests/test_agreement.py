@@ -187,6 +187,16 @@ def test_fit_then_calibrate_on_the_other_rows_then_predict(run: Path, capsys: py
     assert main(["predict", str(run), "alpha good beta", "--strategy", agreement["strategy"]]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert len(lines) == 1 and lines[0]["label"] in ("pos", "neg")
+    # evaluate sweeps its grid beside the others; analyze and report run its selected setting
+    assert main(["evaluate", str(run), "--strategies", "entropy,agreement", "--quiet"]) == 0
+    report = RunFolder(run).report()
+    assert report["agreement_rule"] == {"rule": rule.fingerprint, "fit_split": "dev", "fit_rows": 120}
+    assert "agreement" in report["selected"]  # None here: the tiny model's rule jumps from 1x to 4x, past the band
+    points = (run / "eval" / "points.csv").read_text()
+    assert points.count("agreement(") == 2 * 41  # every threshold, on dev and test
+    assert main(["analyze", str(run), "--quiet"]) == 0
+    assert main(["report", str(run), "--quiet"]) == 0  # shows the calibrated agreement setting, weights attached
+    assert f"rule={rule.fingerprint}" in (run / "report.html").read_text()
     # without fit rows of its split left out (another split fitted the rule), all rows calibrate
     assert main(["fit-agreement", str(run), "--split", "test", "--quiet"]) == 0
     assert main([*args, "--strategies", "agreement"]) == 0

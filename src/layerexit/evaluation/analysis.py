@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,13 +34,19 @@ def voting_values(probs: Tensor, k: float) -> Tensor:
     return out
 
 
-def plot_exit_distribution(probs: Tensor, labels: Tensor, settings: dict[str, str], path: Path) -> None:
+def plot_exit_distribution(
+    probs: Tensor,
+    labels: Tensor,
+    settings: dict[str, str],
+    path: Path,
+    bind: Callable[[strategies.Strategy], strategies.Strategy] = lambda s: s,
+) -> None:
     plt = pyplot()
     num_layers = probs.shape[0]
     fig, axes = plt.subplots(1, len(settings), figsize=(3.2 * len(settings), 3.0), dpi=110, sharey=True, squeeze=False)
     layers = torch.arange(1, num_layers + 1)
     for ax, (family, setting) in zip(axes[0], settings.items(), strict=True):
-        exit_layer, prediction = strategies.parse(setting).replay(probs, labels)
+        exit_layer, prediction = bind(strategies.parse(setting)).replay(probs, labels)
         right = torch.bincount(exit_layer[prediction == labels], minlength=num_layers + 1)[1:]
         wrong = torch.bincount(exit_layer[prediction != labels], minlength=num_layers + 1)[1:]
         ax.bar(layers.numpy(), right.numpy(), color="C2", label="right")
@@ -104,7 +111,7 @@ def analyze_run(run_dir: Path | RunFolder, split: str = "test") -> list[Path]:
     settings = {f: e["setting"] for f, e in report["selected"].items() if e is not None and f != "static"}
     written = []
     if settings:
-        plot_exit_distribution(probs, labels, settings, out / "exit_distribution.png")
+        plot_exit_distribution(probs, labels, settings, out / "exit_distribution.png", run.bind)
         written.append(out / "exit_distribution.png")
     plot_voting_values(probs, out / "voting_values.png")
     written.append(out / "voting_values.png")

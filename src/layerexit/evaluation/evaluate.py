@@ -37,7 +37,7 @@ from layerexit.model import EarlyExitModel
 from layerexit.run_folder import RunFolder
 from layerexit.runtime import load_runtime, loop
 from layerexit.runtime.base import Runtime
-from layerexit.strategies import Static, family_of
+from layerexit.strategies import AgreementRule, Static, family_of
 
 
 def metric_names(task_metric: str) -> list[str]:
@@ -56,13 +56,19 @@ def evaluate_probs(
     report_split: str = "test",
     band: tuple[float, float] | None = None,
     references: dict[str, Tensor] | None = None,
+    rule: AgreementRule | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[Point]]]:
     """Sweep every split, select each family's best setting in the band on ``select_split`` and
     report it on ``report_split``. Returns the report and the points of every split. ``references``: per
-    split, another model's classes (N,); every point and exit then also reports its agreement with them."""
+    split, another model's classes (N,); every point and exit then also reports its agreement with them.
+    ``rule``: the run's fitted learned rule, whose settings are the ``agreement`` family's grid."""
     references = references or {}
     num_layers = next(iter(probs.values())).shape[0]
-    grid = default_grid(num_layers, num_classes, families)
+    grid = default_grid(num_layers, num_classes, [f for f in families if f != "agreement"])
+    if "agreement" in families:
+        if rule is None:
+            raise LayerExitError("the agreement family needs the run's fitted rule (`layerexit fit-agreement RUN`)")
+        grid += rule.grid()
     names = metric_names(metric)
     band = band or paper_band(num_classes)
     points = {split: sweep(p, labels[split], grid, names, references.get(split)) for split, p in probs.items()}
@@ -231,6 +237,7 @@ def evaluate_run(
     references = (
         {split: reference_answers(run, reference, split, labels[split]) for split in probs} if reference else {}
     )
+    rule = run.agreement_rule() if "agreement" in families else None
     select_split = "dev" if "dev" in probs else next(iter(probs))
     report_split = "test" if "test" in probs else select_split
     report, points = evaluate_probs(
@@ -242,7 +249,14 @@ def evaluate_run(
         select_split=select_split,
         report_split=report_split,
         references=references,
+        rule=rule,
     )
+    if rule is not None:  # its own fit rows are among them: read the selection split's figures with that in mind
+        report["agreement_rule"] = {
+            "rule": rule.fingerprint,
+            "fit_split": rule.fit_split,
+            "fit_rows": len(rule.fit_rows),
+        }
     report["run"] = str(run)
     report["reference"] = str(reference) if reference else None
     report["task"] = info["task"]

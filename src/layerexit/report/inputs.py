@@ -66,7 +66,7 @@ def shown_strategies(
     for family, entry in report.get("selected", {}).items():
         if entry is not None:
             shown.append(
-                Shown(family, strategies.parse(entry["setting"]), f"selected on {report['select_split']}{band}")
+                Shown(family, bind(strategies.parse(entry["setting"])), f"selected on {report['select_split']}{band}")
             )
     if calibration is not None and isinstance(calibration.get("default"), str):
         request = ", ".join(f"{k}={v}" for k, v in calibration.get("request", {}).items() if v is not None)

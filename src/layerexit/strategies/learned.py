@@ -208,7 +208,7 @@ class Agreement(Strategy):
     def default_grid(cls, num_layers: int, num_classes: int) -> list[Strategy]:
         raise LayerExitError(
             "the agreement rule's settings come from its fitted rule: `layerexit fit-agreement RUN`, then "
-            "`layerexit calibrate RUN --strategies agreement ...`"
+            "`layerexit calibrate RUN --strategies agreement ...` or `layerexit evaluate RUN --strategies agreement`"
         )
 
     def bound(self, rule: AgreementRule) -> Agreement:
