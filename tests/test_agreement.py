@@ -48,6 +48,7 @@ def _reference_exits(rule: AgreementRule, threshold: float, probs: torch.Tensor)
             given = [r[c] for r in rows[:layer]]
             share = sum(1 for r in rows[:layer] if max(range(classes), key=lambda k, r=r: r[k]) == c) / layer
             x = [ordered[0], ordered[0] - ordered[1], h, sum(given) / layer, min(given), share]
+            x += [math.log(max(1 - ordered[0], 1e-9)), math.log(max(h, 1e-9)), math.log(max(1 - min(given), 1e-9))]
             x += [1.0 if d == layer - 1 else 0.0 for d in range(num_layers)]
             z = sum(a * b for a, b in zip(x, rule.weights.tolist(), strict=True)) + rule.bias
             if layer == num_layers or 1 / (1 + math.exp(-z)) >= threshold:
@@ -131,7 +132,7 @@ def test_the_rule_file_reads_back_and_refuses_damage(tmp_path: Path) -> None:
     assert torch.equal(run.bind(setting).replay(probs)[0], setting.bound(rule).replay(probs)[0])
     tensors = load_file(str(run.agreement_file))
     tensors["weights"] = tensors["weights"] + 1e-9  # the recorded fingerprint no longer matches
-    meta = {"format": "1", "features": "probs-v1", "num_layers": "6", "num_classes": "3", "fit_split": "dev"}
+    meta = {"format": "1", "features": "probs-v2", "num_layers": "6", "num_classes": "3", "fit_split": "dev"}
     save_file(tensors, str(run.agreement_file), metadata={**meta, "fingerprint": rule.fingerprint})
     with pytest.raises(LayerExitError, match="damaged"):
         run.agreement_rule()

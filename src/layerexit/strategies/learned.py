@@ -5,8 +5,9 @@ layer where that predicted agreement reaches the threshold.
 The model is a logistic regression over what :meth:`Strategy.step` sees, the exits' probabilities so far: at
 layer l, for the class c that exit l predicts, its probability, its margin over the runner-up, the exit's
 normalised entropy, the mean and the lowest probability exits 1..l gave c, the share of exits 1..l that
-predicted c, and the depth (one-hot). CATs also reads a projection of the layer's hidden state; ``step`` sees
-probabilities only, in every runtime and in the server, so this rule does not.
+predicted c, three of them again on a log scale near certainty (:data:`NUM_STATS`), and the depth (one-hot).
+CATs also reads a projection of the layer's hidden state; ``step`` sees probabilities only, in every runtime
+and in the server, so this rule does not.
 
 The fitted rule (:class:`AgreementRule`) lives in the run folder (``agreement.safetensors``: weights, the
 rows it was fitted on, a format version), loaded with safetensors like the model's weights. A setting names
@@ -32,12 +33,14 @@ from layerexit.strategies.base import Family, PlotStyle, State, Strategy, entrop
 
 FORMAT = "1"
 """Version of ``agreement.safetensors``; a file of another version is refused."""
-FEATURES = "probs-v1"
+FEATURES = "probs-v2"
 """The feature set :func:`features` computes; part of the fingerprint, so a rule fitted on other features is
 never run with these."""
-NUM_STATS = 6
+NUM_STATS = 9
 """Features besides the depth one-hot: top probability, margin, entropy, mean and lowest probability given to
-the class so far, share of exits that predicted it."""
+the class so far, share of exits that predicted it; then the logarithms of 1 - top probability, of the entropy
+and of 1 - the lowest probability given to the class (floored at 1e-9), which resolve the nearly certain exits,
+among which a rule at 1% disagreement chooses."""
 THRESHOLDS: tuple[float, ...] = tuple(round(1 - 0.5 * 10 ** (-i / 10), 6) for i in range(41))
 """The calibration grid: from 0.5 to 1 - 5e-5, denser towards 1, where the rows that may leave early lie."""
 
@@ -60,6 +63,11 @@ def features(state: State, layer: int, probs: Tensor, num_layers: int) -> tuple[
         state["mass"].gather(1, pick)[:, 0] / layer,
         state["low"].gather(1, pick)[:, 0],
         state["votes"].gather(1, pick)[:, 0].double() / layer,
+    ]
+    stats += [
+        torch.log((1 - stats[0]).clamp_min(1e-9)),
+        torch.log(stats[2].clamp_min(1e-9)),
+        torch.log((1 - stats[4]).clamp_min(1e-9)),
     ]
     depth = torch.zeros(p.shape[0], num_layers, dtype=torch.float64, device=p.device)
     depth[:, layer - 1] = 1.0
