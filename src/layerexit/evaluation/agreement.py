@@ -72,14 +72,16 @@ def fit_for_run(run: RunFolder, o: FitAgreementOptions, progress: bool = False) 
 
 def held_out_log_loss(rule: AgreementRule, probs: Tensor, answers: Tensor) -> float:
     """Mean log-loss of the rule's agreement predictions over every internal exit of rows (L, N, C)."""
-    from layerexit.strategies.learned import features, initial_state
+    from layerexit.strategies.learned import initial_state, statistics
 
     state = initial_state(probs.shape[1], probs.shape[2])
     losses = []
     for layer in range(1, probs.shape[0]):
-        x, prediction = features(state, layer, probs[layer - 1], rule.num_layers)
+        stats, prediction = statistics(state, layer, probs[layer - 1])
         target = (prediction == answers).double()
-        losses.append(torch.nn.functional.binary_cross_entropy(rule.score(x).clamp(1e-12, 1 - 1e-12), target))
+        losses.append(
+            torch.nn.functional.binary_cross_entropy(rule.score(stats, layer).clamp(1e-12, 1 - 1e-12), target)
+        )
     return float(torch.stack(losses).mean())
 
 

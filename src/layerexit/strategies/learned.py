@@ -34,8 +34,8 @@ from layerexit.strategies.base import Family, PlotStyle, State, Strategy, entrop
 FORMAT = "1"
 """Version of ``agreement.safetensors``; a file of another version is refused."""
 FEATURES = "probs-v2"
-"""The feature set :func:`features` computes; part of the fingerprint, so a rule fitted on other features is
-never run with these."""
+"""The feature set (:func:`statistics` and the depth one-hot); part of the fingerprint, so a rule fitted on other
+features is never run with these."""
 NUM_STATS = 9
 """Features besides the depth one-hot: top probability, margin, entropy, mean and lowest probability given to
 the class so far, share of exits that predicted it; then the logarithms of 1 - top probability, of the entropy
@@ -45,38 +45,34 @@ THRESHOLDS: tuple[float, ...] = tuple(round(1 - 0.5 * 10 ** (-i / 10), 6) for i 
 """The calibration grid: from 0.5 to 1 - 5e-5, denser towards 1, where the rows that may leave early lie."""
 
 
-def features(state: State, layer: int, probs: Tensor, num_layers: int) -> tuple[Tensor, Tensor]:
+def statistics(state: State, layer: int, probs: Tensor) -> tuple[Tensor, Tensor]:
     """Update the running per-class statistics in ``state`` with layer ``layer``'s probabilities (N, C) and
-    return ``(x, prediction)``: the features (N, NUM_STATS + num_layers), float64, and exit l's argmax."""
+    return ``(stats, prediction)``: the features but the depth (N, NUM_STATS), float64, and exit l's argmax."""
     p = probs.double()
     prediction = p.argmax(-1)
-    one = torch.ones_like(state["votes"][:, :1])
-    state["votes"].scatter_add_(1, prediction[:, None], one)
-    state["mass"] += p
-    state["low"] = torch.minimum(state["low"], p)
-    top2 = p.topk(2, -1).values if p.shape[-1] > 1 else torch.cat([p, torch.zeros_like(p)], -1)
     pick = prediction[:, None]
-    stats = [
-        top2[:, 0],
-        top2[:, 0] - top2[:, 1],
-        entropy(p),
-        state["mass"].gather(1, pick)[:, 0] / layer,
-        state["low"].gather(1, pick)[:, 0],
-        state["votes"].gather(1, pick)[:, 0].double() / layer,
-    ]
-    stats += [
-        torch.log((1 - stats[0]).clamp_min(1e-9)),
-        torch.log(stats[2].clamp_min(1e-9)),
-        torch.log((1 - stats[4]).clamp_min(1e-9)),
-    ]
-    depth = torch.zeros(p.shape[0], num_layers, dtype=torch.float64, device=p.device)
+    state["votes"].scatter_add_(1, pick, torch.ones_like(state["votes"][:, :1]))
+    state["mass"] += p
+    torch.minimum(state["low"], p, out=state["low"])
+    top2 = p.topk(2, -1).values if p.shape[-1] > 1 else torch.cat([p, torch.zeros_like(p)], -1)
+    h = entropy(p)
+    given = torch.cat([state["mass"].gather(1, pick), state["votes"].gather(1, pick)], 1) / layer  # mean, share
+    low = state["low"].gather(1, pick)[:, 0]
+    near_certain = torch.stack([1 - top2[:, 0], h, 1 - low], 1).clamp_min(1e-9).log()
+    stats = torch.stack([top2[:, 0], top2[:, 0] - top2[:, 1], h, given[:, 0], low, given[:, 1]], 1)
+    return torch.cat([stats, near_certain], 1), prediction
+
+
+def depth_one_hot(num_rows: int, layer: int, num_layers: int) -> Tensor:
+    """The depth features of layer ``layer`` (N, num_layers): what :func:`fit` appends to the statistics."""
+    depth = torch.zeros(num_rows, num_layers, dtype=torch.float64)
     depth[:, layer - 1] = 1.0
-    return torch.cat([torch.stack(stats, -1), depth], -1), prediction
+    return depth
 
 
 def initial_state(num_samples: int, num_classes: int, device: torch.device | str = "cpu") -> State:
     return {
-        "votes": torch.zeros(num_samples, num_classes, dtype=torch.long, device=device),
+        "votes": torch.zeros(num_samples, num_classes, dtype=torch.float64, device=device),
         "mass": torch.zeros(num_samples, num_classes, dtype=torch.float64, device=device),
         "low": torch.ones(num_samples, num_classes, dtype=torch.float64, device=device),
     }
@@ -84,8 +80,8 @@ def initial_state(num_samples: int, num_classes: int, device: torch.device | str
 
 @dataclass(frozen=True, eq=False)
 class AgreementRule:
-    """A fitted agreement model: ``sigmoid(features @ weights + bias)`` for a model of ``num_layers`` exits and
-    ``num_classes`` classes; ``fit_split`` and ``fit_rows`` say which rows fitted it."""
+    """A fitted agreement model, ``sigmoid([statistics, depth one-hot] @ weights + bias)``, for a model of
+    ``num_layers`` exits and ``num_classes`` classes; ``fit_split`` and ``fit_rows`` say which rows fitted it."""
 
     weights: Tensor  # (NUM_STATS + num_layers,) float64
     bias: float
@@ -110,9 +106,11 @@ class AgreementRule:
         digest.update(self.weights.numpy().tobytes())
         return digest.hexdigest()[:12]
 
-    def score(self, x: Tensor) -> Tensor:
-        """Predicted probability (N,) that the exit agrees with the final exit."""
-        return torch.sigmoid(x @ self.weights.to(x.device) + self.bias)
+    def score(self, stats: Tensor, layer: int) -> Tensor:
+        """Predicted probability (N,) that exit ``layer``, with these :func:`statistics`, agrees with the final
+        exit: the logistic model over the statistics and the depth one-hot, the latter as one weight added."""
+        weights = self.weights.to(stats.device)
+        return torch.sigmoid(stats @ weights[:NUM_STATS] + (weights[NUM_STATS + layer - 1] + self.bias))
 
     def grid(self) -> list[Strategy]:
         """The settings calibration tests: every threshold of :data:`THRESHOLDS`, bound to this rule."""
@@ -174,8 +172,8 @@ def fit(probs: Tensor, answers: Tensor, rows: Tensor, split: str, l2: float = 1e
     state = initial_state(chosen.shape[1], num_classes)
     xs, ys = [], []
     for layer in range(1, num_layers):
-        x, prediction = features(state, layer, chosen[layer - 1], num_layers)
-        xs.append(x)
+        stats, prediction = statistics(state, layer, chosen[layer - 1])
+        xs.append(torch.cat([stats, depth_one_hot(len(rows), layer, num_layers)], 1))
         ys.append((prediction == answers[rows]).double())
     x, y = torch.cat(xs), torch.cat(ys)
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
@@ -246,5 +244,5 @@ class Agreement(Strategy):
             raise LayerExitError(f"rule {self.rule} was fitted for {rule.num_classes} classes, got {probs.shape[-1]}")
         if layer > rule.num_layers:
             raise LayerExitError(f"rule {self.rule} was fitted for a model of {rule.num_layers} layers")
-        x, prediction = features(state, layer, probs, rule.num_layers)
-        return rule.score(x) >= self.threshold, prediction
+        stats, prediction = statistics(state, layer, probs)
+        return rule.score(stats, layer) >= self.threshold, prediction
