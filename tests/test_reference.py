@@ -141,3 +141,23 @@ def test_calibrate_tests_the_runs_own_family_by_default(runs: tuple[Path, Path])
     assert families(pabee, "--max-drop", "0.2", "--strategies", "pcee") == ["pcee"]
     chosen = json.loads(RunFolder(pabee).calibration_file.read_text())["choices"][0]["strategy"]
     assert chosen.startswith("pcee("), chosen
+
+
+def test_the_agreement_rule_learns_the_reference_answers(runs: tuple[Path, Path]) -> None:
+    """`fit-agreement --reference RUN`: the rule learns when an exit agrees with the reference's answers, not with
+    the run's own last exit."""
+    from layerexit.evaluation.agreement import fit_rows
+    from layerexit.evaluation.evaluate import SplitSource
+    from layerexit.strategies.learned import fit
+
+    run, finetuned = runs
+    assert main(["fit-agreement", str(run), "--quiet"]) == 0
+    own = RunFolder(run).agreement_rule()
+    assert main(["fit-agreement", str(run), "--reference", str(finetuned), "--quiet"]) == 0
+    theirs = RunFolder(run).agreement_rule()
+    mine, other = SplitSource(RunFolder(run)).probs("dev"), SplitSource(RunFolder(finetuned)).probs("dev")
+    assert mine is not None and other is not None
+    probs, answers = mine[0].float(), other[0].float()[-1].argmax(-1)
+    assert bool((answers != probs[-1].argmax(-1)).any())  # the two runs disagree somewhere: the test can tell
+    expected = fit(probs, answers, fit_rows(probs.shape[1], 0.5, 0), "dev")
+    assert theirs.fingerprint == expected.fingerprint != own.fingerprint
