@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from benchtools import timed, write_results  # this folder's: run as a script
 
 from layerexit.data.encoding import collate
 from layerexit.evaluation.evaluate import load_run_split
@@ -30,16 +30,6 @@ from layerexit.run_folder import RunFolder
 from layerexit.runtime.loop import early_exit
 from layerexit.runtime.onnx_runtime import OnnxRuntime, _session_options, require_onnx
 from layerexit.strategies import parse
-
-
-def timed(fn: Callable[[], None], per: int) -> float:
-    fn()  # warm up (builds the one-call graph on its first use)
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return round(statistics.median(times) / per * 1000, 3)
 
 
 def main() -> int:
@@ -69,7 +59,7 @@ def main() -> int:
         ("one call, no input leaves early", through(never)),
         (f"one call, {args.strategy}", through(given)),
     ):
-        results["ms"][name] = timed(fn, len(rows))
+        results["ms"][name] = timed(fn, len(rows), repeats=5)
         print(f"{name:45} {results['ms'][name]:7.3f} ms per input", flush=True)
 
     _, ort = require_onnx()
@@ -90,9 +80,7 @@ def main() -> int:
     results["profile_share"] = {op: round(t / total, 4) for op, t in time_of.most_common()}
     for op, share in list(results["profile_share"].items())[:12]:
         print(f"  {op:28} {100 * share:5.1f}% of kernel time")
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-        print(f"wrote {args.out}")
+    write_results(args.out, results)
     return 0
 
 

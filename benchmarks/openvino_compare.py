@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import openvino as ov
+from benchtools import timed, write_results  # this folder's: run as a script
 
 from layerexit.data.encoding import collate
 from layerexit.evaluation.evaluate import load_run_split
@@ -53,16 +52,6 @@ def onnxruntime_graph(path: Path, threads: int) -> Callable[[Feed], list[np.ndar
     session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     names = {i.name for i in session.get_inputs()}
     return lambda feed: session.run(None, {k: v for k, v in feed.items() if k in names})
-
-
-def timed(fn: Callable[[], None], per: int) -> float:
-    fn()  # warm up (and compile for new shapes)
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return round(statistics.median(times) / per * 1000, 3)
 
 
 def main() -> int:
@@ -129,9 +118,7 @@ def main() -> int:
     for key, value in results["rows"].items():
         if "difference" in key:
             print(f"{key}: {value:.2e}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-        print(f"wrote {args.out}")
+    write_results(args.out, results)
     return 0
 
 

@@ -15,7 +15,6 @@ Needs `pip install openvino` and an fp32 export (`layerexit export RUN --runtime
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +23,8 @@ from typing import Any
 import numpy as np
 import openvino as ov
 import torch
-from openvino_compare import openvino_graph, timed  # this folder's: run as a script
+from benchtools import timed, write_results  # this folder's: run as a script
+from openvino_compare import openvino_graph
 
 from layerexit.data.encoding import collate
 from layerexit.evaluation.evaluate import load_run_split
@@ -124,9 +124,7 @@ def main() -> int:
                 ms = timed(fn, len(encoded))
                 results["rows"][f"{row}, batch {size}"] = ms
                 print(f"{row:54} batch {size:>2} {ms:7.3f} ms per input", flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-        print(f"wrote {args.out}")
+    write_results(args.out, results)
     return 0
 
 
