@@ -163,10 +163,8 @@ class RecipeRun:
         rest = torch.ones(num_rows, dtype=torch.bool)
         rest[rows] = False
         probs, labels = self.dev[0][:, rest], self.dev[1][rest]
-        if family == "agreement":
-            grid = fit(self.dev[0], self.dev[0][-1].argmax(-1), rows, "dev").grid()
-        else:
-            grid = default_grid(num_layers, probs.shape[2], [family])
+        rule = fit(self.dev[0], self.dev[0][-1].argmax(-1), rows, "dev") if family == "agreement" else None
+        grid = default_grid(num_layers, probs.shape[2], [family], rule)
         choice = pick_default(for_risk(GridReplay.of(probs, grid), labels, MAX_DROP, CONFIDENCE, [family]))
         check = check_on_test(choice, *self.test)
         _, prediction = choice.strategy.replay(self.test[0])

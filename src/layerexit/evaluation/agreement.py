@@ -72,16 +72,12 @@ def fit_for_run(run: RunFolder, o: FitAgreementOptions, progress: bool = False) 
 
 def held_out_log_loss(rule: AgreementRule, probs: Tensor, answers: Tensor) -> float:
     """Mean log-loss of the rule's agreement predictions over every internal exit of rows (L, N, C)."""
-    from layerexit.strategies.learned import initial_state, statistics
+    from layerexit.strategies.learned import internal_exits
 
-    state = initial_state(probs.shape[1], probs.shape[2])
-    losses = []
-    for layer in range(1, probs.shape[0]):
-        stats, prediction = statistics(state, layer, probs[layer - 1])
-        target = (prediction == answers).double()
-        losses.append(
-            torch.nn.functional.binary_cross_entropy(rule.score(stats, layer).clamp(1e-12, 1 - 1e-12), target)
-        )
+    bce = torch.nn.functional.binary_cross_entropy
+    losses = [
+        bce(rule.score(stats, layer).clamp(1e-12, 1 - 1e-12), y) for layer, stats, y in internal_exits(probs, answers)
+    ]
     return float(torch.stack(losses).mean())
 
 
@@ -92,17 +88,15 @@ def calibration_grid(
     With ``agreement`` among the families, the fitted rule's settings join the grid, and when the rule was fitted
     on rows of this split those rows are left out for every family (``rows``: the others, sorted; ``why``: a
     sentence for the record); otherwise ``rows`` is None (all)."""
-    others = [f for f in families if f != "agreement"]
-    grid = default_grid(num_layers, num_classes, others) if others else []
     if "agreement" not in families:
-        return grid, None, None
+        return default_grid(num_layers, num_classes, families), None, None
     rule = run.agreement_rule()
     if (rule.num_layers, rule.num_classes) != (num_layers, num_classes):
         raise LayerExitError(
             f"{run.agreement_file} was fitted for {rule.num_layers} layers and {rule.num_classes} classes, the run's "
             f"probabilities have {num_layers} and {num_classes}: fit the rule again"
         )
-    grid += rule.grid()
+    grid = default_grid(num_layers, num_classes, families, rule)
     if rule.fit_split != split:
         return grid, None, None
     if int(rule.fit_rows.max()) >= num_rows:

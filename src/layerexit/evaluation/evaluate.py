@@ -64,11 +64,7 @@ def evaluate_probs(
     ``rule``: the run's fitted learned rule, whose settings are the ``agreement`` family's grid."""
     references = references or {}
     num_layers = next(iter(probs.values())).shape[0]
-    grid = default_grid(num_layers, num_classes, [f for f in families if f != "agreement"])
-    if "agreement" in families:
-        if rule is None:
-            raise LayerExitError("the agreement family needs the run's fitted rule (`layerexit fit-agreement RUN`)")
-        grid += rule.grid()
+    grid = default_grid(num_layers, num_classes, families, rule)
     names = metric_names(metric)
     band = band or paper_band(num_classes)
     points = {split: sweep(p, labels[split], grid, names, references.get(split)) for split, p in probs.items()}

@@ -9,7 +9,17 @@ from typing import TypeVar
 from torch import Tensor
 
 from layerexit import metrics
-from layerexit.strategies import FAMILIES, KNOWN_FAMILIES, STRATEGIES, VOTING_KS, Oracle, Strategy, voting_thresholds
+from layerexit.strategies import (
+    FAMILIES,
+    KNOWN_FAMILIES,
+    STRATEGIES,
+    VOTING_KS,
+    Agreement,
+    AgreementRule,
+    Oracle,
+    Strategy,
+    voting_thresholds,
+)
 
 __all__ = [
     "FAMILIES",
@@ -28,15 +38,18 @@ __all__ = [
 T = TypeVar("T")
 
 
-def default_grid(num_layers: int, num_classes: int, families: Iterable[str] = FAMILIES) -> list[Strategy]:
+def default_grid(
+    num_layers: int, num_classes: int, families: Iterable[str] = FAMILIES, rule: AgreementRule | None = None
+) -> list[Strategy]:
     """A sweep that spans each strategy's whole range of speed-ups: each family's
-    :meth:`~layerexit.strategies.Strategy.default_grid`, in the order of ``families``."""
+    :meth:`~layerexit.strategies.Strategy.default_grid`, in the order of ``families``; for the learned rule
+    (``agreement``), the settings of the fitted ``rule`` (``RunFolder.agreement_rule``)."""
     grid: list[Strategy] = []
     for family in families:
         cls = STRATEGIES.get(family)
         if cls is None or cls.family is None:
             raise ValueError(f"unknown strategy family {family!r}; known: {', '.join(KNOWN_FAMILIES)}")
-        grid += cls.default_grid(num_layers, num_classes)
+        grid += rule.grid() if cls is Agreement and rule is not None else cls.default_grid(num_layers, num_classes)
     return grid
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -163,18 +164,24 @@ class AgreementRule:
         return rule
 
 
+def internal_exits(probs: Tensor, answers: Tensor) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """For every internal exit l of rows (L, N, C): ``(l, its statistics (N, NUM_STATS), whether its argmax equals
+    answers (N,), as 0/1 float64)``: what the rule is fitted on and scored against."""
+    state = initial_state(probs.shape[1], probs.shape[2])
+    for layer in range(1, probs.shape[0]):
+        stats, prediction = statistics(state, layer, probs[layer - 1])
+        yield layer, stats, (prediction == answers).double()
+
+
 def fit(probs: Tensor, answers: Tensor, rows: Tensor, split: str, l2: float = 1e-3) -> AgreementRule:
     """Fit the rule on rows ``rows`` of a split's per-layer probabilities (L, N, C): at every internal exit, does
     its argmax equal ``answers`` (N,), the final answers it should agree with (the run's own last exit's, or
     a reference model's)? Logistic regression with an L2 penalty, by L-BFGS in float64: deterministic."""
     num_layers, _, num_classes = probs.shape
-    chosen = probs[:, rows]
-    state = initial_state(chosen.shape[1], num_classes)
     xs, ys = [], []
-    for layer in range(1, num_layers):
-        stats, prediction = statistics(state, layer, chosen[layer - 1])
+    for layer, stats, agrees in internal_exits(probs[:, rows], answers[rows]):
         xs.append(torch.cat([stats, depth_one_hot(len(rows), layer, num_layers)], 1))
-        ys.append((prediction == answers[rows]).double())
+        ys.append(agrees)
     x, y = torch.cat(xs), torch.cat(ys)
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
