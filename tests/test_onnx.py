@@ -226,7 +226,7 @@ def test_early_exit_runs_in_one_call_with_the_loops_decisions(
     _in_one_call(runtime, strategy, ids, left_padded)
 
 
-@pytest.mark.parametrize("quantize", [True, "static"])
+@pytest.mark.parametrize("quantize", [True, "static", "token"])
 def test_one_call_graphs_of_int8_and_pair_exports(quantize: bool | str, tmp_path: Path) -> None:
     """Dynamic int8 computes its scales over the rows of each call: the one-call graph drops the same rows
     at the same layers as the loop, so even there it agrees bit for bit."""
@@ -396,11 +396,12 @@ def test_quantized_export_loads_and_runs(tmp_path: Path) -> None:
     assert torch.equal(result.exit_layer, offline[0]) and torch.equal(result.prediction, offline[1])
 
 
-@pytest.mark.parametrize("quantize", ["dynamic", "static"])
-def test_static_int8_answers_each_row_as_it_would_alone(quantize: str, tmp_path: Path) -> None:
-    """Static int8 fixes every activation scale at export, so a row's probabilities are the same alone and
-    in any batch, and early exit in batches equals offline replay of the same runtime one row at a time.
-    Dynamic int8 computes the scales per batch: the check is shown to fail there."""
+@pytest.mark.parametrize("quantize", ["dynamic", "static", "token"])
+def test_exact_int8_answers_each_row_as_it_would_alone(quantize: str, tmp_path: Path) -> None:
+    """Static int8 fixes every activation scale at export and per-token int8 gives every token its own, so
+    a row's probabilities are the same alone and in any batch (up to float32 rounding of the unquantized
+    operators, as in fp32), and early exit in batches equals offline replay of the same runtime one row at
+    a time. Dynamic int8 computes the scales per batch: the check is shown to fail there."""
     import onnx
 
     model = _peaked(tiny_model("bert"), scale=2.0)
@@ -408,10 +409,12 @@ def test_static_int8_answers_each_row_as_it_would_alone(quantize: str, tmp_path:
     folder = export_onnx(model, tmp_path, quantize=quantize, calibration=calibration)  # type: ignore[arg-type]
     runtime = OnnxRuntime.load(folder)
     assert json.loads((folder / MANIFEST_NAME).read_text())["quantized"] == quantize
-    assert runtime.name == ("onnx-int8-static" if quantize == "static" else "onnx-int8")
+    assert runtime.name == {"static": "onnx-int8-static", "token": "onnx-int8-token"}.get(quantize, "onnx-int8")
+    ops = {node.op_type for node in onnx.load(str(folder / "layer_1.onnx")).graph.node}
     if quantize == "static":
-        ops = {node.op_type for node in onnx.load(str(folder / "layer_1.onnx")).graph.node}
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    if quantize == "token":  # every projection in int8, attention's included (its fused operator rewritten)
+        assert {"MatMulIntegerToFloat", "MultiHeadAttention"} <= ops and not ops & {"MatMul", "Attention"}
     ids, mask = random_batch(batch=12, length=14, seed=9)
     ids[0] = ids[0] * 40 % 90 + 5  # one row unlike the others, to move a batch-wide scale
     batched = all_exits(runtime, ids, mask)  # (L, B, C)
@@ -465,7 +468,9 @@ def test_minilm_export_parity(tmp_path: Path) -> None:
     assert torch.equal(result.prediction, early_exit_forward(model, strategy, ids, mask).prediction)
 
 
-def test_export_static_int8_calibrates_on_the_runs_training_texts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["onnx-int8-static", "onnx-int8-token"])
+def test_exact_int8_exports_and_evaluates_from_the_command_line(name: str, tmp_path: Path) -> None:
+    """Static int8 calibrates on the run's training texts; per-token int8 needs nothing but the run."""
     from layerexit.cli import main
 
     from .test_end_to_end import make_encoder, make_task
@@ -474,11 +479,11 @@ def test_export_static_int8_calibrates_on_the_runs_training_texts(tmp_path: Path
     run = tmp_path / "run"
     args = ["train", "--model", str(make_encoder(tmp_path / "encoder")), "--task", str(task), "--output", str(run)]
     assert main([*args, "--epochs", "1", "--batch-size", "16", "--quiet"]) == 0
-    assert main(["export", str(run), "--runtime", "onnx-int8-static", "--calibration-texts", "40"]) == 0
-    manifest = json.loads((run / "onnx-int8-static" / MANIFEST_NAME).read_text())
-    assert manifest["quantized"] == "static"
-    assert main(["evaluate", str(run), "--runtime", "onnx-int8-static", "--quiet"]) == 0
-    assert (run / "eval-onnx-int8-static").is_dir()
+    assert main(["export", str(run), "--runtime", name, "--calibration-texts", "40"]) == 0
+    manifest = json.loads((run / name / MANIFEST_NAME).read_text())
+    assert manifest["quantized"] == name.removeprefix("onnx-int8-")
+    assert main(["evaluate", str(run), "--runtime", name, "--quiet"]) == 0
+    assert (run / f"eval-{name}").is_dir()
 
 
 _SHARED_POOL_SCRIPT = """

@@ -18,17 +18,18 @@ from layerexit.serving.config import EngineConfig
 
 
 def test_the_built_in_runtimes() -> None:
-    assert RUNTIMES == ("torch", "onnx", "onnx-int8", "onnx-int8-static")
-    assert exportable() == ("onnx", "onnx-int8", "onnx-int8-static")
+    assert RUNTIMES == ("torch", "onnx", "onnx-int8", "onnx-int8-static", "onnx-int8-token")
+    assert exportable() == ("onnx", "onnx-int8", "onnx-int8-static", "onnx-int8-token")
     run = RunFolder("runs/x")
     assert [run.eval_dir(name).name for name in RUNTIMES] == [
         "eval",
         "eval-onnx",
         "eval-onnx-int8",
         "eval-onnx-int8-static",
+        "eval-onnx-int8-token",
     ]
-    assert [run.export_dir(name).name for name in exportable()] == ["onnx", "onnx-int8", "onnx-int8-static"]
-    assert [EngineConfig(run="r", runtime=name).place for name in RUNTIMES] == ["process", "thread", "thread", "thread"]
+    assert [run.export_dir(name).name for name in exportable()] == list(exportable())
+    assert [EngineConfig(run="r", runtime=name).place for name in RUNTIMES] == ["process"] + ["thread"] * 4
     with pytest.raises(LayerExitError, match="the torch runtime has no export folder"):
         run.export_dir("torch")
     with pytest.raises(LayerExitError, match="unknown runtime 'tensorrt'; expected one of torch, onnx, onnx-int8"):

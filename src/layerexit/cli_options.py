@@ -148,8 +148,8 @@ class ExportOptions:
     run: str = run_folder()
     runtime: str = option(
         "onnx",
-        "the graphs to write: onnx (fp32), onnx-int8 (int8, dynamic quantization) or onnx-int8-static (int8, "
-        "scales fixed on training texts); each into RUN/<runtime>",
+        "the graphs to write: onnx (fp32), onnx-int8 (int8, dynamic quantization), onnx-int8-static (int8, "
+        "scales fixed on training texts) or onnx-int8-token (int8, one scale per token); each into RUN/<runtime>",
         choices=exportable(),
     )
     opset: int = option(17, "ONNX opset")

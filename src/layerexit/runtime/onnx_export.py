@@ -33,9 +33,12 @@ from layerexit.runtime.onnx_format import (
     require_onnx,
     sha256,
 )
+from layerexit.runtime.onnx_token_int8 import quantize_per_token
 from layerexit.version import __version__
 
-Quantize = Literal["dynamic", "static"] | None
+Quantize = Literal["dynamic", "static", "token"] | None
+TOKEN_INT8_TOLERANCE = 0.2
+"""Largest probe error a per-token int8 graph may show (probabilities: absolute; hidden states: relative)."""
 
 # Export
 
@@ -295,6 +298,17 @@ def _finish_graph(
         )
         chosen = quantized
         error = _probe_error(ort, chosen, stage)
+    elif quantize == "token" and stage.name != "embed":
+        quantized = work / f"{stage.name}.int8.onnx"
+        quantize_per_token(onnx, chosen, quantized)
+        chosen = quantized
+        error = _probe_error(ort, chosen, stage)
+        if error > TOKEN_INT8_TOLERANCE:  # per-token scales keep MiniLM's graphs within 0.04 of PyTorch
+            raise LayerExitError(
+                f"the per-token int8 {stage.name} graph differs from PyTorch by {error:.2g} on a probe batch "
+                f"(limit {TOKEN_INT8_TOLERANCE:g}); onnxruntime {ort.__version__} may compute it differently "
+                "from the version it was measured with (1.32); export --runtime onnx or onnx-int8 instead"
+            )
     elif quantize == "static" and stage.name != "embed":  # the embeddings are lookups: nothing to gain
         # from the plain graph: in a fused one the quantizer cannot see the activations of ONNX Runtime's
         # own operators and quantizes only the weights
@@ -402,8 +416,8 @@ def export_onnx(
     """
     onnx, ort = require_onnx()
     mode: Quantize = "dynamic" if quantize is True else (quantize or None)
-    if mode not in (None, "dynamic", "static"):
-        raise LayerExitError(f"quantize must be 'dynamic' or 'static', got {quantize!r}")
+    if mode not in (None, "dynamic", "static", "token"):
+        raise LayerExitError(f"quantize must be 'dynamic', 'static' or 'token', got {quantize!r}")
     if opset < MIN_OPSET:
         raise LayerExitError(f"opset {opset} is too old for transformer attention; use {MIN_OPSET} or newer")
     dtypes = {p.dtype for p in model.parameters()}

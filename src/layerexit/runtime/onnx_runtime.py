@@ -133,7 +133,9 @@ class OnnxRuntime:
         self.folder = folder
         self.manifest = manifest
         quantized = manifest.get("quantized", False)  # older exports say true for dynamic int8
-        self.name = {"static": "onnx-int8-static", False: "onnx"}.get(quantized, "onnx-int8")
+        self.name = {"static": "onnx-int8-static", "token": "onnx-int8-token", False: "onnx"}.get(
+            quantized, "onnx-int8"
+        )
         self.config = config
         self.threads = threads
         self._embed_entry = embed

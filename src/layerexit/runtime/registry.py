@@ -64,7 +64,7 @@ def _load_torch(run: RunFolder, model: EarlyExitModel | None, threads: int | Non
     return TorchRuntime(model if model is not None else EarlyExitModel.from_pretrained(run.path))
 
 
-def _onnx(name: str, quantize: Literal["dynamic", "static"] | None) -> tuple[Loader, Exporter]:
+def _onnx(name: str, quantize: Literal["dynamic", "static", "token"] | None) -> tuple[Loader, Exporter]:
     def load(run: RunFolder, model: EarlyExitModel | None, threads: int | None) -> Runtime:
         from layerexit.runtime.onnx_runtime import OnnxRuntime
 
@@ -140,6 +140,16 @@ register_runtime(
         "does not depend on its batch-mates",
         *_onnx("onnx-int8-static", "static"),
         "onnx-int8-static",
+        prepare=_share_ort_threads,
+    )
+)
+register_runtime(
+    RuntimeEntry(
+        "onnx-int8-token",
+        "ONNX Runtime, int8 weights and int8 activations scaled per token inside the kernel (MatMulNBits): "
+        "a row's answer does not depend on its batch-mates, no calibration",
+        *_onnx("onnx-int8-token", "token"),
+        "onnx-int8-token",
         prepare=_share_ort_threads,
     )
 )
