@@ -101,3 +101,29 @@ def test_an_export_further_from_pytorch_than_the_limit_is_refused(
     monkeypatch.setattr(onnx_export, "TOKEN_INT8_TOLERANCE", 0.0)  # any int8 rounding is then too much
     with pytest.raises(LayerExitError, match=r"per-token int8 layer_1 graph differs from PyTorch by .* \(limit 0\)"):
         onnx_export.export_onnx(tiny_model("bert"), tmp_path, quantize="token")
+
+
+@pytest.mark.parametrize("arch", ["albert", "distilbert", "mpnet", "deberta-v2", "qwen2"])
+def test_every_architecture_exports_in_per_token_int8(arch: str, tmp_path: Path) -> None:
+    """Fused attention (ALBERT, DistilBERT) and attention left as plain MatMuls (MPNet, DeBERTa-v2, Qwen2)
+    alike: close to PyTorch, left padding included, and each row answered as it would be alone."""
+    import torch
+
+    from layerexit.runtime.loop import all_exits
+    from layerexit.runtime.onnx_export import export_onnx
+    from layerexit.runtime.onnx_runtime import OnnxRuntime
+
+    from .conftest import random_batch, tiny_model
+
+    model = tiny_model(arch, num_labels=3)
+    runtime = OnnxRuntime.load(export_onnx(model, tmp_path, quantize="token"), threads=1)
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "layer_1.onnx")).graph.node}
+    assert "MatMulIntegerToFloat" in ops and "Attention" not in ops
+    ids, mask = random_batch(batch=6, length=12, seed=4)
+    mask[1] = mask[1].flip(0)  # one row padded on the left
+    with torch.no_grad():
+        reference = model(ids, mask).probs
+    batched = all_exits(runtime, ids, mask)
+    assert float((batched - reference).abs().max()) < 0.05
+    alone = torch.cat([all_exits(runtime, ids[i : i + 1], mask[i : i + 1]) for i in range(len(ids))], 1)
+    assert float((batched - alone).abs().max()) < 1e-5
