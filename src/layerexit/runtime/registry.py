@@ -146,8 +146,8 @@ register_runtime(
 register_runtime(
     RuntimeEntry(
         "onnx-int8-token",
-        "ONNX Runtime, int8 weights and int8 activations scaled per token inside the kernel (MatMulNBits): "
-        "a row's answer does not depend on its batch-mates, no calibration",
+        "ONNX Runtime, int8 with one activation scale per token, computed in the graph: a row's answer does "
+        "not depend on its batch-mates, nothing to calibrate, closest of the int8 runtimes to fp32",
         *_onnx("onnx-int8-token", "token"),
         "onnx-int8-token",
         prepare=_share_ort_threads,
