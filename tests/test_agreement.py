@@ -200,8 +200,11 @@ def test_fit_then_calibrate_on_the_other_rows_then_predict(run: Path, capsys: py
     assert f"rule={rule.fingerprint}" in (run / "report.html").read_text()
     # without fit rows of its split left out (another split fitted the rule), all rows calibrate
     assert main(["fit-agreement", str(run), "--split", "test", "--quiet"]) == 0
+    assert "warning: the rule learned from 60 test rows" in capsys.readouterr().err
     assert main([*args, "--strategies", "agreement"]) == 0
     assert json.loads(RunFolder(run).calibration_file.read_text())["n_calibration"] == 240
+    assert main(["evaluate", str(run), "--strategies", "agreement", "--quiet"]) == 0
+    assert "fitted on 60 of these test rows" in capsys.readouterr().err
     # a rule fitted for another run's shape is refused by name
     assert main(["fit-agreement", str(run), "--fraction", "1.5", "--quiet"]) == 2
     assert "--fraction must be between 0 and 1" in capsys.readouterr().err

@@ -8,6 +8,7 @@ on a random part of a split, and calibration tests its settings on the rest of t
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -111,6 +112,13 @@ def cmd_fit_agreement(args: argparse.Namespace) -> int:
     o = from_namespace(FitAgreementOptions, args)
     run = RunFolder(o.run).require(config=True)
     rule, loss = fit_for_run(run, o, progress=not args.quiet)
+    if o.split == "test":
+        print(
+            f"warning: the rule learned from {len(rule.fit_rows)} test rows; `calibrate` then checks its setting on "
+            "test rows the rule has seen and `evaluate` reports them, so both look better than they are: fit it "
+            "on dev (the default)",
+            file=sys.stderr,
+        )
     print(
         f"fitted agreement rule {rule.fingerprint} on {len(rule.fit_rows)} {o.split} rows (seed {o.seed}); log-loss "
         f"on the other rows {loss:.4f}\nwrote {run.agreement_file}\nnext: layerexit calibrate {o.run} --max-drop 0.01 "

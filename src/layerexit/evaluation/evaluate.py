@@ -9,6 +9,7 @@ split), ``exit_layers.csv`` (per-sample exits of the selected settings), ``probs
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -247,6 +248,12 @@ def evaluate_run(
         references=references,
         rule=rule,
     )
+    if rule is not None and rule.fit_split == report_split:
+        print(
+            f"warning: the agreement rule was fitted on {len(rule.fit_rows)} of these {report_split} rows, so its "
+            f"{report_split} figures include rows it learned from; fit it on dev (layerexit fit-agreement {run.path})",
+            file=sys.stderr,
+        )
     if rule is not None:  # its own fit rows are among them: read the selection split's figures with that in mind
         report["agreement_rule"] = {
             "rule": rule.fingerprint,
