@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from layerexit.errors import LayerExitError
 
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from layerexit.model import EarlyExitModel
     from layerexit.run_folder import RunFolder
     from layerexit.runtime.base import Runtime
+    from layerexit.runtime.onnx_export import Quantize
 
 Loader = Callable[["RunFolder", "EarlyExitModel | None", "int | None"], "Runtime"]
 """(run folder, its PyTorch model if already loaded, threads) -> the runtime."""
@@ -64,7 +65,7 @@ def _load_torch(run: RunFolder, model: EarlyExitModel | None, threads: int | Non
     return TorchRuntime(model if model is not None else EarlyExitModel.from_pretrained(run.path))
 
 
-def _onnx(name: str, quantize: Literal["dynamic", "static", "token"] | None) -> tuple[Loader, Exporter]:
+def _onnx(name: str, quantize: Quantize) -> tuple[Loader, Exporter]:
     def load(run: RunFolder, model: EarlyExitModel | None, threads: int | None) -> Runtime:
         from layerexit.runtime.onnx_runtime import OnnxRuntime
 
