@@ -431,13 +431,16 @@ def test_exact_int8_answers_each_row_as_it_would_alone(quantize: str, tmp_path: 
     result = early_exit(runtime, strategy, ids, mask)
     layer, prediction = strategy.replay(alone)
     assert torch.equal(result.exit_layer, layer) and torch.equal(result.prediction, prediction)
-    from layerexit.serving.engine import Engine  # rows pooled layer by layer with other requests' rows
+    from layerexit.serving.engine import Engine
 
-    engine = Engine(runtime, strategy, scheduler="pooled", max_batch=5, max_queue=64)
-    requests = [engine.submit([(ids[i][mask[i].bool()], None)]) for i in range(len(ids))]
-    answers = [r.future.result(timeout=60)[0] for r in requests]
-    engine.close()
-    assert [a.exit_layer for a in answers] == layer.tolist() and [a.label for a in answers] == prediction.tolist()
+    # rows pooled layer by layer with other requests' rows, and requests batched into one call
+    for scheduler in ("pooled", "batch"):
+        engine = Engine(runtime, strategy, scheduler=scheduler, max_batch=5, max_queue=64)
+        requests = [engine.submit([(ids[i][mask[i].bool()], None)]) for i in range(len(ids))]
+        answers = [r.future.result(timeout=60)[0] for r in requests]
+        engine.close()
+        assert [a.exit_layer for a in answers] == layer.tolist(), scheduler
+        assert [a.label for a in answers] == prediction.tolist(), scheduler
 
 
 @pytest.mark.integration
