@@ -53,7 +53,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     run = RunFolder(args.run).require(config=True).require_finished()
     model = EarlyExitModel.from_pretrained(run.path)
-    strategy = parse(args.strategy) if args.strategy else default_strategy(run)[0]
+    strategy = run.bind(parse(args.strategy)) if args.strategy else default_strategy(run)[0]  # weights attached
     loaded = load_run_split(run, "test", model, limit=args.samples)
     assert loaded is not None
     inputs = BenchInputs(*loaded)

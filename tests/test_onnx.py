@@ -108,9 +108,9 @@ def test_early_exit_equals_pytorch_batched_and_one_by_one(
         assert single.prediction.item() == reference.prediction[row].item()
 
 
-def test_a_rule_without_a_graph_form_runs_layer_by_layer(exported: Callable[[str], Exported]) -> None:
-    """The learned agreement rule has no form in the one-call graph: ONNX Runtime runs it through the per-layer
-    loop, with PyTorch's decisions."""
+def test_the_learned_rule_runs_in_one_call_with_the_loops_decisions(exported: Callable[[str], Exported]) -> None:
+    """The learned agreement rule's graph form: float64 statistics and score, its distance from the threshold
+    in the margin; batched and row by row it decides as the per-layer loop and as PyTorch."""
     from layerexit.runtime.onnx_fused import fusable
     from layerexit.strategies.learned import Agreement, fit
 
@@ -127,7 +127,33 @@ def test_a_rule_without_a_graph_form_runs_layer_by_layer(exported: Callable[[str
             break
     else:
         raise AssertionError("no threshold gives varied exits; the test model is too uniform")
-    assert not fusable(strategy)
+    assert fusable(strategy)
+    assert _in_one_call(runtime, strategy, ids, mask) >= 12
+    batched = early_exit(runtime, strategy, ids, mask)
+    assert torch.equal(batched.exit_layer, reference.exit_layer)
+    assert torch.equal(batched.prediction, reference.prediction)
+    # a rule fitted for a model with fewer exits has no graph form here: the loop runs it, and refuses it
+    short = fit(probs[:2], probs[1].argmax(-1), torch.arange(12), "dev")
+    misfit = Agreement(threshold=0.5, rule=short.fingerprint).bound(short)
+    assert runtime.whole_exit(misfit, ids, mask) is None
+    with pytest.raises(LayerExitError, match="fitted for a model of 2 layers"):
+        early_exit(runtime, misfit, ids, mask)
+
+
+def test_a_rule_without_a_graph_form_runs_layer_by_layer(exported: Callable[[str], Exported]) -> None:
+    """A strategy class of the user's own (a subclass may change ``step``) has no graph form: ONNX Runtime runs
+    it through the per-layer loop, with PyTorch's decisions."""
+    from layerexit.runtime.onnx_fused import fusable
+
+    class Stricter(strategies.Entropy):
+        pass
+
+    model, runtime, _ = exported("bert")
+    ids, mask = random_batch(batch=12, length=13, seed=4)
+    with torch.no_grad():
+        strategy = Stricter(threshold=_varied("entropy", model(ids, mask).probs).threshold)  # type: ignore[attr-defined]
+    assert not fusable(strategy) and runtime.whole_exit(strategy, ids, mask) is None
+    reference = early_exit_forward(model, strategy, ids, mask)
     batched = early_exit(runtime, strategy, ids, mask)
     assert torch.equal(batched.exit_layer, reference.exit_layer)
     assert torch.equal(batched.prediction, reference.prediction)

@@ -19,7 +19,8 @@ It decides exactly as :meth:`Strategy.step` does:
   threshold is run again through the per-layer loop, whose decision is the reference.
 
 Strategies without a graph form here (none in :mod:`layerexit.strategies` today, but a user's own) run
-through the per-layer loop.
+through the per-layer loop. The learned agreement rule's score is float64 arithmetic that ONNX Runtime may
+order differently; it goes into the margin like an entropy.
 """
 
 from __future__ import annotations
@@ -177,6 +178,60 @@ def _static_rule(s: strategies.Static, g: _Scope, layer: int, probs: str, num_la
     return g.op("Expand", g.const([layer >= s.layer], np.bool_), g.op("Shape", pred)), pred, None
 
 
+def _agreement_rule(
+    s: strategies.Agreement, g: _Scope, layer: int, probs: str, num_labels: int, state: State
+) -> Decision:
+    """The learned rule (:func:`layerexit.strategies.learned.statistics` and ``AgreementRule.score``) in
+    float64: per-class votes, mass and lowest probability carried in ``state``, the nine statistics, the
+    logistic score. ONNX Runtime may sum the score's dot product in another order than PyTorch, so the score's
+    distance from the threshold goes into the margin: a call that comes within :data:`MARGIN` of it runs
+    through the loop."""
+    from layerexit.strategies.learned import NUM_STATS
+
+    rule = s.fitted
+    if num_labels < 2 or rule.num_classes != num_labels or layer > rule.num_layers:
+        raise KeyError(s)  # no graph form: the loop decides (and refuses what it must)
+    p = g.op("Cast", probs, to=11)  # (n, C) float64
+    pred = _argmax(g, probs)  # float32 and float64 order the same
+    pick = g.op("Unsqueeze", pred, g.const([-1], np.int64))  # (n, 1)
+    ballot = g.op("Cast", g.op("Equal", pick, g.const(np.arange(num_labels), np.int64)), to=11)
+    if layer == 1:  # from zeros, zeros and ones: the sums are exact and min(1, p) is p
+        votes, mass, low = ballot, p, p
+    else:
+        votes, mass = g.op("Add", state["votes"], ballot), g.op("Add", state["mass"], p)
+        low = g.op("Min", state["low"], p)
+    state["votes"], state["mass"], state["low"] = votes, mass, low
+
+    def column(x: str) -> str:  # (n,) -> (n, 1)
+        return g.op("Unsqueeze", x, g.const([-1], np.int64))
+
+    def take(x: str) -> str:  # x[row, prediction], (n, 1)
+        return g.op("GatherElements", x, pick, axis=1)
+
+    from onnx import helper
+
+    top2, top2_index = g.name("top2"), g.name("top2_index")  # values (n, 2), largest first; indices unused
+    g.nodes.append(helper.make_node("TopK", [p, g.const([2], np.int64)], [top2, top2_index], axis=-1))
+    first = g.op("Slice", top2, g.const([0], np.int64), g.const([1], np.int64), g.const([1], np.int64))
+    second = g.op("Slice", top2, g.const([1], np.int64), g.const([2], np.int64), g.const([1], np.int64))
+    logs = g.op("Log", g.op("Max", p, g.const(1e-12, np.float64)))
+    total = g.op("ReduceSum", g.op("Mul", p, logs), g.const([-1], np.int64), keepdims=0)
+    h = column(g.op("Div", g.op("Neg", total), g.const(math.log(num_labels), np.float64)))
+    depth = g.const(float(layer), np.float64)
+    mean, share, lowest = g.op("Div", take(mass), depth), g.op("Div", take(votes), depth), take(low)
+    one = g.const(1.0, np.float64)
+    near = g.op("Concat", g.op("Sub", one, first), h, g.op("Sub", one, lowest), axis=1)
+    near = g.op("Log", g.op("Max", near, g.const(1e-9, np.float64)))
+    stats = g.op("Concat", first, g.op("Sub", first, second), h, mean, lowest, share, near, axis=1)  # (n, 9)
+    weights = rule.weights.numpy()
+    linear = g.op("MatMul", stats, g.const(weights[:NUM_STATS], np.float64))  # (n,)
+    offset = g.const(float(weights[NUM_STATS + layer - 1]) + rule.bias, np.float64)
+    score = g.op("Sigmoid", g.op("Add", linear, offset))
+    threshold = g.const(s.threshold, np.float64)
+    distance = g.op("Cast", _distance(g, score, threshold), to=1)  # float32, as the margin
+    return g.op("GreaterOrEqual", score, threshold), pred, distance
+
+
 RULES: dict[type[Strategy], Builder] = {
     strategies.Entropy: _entropy_rule,
     strategies.MaxProb: _maxprob_rule,
@@ -185,6 +240,7 @@ RULES: dict[type[Strategy], Builder] = {
     strategies.Hybrid: _hybrid_rule,
     strategies.Static: _static_rule,
     strategies.Pcee: _pcee_rule,
+    strategies.Agreement: _agreement_rule,
 }
 """The graph form of each strategy's ``step``, by exact class (a subclass may change ``step``)."""
 

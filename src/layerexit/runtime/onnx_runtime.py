@@ -383,7 +383,10 @@ class OnnxRuntime:
         ]
 
     def _build_fused(self, strategy: Strategy, batched: bool) -> Any:
-        model = self.one_call_graph(strategy, batched=batched)
+        try:
+            model = self.one_call_graph(strategy, batched=batched)
+        except KeyError:  # no graph form for this setting (a rule fitted for another model): the loop decides
+            return None
         if model.ByteSize() >= 2**31:  # one protobuf message holds at most 2 GiB: such a model runs layer by layer
             self.fuse = False
             return None
