@@ -186,6 +186,8 @@ def _agreement_rule(
     logistic score. ONNX Runtime may sum the score's dot product in another order than PyTorch, so the score's
     distance from the threshold goes into the margin: a call that comes within :data:`MARGIN` of it runs
     through the loop."""
+    from onnx import helper
+
     from layerexit.strategies.learned import NUM_STATS
 
     rule = s.fitted
@@ -207,8 +209,6 @@ def _agreement_rule(
 
     def take(x: str) -> str:  # x[row, prediction], (n, 1)
         return g.op("GatherElements", x, pick, axis=1)
-
-    from onnx import helper
 
     top2, top2_index = g.name("top2"), g.name("top2_index")  # values (n, 2), largest first; indices unused
     g.nodes.append(helper.make_node("TopK", [p, g.const([2], np.int64)], [top2, top2_index], axis=-1))
