@@ -10,16 +10,10 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 from benchtools import write_results
-from safetensors.torch import load_file
 
 from layerexit import strategies
 from layerexit.run_folder import RunFolder
-
-
-def load(run: RunFolder, runtime: str, split: str) -> dict[str, torch.Tensor]:
-    return load_file(str(run.eval_dir(runtime) / f"probs_{split}.safetensors"))
 
 
 def main() -> None:
@@ -37,13 +31,11 @@ def main() -> None:
         f"{'early-exit labels changed':>25s}  {'exit layers changed':>19s}"
     )
     for split in ("dev", "test"):
-        reference = load(run, "torch", split)
-        ref_probs, labels = reference["probs"], reference["labels"]
+        ref_probs, labels = run.read_probs(split)
         ref_layer, ref_label = strategy.replay(ref_probs)
         rows = {}
         for name in ["torch", *args.runtime]:
-            data = load(run, name, split)
-            probs = data["probs"]
+            probs, _ = run.read_probs(split, name)
             layer, label = strategy.replay(probs)
             full = probs[-1].argmax(-1)
             row = {

@@ -248,13 +248,14 @@ def evaluate_run(
         references=references,
         rule=rule,
     )
-    if rule is not None and rule.fit_split == report_split:
-        print(
-            f"warning: the agreement rule was fitted on {len(rule.fit_rows)} of these {report_split} rows, so its "
-            f"{report_split} figures include rows it learned from; fit it on dev (layerexit fit-agreement {run.path})",
-            file=sys.stderr,
-        )
-    if rule is not None:  # its own fit rows are among them: read the selection split's figures with that in mind
+    if rule is not None:  # the figures of the split it was fitted on include its own fit rows
+        if rule.fit_split == report_split:
+            print(
+                f"warning: the agreement rule was fitted on {len(rule.fit_rows)} of these {report_split} rows, so "
+                f"its {report_split} figures include rows it learned from; fit it on dev (layerexit fit-agreement "
+                f"{run.path})",
+                file=sys.stderr,
+            )
         report["agreement_rule"] = {
             "rule": rule.fingerprint,
             "fit_split": rule.fit_split,

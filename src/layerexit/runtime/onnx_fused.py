@@ -96,12 +96,12 @@ def _max(g: _Scope, x: str, keepdims: int) -> str:
     return g.op("ReduceMax", x, axes=[-1], keepdims=keepdims)
 
 
-def _entropy(g: _Scope, probs: str, normalized: bool, num_labels: int) -> str:
-    """:func:`layerexit.strategies.entropy` (1,) float32."""
-    logs = g.op("Log", g.op("Max", probs, g.const(1e-12, np.float32)))
+def _entropy(g: _Scope, probs: str, normalized: bool, num_labels: int, dtype: Any = np.float32) -> str:
+    """:func:`layerexit.strategies.entropy` (n,), in ``probs``' type ``dtype``."""
+    logs = g.op("Log", g.op("Max", probs, g.const(1e-12, dtype)))
     total = g.op("ReduceSum", g.op("Mul", probs, logs), g.const([-1], np.int64), keepdims=0)
     h = g.op("Neg", total, hint="entropy")
-    return g.op("Div", h, g.const(math.log(num_labels), np.float32)) if normalized else h
+    return g.op("Div", h, g.const(math.log(num_labels), dtype)) if normalized else h
 
 
 def _distance(g: _Scope, score: str, threshold: str) -> str:
@@ -204,9 +204,6 @@ def _agreement_rule(
         low = g.op("Min", state["low"], p)
     state["votes"], state["mass"], state["low"] = votes, mass, low
 
-    def column(x: str) -> str:  # (n,) -> (n, 1)
-        return g.op("Unsqueeze", x, g.const([-1], np.int64))
-
     def take(x: str) -> str:  # x[row, prediction], (n, 1)
         return g.op("GatherElements", x, pick, axis=1)
 
@@ -214,9 +211,7 @@ def _agreement_rule(
     g.nodes.append(helper.make_node("TopK", [p, g.const([2], np.int64)], [top2, top2_index], axis=-1))
     first = g.op("Slice", top2, g.const([0], np.int64), g.const([1], np.int64), g.const([1], np.int64))
     second = g.op("Slice", top2, g.const([1], np.int64), g.const([2], np.int64), g.const([1], np.int64))
-    logs = g.op("Log", g.op("Max", p, g.const(1e-12, np.float64)))
-    total = g.op("ReduceSum", g.op("Mul", p, logs), g.const([-1], np.int64), keepdims=0)
-    h = column(g.op("Div", g.op("Neg", total), g.const(math.log(num_labels), np.float64)))
+    h = g.op("Unsqueeze", _entropy(g, p, True, num_labels, np.float64), g.const([-1], np.int64))  # (n, 1)
     depth = g.const(float(layer), np.float64)
     mean, share, lowest = g.op("Div", take(mass), depth), g.op("Div", take(votes), depth), take(low)
     one = g.const(1.0, np.float64)
