@@ -362,12 +362,16 @@ def test_bench_writes_both_speedups(trained_run: Path, tmp_path: Path, capsys: p
         looped = loop / early["total_s"]
         slack = looped * (5e-5 / loop + 5e-5 / early["total_s"]) + 1e-4
         assert entry["early_exit_vs_all_layers"] == pytest.approx(looped, abs=slack)
+        # with one pass, the pass-by-pass range is that pass's speed-up: the median itself
+        low, high = entry["early_exit_vs_full_passes"]
+        assert low == high == pytest.approx(entry["wallclock_speedup"], rel=1e-3)
         for row in (full, early):
             rate = 24 / row["total_s"]
             assert row["throughput_per_s"] == pytest.approx(rate, abs=rate * 5e-5 / row["total_s"] + 0.1)
             assert 0 < row["median_ms"] <= row["p90_ms"]
     printed = capsys.readouterr().out
     assert "wall-clock" in printed and f"{results['batch_sizes']['8']['wallclock_speedup']:.2f}x" in printed
+    assert "torch early exit vs torch full model, pass by pass" in printed
 
 
 def test_bench_at_a_chosen_length(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -455,6 +459,7 @@ def test_onnx_export_evaluate_predict_and_bench(
     assert {"full", "all_layers", "early_exit", "onnx_full", "onnx_all_layers", "onnx_early_exit"} <= set(entry)
     assert entry["onnx_early_exit_vs_onnx_all_layers"] > 0
     assert entry["onnx_early_exit_vs_onnx_full"] > 0
+    assert entry["onnx_early_exit_vs_onnx_full_passes"] == [entry["onnx_early_exit_vs_onnx_full"]] * 2  # one pass
 
     # a served model has its one-call graphs (single row and batch) before the first request waits for them
     from layerexit.serving.config import EngineConfig
