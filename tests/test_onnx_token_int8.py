@@ -31,7 +31,9 @@ def _two_matmuls(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
         [numpy_helper.from_array(a, "a"), numpy_helper.from_array(b, "b")],
     )
     path = tmp_path / "plain.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what onnxruntime 1.17, the oldest the project allows, reads
+    onnx.save(model, str(path))
     return path, a, b
 
 
