@@ -543,6 +543,35 @@ torch.save(torch.cat([all_exits(runtime, ids, mask).flatten(), whole[2].flatten(
 """
 
 
+def test_sessions_that_spin_stop_spinning_when_their_run_ends(exported: Callable[[str], Exported]) -> None:
+    """A layer's session never spins; the full graph and the one-call graphs spin between their operators
+    and stop when a run ends, so that idle sessions of the same process do not take the cores from the one
+    running (docs/performance.md, "Runtime settings and why")."""
+    from layerexit.runtime import onnx_runtime
+
+    if onnx_runtime._SHARED_POOL:
+        pytest.skip("this process runs every session on one shared pool")
+    _, runtime, _ = exported("bert")
+    ids, mask = random_batch(batch=3, length=9, seed=5)
+    runtime.full(ids, mask)
+    for rows in (1, 3):  # builds the single-row and the batched one-call graph
+        assert runtime.whole_exit(strategies.Entropy(threshold=0.5), ids[:rows], mask[:rows]) is not None
+
+    def setting(session: Any, key: str) -> str | None:
+        try:
+            return str(session.get_session_options().get_session_config_entry(key))
+        except Exception:  # an entry never set
+            return None
+
+    spinning = [runtime._full, *(entry[0] for entry in runtime._fused.values() if entry is not None)]
+    assert len(spinning) == 3
+    for session in spinning:
+        assert setting(session, "session.intra_op.allow_spinning") == "1"
+        assert setting(session, "session.force_spinning_stop") == "1"
+    for session in (runtime._embed, *runtime._layers):
+        assert setting(session, "session.intra_op.allow_spinning") == "0"
+
+
 def test_one_shared_thread_pool_gives_the_same_answers(tmp_path: Path, exported: Callable[[str], Exported]) -> None:
     """`bench`, `predict` and `evaluate` run every layer's session on one thread pool (share_thread_pool,
     before the process's first session): each process decides once, and the answers do not change."""

@@ -85,9 +85,11 @@ def _session_options(ort: Any, threads: int | None, *, spin: bool = False) -> An
     one session per layer, the pools of the layers just run would keep spinning while the next layer
     needs the cores, so a layer's session does not spin. A session that runs a whole input in one call
     (the full graph, the one-call graph) keeps ONNX Runtime's default, ``spin``: its threads spin
-    between the operators of one run instead of sleeping, which at batch 1 made it about 1.5x faster
-    (measured: docs/performance.md, "Runtime settings and why"). After :func:`share_thread_pool` every
-    session runs on the one shared pool instead.
+    between the operators of one run instead of sleeping, which at batch 1 made it about 1.5x faster.
+    They stop spinning when the run ends, though: a process holds several such sessions (the full graph,
+    a one-call graph for single rows and one for batches, per strategy), and the idle ones' spinning
+    threads slowed the one running by up to 1.7x. (Both measured: docs/performance.md, "Runtime settings
+    and why".) After :func:`share_thread_pool` every session runs on the one shared pool instead.
     """
     options = ort.SessionOptions()
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -98,6 +100,8 @@ def _session_options(ort: Any, threads: int | None, *, spin: bool = False) -> An
     options.intra_op_num_threads = 0 if threads is None else threads
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if spin:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     return options
 
 
