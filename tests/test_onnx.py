@@ -554,8 +554,8 @@ def test_sessions_that_spin_stop_spinning_when_their_run_ends(exported: Callable
     _, runtime, _ = exported("bert")
     ids, mask = random_batch(batch=3, length=9, seed=5)
     runtime.full(ids, mask)
-    for rows in (1, 3):  # builds the single-row and the batched one-call graph
-        assert runtime.whole_exit(strategies.Entropy(threshold=0.5), ids[:rows], mask[:rows]) is not None
+    strategy = strategies.Entropy(threshold=0.5)
+    fused = [runtime._fused_session(strategy, batched=batched) for batched in (False, True)]
 
     def setting(session: Any, key: str) -> str | None:
         try:
@@ -563,8 +563,8 @@ def test_sessions_that_spin_stop_spinning_when_their_run_ends(exported: Callable
         except Exception:  # an entry never set
             return None
 
-    spinning = [runtime._full, *(entry[0] for entry in runtime._fused.values() if entry is not None)]
-    assert len(spinning) == 3
+    spinning = [runtime._full, *(entry[0] for entry in fused if entry is not None)]
+    assert len(spinning) == 3  # the full graph, the single-row and the batched one-call graph
     for session in spinning:
         assert setting(session, "session.intra_op.allow_spinning") == "1"
         assert setting(session, "session.force_spinning_stop") == "1"
