@@ -88,7 +88,7 @@ def _session_options(ort: Any, threads: int | None, *, spin: bool = False) -> An
     between the operators of one run instead of sleeping, which at batch 1 made it about 1.5x faster.
     They stop spinning when the run ends, though: a process holds several such sessions (the full graph,
     a one-call graph for single rows and one for batches, per strategy), and the idle ones' spinning
-    threads slowed the one running by up to 1.7x. (Both measured: docs/performance.md, "Runtime settings
+    threads slowed the one running by up to 1.9x. (Both measured: docs/performance.md, "Runtime settings
     and why".) After :func:`share_thread_pool` every session runs on the one shared pool instead.
     """
     options = ort.SessionOptions()
