@@ -85,11 +85,13 @@ def pooled_early_exit(
     depth, n = runtime.num_layers, len(data)
     pending = deque(order)
     waiting: list[deque[_Block]] = [deque() for _ in range(depth + 1)]  # waiting[l]: rows before layer l
-    count = [0] * (depth + 1)
     exit_layer = torch.zeros(n, dtype=torch.long)
     prediction = torch.zeros(n, dtype=torch.long)
     exit_probs = torch.zeros(n, runtime.num_labels)
-    while pending or any(count):
+    while True:
+        count = [sum(len(block) for block in queue) for queue in waiting]
+        if not pending and not any(count):
+            break
         full = [layer for layer in range(1, depth + 1) if count[layer] >= batch_size]
         if not full and pending:
             rows = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
@@ -97,7 +99,6 @@ def pooled_early_exit(
             embedded = runtime.embed(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
             state = strategy.init(len(rows), runtime.num_labels, "cpu")
             waiting[1].append(_Block(embedded, state, torch.tensor(rows, dtype=torch.long)))
-            count[1] += len(rows)
             continue
         layer = full[-1] if full else max(i for i in range(1, depth + 1) if count[i])
         parts: list[_Block] = []
@@ -110,7 +111,6 @@ def pooled_early_exit(
             parts.append(block)
             room -= len(block)
         step = _join(runtime, parts)
-        count[layer] -= len(step)
         rows_out, probs, fire, pred = exit_step(runtime, strategy, layer, step.rows, step.state)
         done = fire.nonzero().squeeze(1)
         gone = step.positions[done]
@@ -119,7 +119,6 @@ def pooled_early_exit(
             keep = (~fire).nonzero().squeeze(1)
             kept = _Block(runtime.take(rows_out, keep), select_state(step.state, keep), step.positions[keep])
             waiting[layer + 1].append(kept)
-            count[layer + 1] += len(kept)
     return ExitResult(exit_layer, prediction, exit_probs, layers_run=int(exit_layer.max()) if n else 0)
 
 
