@@ -454,8 +454,12 @@ def test_onnx_export_evaluate_predict_and_bench(
     assert [(p["label"], p["exit_layer"]) for p in with_torch] == [(p["label"], p["exit_layer"]) for p in with_onnx]
 
     out = tmp_path / "bench.json"
-    assert _bench(trained_run, out, "16", ["1", "4"], "--runtime", "torch", "onnx") == 0
+    assert _bench(trained_run, out, "16", ["1", "4"], "--runtime", "torch", "onnx", "onnx-int8") == 0
     entry = json.loads(out.read_text())["batch_sizes"]["1"]
+    # each runtime's ratio is to the layers its own exits saved: static(layer=2) of 4 layers on every runtime
+    assert entry["layer_speedup"] == entry["onnx_layer_speedup"] == entry["onnx_int8_layer_speedup"] == 2.0
+    printed = capsys.readouterr().out
+    assert "from its own exits" in printed
     assert {"full", "all_layers", "early_exit", "onnx_full", "onnx_all_layers", "onnx_early_exit"} <= set(entry)
     assert entry["onnx_early_exit_vs_onnx_all_layers"] > 0
     assert entry["onnx_early_exit_vs_onnx_full"] > 0

@@ -112,7 +112,9 @@ def bench_section(bench: dict[str, Any]) -> str:
                 continue
             full = name.endswith(("full", "all_layers"))  # runs every layer
             wall = 1.0 if name == "full" else entry.get(f"{name}_wallclock_speedup")
-            layers = 1.0 if full else entry.get("layer_speedup")
+            # each runtime's own layer saving where the results have it (int8 exits can differ from PyTorch's)
+            own = entry.get(f"{name.removesuffix('early_exit')}layer_speedup", entry.get("layer_speedup"))
+            layers = 1.0 if full else own
             ratio = None if full or not wall or not layers else wall / layers
             rows.append(
                 [
