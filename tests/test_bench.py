@@ -43,3 +43,6 @@ def test_each_runtime_is_measured_against_its_own_layer_saving() -> None:
     row = next(line for line in printed.splitlines() if line.split()[:2] == ["4", "late_early_exit"])
     assert f"{layers / 2:.2f}x" in row.split()
     assert f"{entry['late_early_exit_wallclock_speedup'] / (layers / 2):.2f}" == row.split()[-1]
+    # and the line that sets it against its own full model gives the ratio to that same saving
+    vs_full = entry["late_early_exit_vs_late_full"]
+    assert f"late early exit vs late full model: {vs_full:.2f}x (ratio {vs_full / (layers / 2):.2f} of its" in printed

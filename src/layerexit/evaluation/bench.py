@@ -229,7 +229,10 @@ def format_bench(results: dict[str, Any]) -> str:
                     f"(ratio {low:.2f}-{high:.2f})"
                 )
             elif key.endswith("_full"):
-                lines.append(f"{'':>5}  {name} early exit vs {name} full model: {value:.2f}x")
+                lines.append(
+                    f"{'':>5}  {name} early exit vs {name} full model: {value:.2f}x "
+                    f"(ratio {value / saving:.2f} of its {saving:.2f}x layer saving)"
+                )
             else:
                 lines.append(
                     f"{'':>5}  {name} early exit vs its loop at full depth: {value:.2f}x "
