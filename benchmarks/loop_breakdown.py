@@ -21,23 +21,19 @@ timed on their per-layer path (their one-call graph has no calls to time inside)
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from benchtools import write_results  # this folder's: run as a script
+from benchtools import exit_loop_inputs, exit_loop_parser, write_results  # this folder's: run as a script
 
 from layerexit.data.encoding import collate
-from layerexit.evaluation.evaluate import load_run_split
-from layerexit.model import EarlyExitModel
-from layerexit.run_folder import RunFolder
 from layerexit.runtime import load_runtime
 from layerexit.runtime.base import Runtime
 from layerexit.runtime.loop import early_exit
-from layerexit.strategies import Static, Strategy, parse
+from layerexit.strategies import Static, Strategy
 
 CALLS = ("embed", "layer", "take", "join")
 
@@ -153,27 +149,9 @@ def breakdown(runtime: Runtime, strategy: Strategy, batches: list[Any], repeats:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run")
-    parser.add_argument("--runtime", nargs="+", default=["torch"])
-    parser.add_argument("--strategy", default="entropy(threshold=0.14)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", default="")
+    parser = exit_loop_parser(__doc__.split("\n\n")[0])
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    run = RunFolder(args.run).require()
-    model = EarlyExitModel.from_pretrained(run.path).eval()
-    data, pad_id = load_run_split(run, "test", model, limit=args.samples)  # type: ignore[misc]
-    strategy = parse(args.strategy)
-    results: dict[str, Any] = {
-        "run": args.run,
-        "strategy": args.strategy,
-        "samples": len(data),
-        "threads": args.threads,
-    }
+    run, data, pad_id, strategy, results = exit_loop_inputs(args)
     for name in args.runtime:
         runtime = load_runtime(run, name, threads=args.threads)
         for size in args.batch_sizes:

@@ -19,7 +19,6 @@ on an exact runtime; PyTorch fp32 and dynamic int8 may round a row differently i
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections import deque
@@ -28,17 +27,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from benchtools import write_results  # this folder's: run as a script
+from benchtools import exit_loop_inputs, exit_loop_parser, write_results  # this folder's: run as a script
 from torch import Tensor
 
 from layerexit.data.encoding import Encoded, collate
-from layerexit.evaluation.evaluate import load_run_split
-from layerexit.model import EarlyExitModel
-from layerexit.run_folder import RunFolder
 from layerexit.runtime import load_runtime
 from layerexit.runtime.base import Rows, Runtime
 from layerexit.runtime.loop import ExitResult, early_exit, exit_step
-from layerexit.strategies import State, Strategy, parse, select_state
+from layerexit.strategies import State, Strategy, select_state
 
 
 @dataclass
@@ -123,28 +119,10 @@ def pooled_early_exit(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run")
-    parser.add_argument("--runtime", nargs="+", default=["torch"])
-    parser.add_argument("--strategy", default="entropy(threshold=0.14)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", default="")
+    parser = exit_loop_parser(__doc__.split("\n\n")[0])
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    run = RunFolder(args.run).require()
-    model = EarlyExitModel.from_pretrained(run.path).eval()
-    data, pad_id = load_run_split(run, "test", model, limit=args.samples)  # type: ignore[misc]
-    strategy = parse(args.strategy)
+    run, data, pad_id, strategy, results = exit_loop_inputs(args)
     order = list(range(len(data)))
-    results: dict[str, Any] = {
-        "run": args.run,
-        "strategy": args.strategy,
-        "samples": len(data),
-        "threads": args.threads,
-    }
     for name in args.runtime:
         runtime = load_runtime(run, name, threads=args.threads)
         for size in args.batch_sizes:
