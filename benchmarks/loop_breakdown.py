@@ -1,10 +1,11 @@
 """Where the exit loop's time goes in batches, and why its ratio to the layer saving falls below 1.
 
-Times, on the same test inputs in fixed batches (passes alternate, median of ``--repeats``): the full model
-(F), the exit loop made to run every layer (A: ``static(layer=L)``, every exit and decision, no row leaves)
-and the exit loop with the strategy (E). Inside A and E it also times each runtime call (``embed``,
-``layer``, ``take``, ``join``) and counts the rows of each layer call. With S the layer saving, the ratio
-``bench`` prints splits exactly into three factors:
+Times, on the same test inputs in fixed batches (passes alternate; seconds summed over ``--repeats``
+passes): the full model (F), the exit loop made to run every layer (A: ``static(layer=L)``, every exit and
+decision, no row leaves) and the exit loop with the strategy (E). Inside A and E it also times each runtime
+call (``embed``, ``layer``, ``take``, ``join``; the clock adds about a microsecond a call) and counts the rows
+and padded width of each layer call. With S the layer saving, the ratio ``bench`` prints splits exactly into
+three factors:
 
     F / E / S  =  F / A                      what the exits and decisions cost when every layer runs
                x  (c_A / c_E)                a row-layer's cost in full batches against its cost in E,
@@ -12,7 +13,8 @@ and the exit loop with the strategy (E). Inside A and E it also times each runti
                x  (s_E / s_A)                the share of each pass spent in layer calls (the rest:
                                              embeddings, dropping rows, the strategy's step in Python)
 
-where c is layer-call seconds per row-layer and s the layer calls' share of the pass. ONNX runtimes are
+where c is layer-call seconds per row-layer and s the layer calls' share of the pass; the middle factor is
+in turn the padded width per row (A over E) times the cost per padded token (A over E). ONNX runtimes are
 timed on their per-layer path (their one-call graph has no calls to time inside).
 
     .venv/bin/python benchmarks/loop_breakdown.py runs/demo --runtime torch --batch-sizes 8 32 \\
