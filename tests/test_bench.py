@@ -46,3 +46,9 @@ def test_each_runtime_is_measured_against_its_own_layer_saving() -> None:
     # and the line that sets it against its own full model gives the ratio to that same saving
     vs_full = entry["late_early_exit_vs_late_full"]
     assert f"late early exit vs late full model: {vs_full:.2f}x (ratio {vs_full / (layers / 2):.2f} of its" in printed
+    # the report page's bench table reads the same saving from the results
+    from layerexit.report.tables import bench_section
+
+    html = bench_section(results)
+    cells = html[html.index("<td>late_early_exit</td>") :].split("</tr>")[0]
+    assert f"<td>{layers / 2:.2f}x</td>" in cells

@@ -32,7 +32,7 @@ def _two_matmuls(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
     )
     path = tmp_path / "plain.onnx"
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8  # what onnxruntime 1.17, the oldest the project allows, reads
+    model.ir_version = 8  # readable by older onnxruntime too (measuring which versions pass needed it)
     onnx.save(model, str(path))
     return path, a, b
 

@@ -23,6 +23,7 @@ repeat: how far the machine's drift moves the figure.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
@@ -210,7 +211,7 @@ def format_bench(results: dict[str, Any]) -> str:
                 continue
             speed = "1.00x" if name == "full" else f"{entry[f'{name}_wallclock_speedup']:.2f}x"
             is_full = name.endswith(("full", "all_layers"))  # runs every layer
-            saving = own_layer_speedup(entry, name.removesuffix("early_exit"))
+            saving = own_layer_speedup(entry, name.removesuffix("early_exit")) or math.nan
             layers = "1.00x" if is_full else f"{saving:.2f}x"
             ratio = "" if is_full else f"{entry[f'{name}_wallclock_speedup'] / saving:.2f}"
             lines.append(
@@ -221,7 +222,8 @@ def format_bench(results: dict[str, Any]) -> str:
             if "early_exit_vs_" not in key:
                 continue
             prefix = key.split("early_exit_vs_")[0]
-            name, saving = prefix.rstrip("_").replace("_", "-") or "torch", own_layer_speedup(entry, prefix)
+            name = prefix.rstrip("_").replace("_", "-") or "torch"
+            saving = own_layer_speedup(entry, prefix) or math.nan
             if key.endswith("_full_passes"):
                 low, high = (v / saving for v in value)
                 lines.append(
@@ -250,10 +252,12 @@ def format_bench(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def own_layer_speedup(entry: dict[str, Any], prefix: str) -> float:
+def own_layer_speedup(entry: dict[str, Any], prefix: str) -> float | None:
     """The layer speed-up of the runtime whose rows start with ``prefix`` (``""``: PyTorch), from its own
-    exits; results written before each runtime had its own fall back to PyTorch's."""
-    return float(entry.get(f"{prefix}layer_speedup", entry["layer_speedup"]))
+    exits; results written before each runtime had its own fall back to PyTorch's. None when neither is a
+    number (a results file edited by hand: the report page reads such files too)."""
+    value = entry.get(f"{prefix}layer_speedup", entry.get("layer_speedup"))
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _full_row(runtime: Runtime) -> Callable[[Batch], Any]:

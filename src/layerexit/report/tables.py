@@ -96,7 +96,10 @@ def calibration_section(calibration: dict[str, Any]) -> str:
 
 
 def bench_section(bench: dict[str, Any]) -> str:
-    """``bench.json``: per batch size and row, latency, throughput and both speed-ups."""
+    """``bench.json``: per batch size and row, latency, throughput and both speed-ups (each runtime's layer
+    speed-up its own where the file has it: int8 exits can differ from PyTorch's)."""
+    from layerexit.evaluation.bench import own_layer_speedup
+
     lead = (
         f"strategy <code>{escape(str(bench.get('strategy')))}</code> · {escape(fmt(bench.get('samples')))} inputs, "
         f"{escape(fmt(bench.get('mean_tokens')))} tokens on average · {escape(fmt(bench.get('threads')))} threads · "
@@ -112,9 +115,7 @@ def bench_section(bench: dict[str, Any]) -> str:
                 continue
             full = name.endswith(("full", "all_layers"))  # runs every layer
             wall = 1.0 if name == "full" else entry.get(f"{name}_wallclock_speedup")
-            # each runtime's own layer saving where the results have it (int8 exits can differ from PyTorch's)
-            own = entry.get(f"{name.removesuffix('early_exit')}layer_speedup", entry.get("layer_speedup"))
-            layers = 1.0 if full else own
+            layers = 1.0 if full else own_layer_speedup(entry, name.removesuffix("early_exit"))
             ratio = None if full or not wall or not layers else wall / layers
             rows.append(
                 [
